@@ -1,0 +1,197 @@
+"""Diagonal Gaussian process in an orthonormal basis — the core DDPM, DDIM, SIE, blur diffusion and GDDM
+share (methods_blur_sie_baselines.md §1.3).
+
+In basis coefficients ``u = M x`` (``M`` orthonormal; identity for pixel-space processes)::
+
+    u_t = α_t ⊙ u_0 + σ_t ⊙ ε_u,            ε_u ~ N(0, I)
+    posterior, s < t:   α_ts = α_t / α_s,   σ²_ts = σ_t² − α_ts² σ_s²
+        μ(u_t, û_0) = (α_ts σ_s² / σ_t²) u_t + (α_s σ²_ts / σ_t²) û_0,    var = σ²_ts σ_s² / σ_t²
+    û_0 = (u_t − σ_t ε̂_u) / α_t,   ε̂_u = (u_t − α_t û_0) / σ_t,   v = α_t ε_u − σ_t u_0
+
+``α_t`` and ``σ_t`` are scalars per time or per-coefficient ``(H, W)`` grids. Schedule quantities are
+kept in float64 and cast at use (σ²_ts cancels catastrophically near t → 0 in float32).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from diffproc.processes.base import DiffusionProcess, ModelFn, batch_times, randn_like
+
+Prediction = Literal["eps", "x0", "v"]
+Variance = Literal["fixedsmall", "fixedlarge"]
+
+
+class Basis(Protocol):
+    """An orthonormal basis on the last two dims: ``forward(x) = M x``, ``inverse(u) = Mᵀ u``."""
+
+    def forward(self, x: Tensor) -> Tensor: ...
+
+    def inverse(self, u: Tensor) -> Tensor: ...
+
+
+def _bcast(c: Tensor, ref: Tensor) -> Tensor:
+    """``(B,)`` -> ``(B,1,1,1)``; ``(B,H,W)`` -> ``(B,1,H,W)``; cast to ``ref``'s dtype/device."""
+    c = c.to(device=ref.device)
+    if c.ndim == 1:
+        c = c.view(-1, *([1] * (ref.ndim - 1)))
+    else:
+        c = c.unsqueeze(1)
+    return c.to(ref.dtype)
+
+
+class GaussianProcess(DiffusionProcess):
+    """Base class: subclasses define the schedule :meth:`alpha_sigma`, the training-time law and the
+    time grid; this class owns the forward marginal, the loss, conversions and the reverse steps.
+
+    Args:
+        prediction: what the network outputs — ``eps`` (Ho et al. 2020), ``x0`` or ``v``
+            (Salimans & Ho 2022, ``v = α ε − σ x0``).
+        basis: orthonormal basis with ``forward``/``inverse`` (``None`` = pixels).
+        variance: ancestral-step variance — ``fixedsmall`` (posterior variance β̃) or ``fixedlarge``
+            (σ²_ts, = β_t on the full grid); DDPM §3.2.
+        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = ancestral-like; Song et al. Eq. 16).
+        clip_x0: clip the predicted clean image to ``x0_range`` inside reverse steps.
+        loss_reduction: ``mean`` over all elements, or ``sum`` over pixels then mean over batch.
+    """
+
+    solvers = ("ancestral", "ddim")
+    default_solver = "ancestral"
+    #: valid range of a clean sample in the process domain (for ``clip_x0``); None disables clipping
+    x0_range: tuple[float, float] | None = (-1.0, 1.0)
+
+    def __init__(self, prediction: Prediction = "eps", basis: Basis | None = None,
+                 variance: Variance = "fixedsmall", eta: float = 0.0, clip_x0: bool = True,
+                 loss_reduction: Literal["mean", "sum"] = "mean") -> None:
+        if prediction not in ("eps", "x0", "v"):
+            raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
+        if variance not in ("fixedsmall", "fixedlarge"):
+            raise ValueError(f"variance must be 'fixedsmall' or 'fixedlarge', got {variance!r}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.prediction = prediction
+        self.basis = basis
+        self.variance = variance
+        self.eta = float(eta)
+        self.clip_x0 = clip_x0
+        self.loss_reduction = loss_reduction
+
+    # --- schedule (subclasses) ------------------------------------------------------------------
+    @abstractmethod
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Float64 ``(α_t, σ_t)`` for times ``t`` of shape ``(B,)``: each ``(B,)`` or ``(B, H, W)``."""
+
+    def coefficients(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
+        """``(α_t, σ_t)`` broadcastable against ``ref`` and in its dtype."""
+        a, s = self.alpha_sigma(t)
+        return _bcast(a, ref), _bcast(s, ref)
+
+    # --- basis ----------------------------------------------------------------------------------
+    def to_basis(self, x: Tensor) -> Tensor:
+        return x if self.basis is None else self.basis.forward(x)
+
+    def from_basis(self, u: Tensor) -> Tensor:
+        return u if self.basis is None else self.basis.inverse(u)
+
+    # --- forward process and loss ---------------------------------------------------------------
+    def forward(self, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """q(z_t | z_0): ``Mᵀ(α_t ⊙ M z0 + σ_t ⊙ M ε)`` for pixel-space ``noise`` ε."""
+        a, s = self.coefficients(t, z0)
+        if self.basis is None:
+            return a * z0 + s * noise
+        return self.from_basis(a * self.to_basis(z0) + s * self.to_basis(noise))
+
+    def target(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The regression target of ``prediction`` in the process domain."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return z0
+        a, s = self.coefficients(t, z0)
+        return self.from_basis(a * self.to_basis(noise) - s * self.to_basis(z0))
+
+    def reduce(self, err: Tensor) -> Tensor:
+        """Per-element squared error -> scalar loss (``loss_reduction``)."""
+        if self.loss_reduction == "sum":
+            return err.flatten(1).sum(1).mean()
+        return err.mean()
+
+    def loss(self, model_fn: ModelFn, z0: Tensor, t: Tensor | None = None,
+             noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Simple loss ``‖target − model(z_t, t)‖²`` (DDPM Eq. 14 for ``eps``)."""
+        if t is None:
+            t = self.sample_time(z0.shape[0], generator, z0.device)
+        if noise is None:
+            noise = randn_like(z0, generator)
+        z_t = self.forward(z0, t, noise)
+        return self.reduce((model_fn(z_t, t) - self.target(z0, noise, t)) ** 2)
+
+    # --- predictions ----------------------------------------------------------------------------
+    def split_prediction(self, out: Tensor, u_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Network output -> ``(û_0, ε̂_u)`` in basis coefficients (spec §1.3 conversions)."""
+        a, s = self.coefficients(t, u_t)
+        o = self.to_basis(out)
+        if self.prediction == "eps":
+            return (u_t - s * o) / a, o
+        if self.prediction == "x0":
+            return o, (u_t - a * o) / s
+        norm = a * a + s * s  # v-prediction: û0 = (α u − σ v)/(α²+σ²), ε̂ = (σ u + α v)/(α²+σ²)
+        return (a * u_t - s * o) / norm, (s * u_t + a * o) / norm
+
+    def predict(self, model_fn: ModelFn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(û_0, ε̂_u)`` for state ``z_t`` at times ``t``; û_0 clipped to ``x0_range`` if asked."""
+        u_t = self.to_basis(z_t)
+        u0, eps = self.split_prediction(model_fn(z_t, t), u_t, t)
+        if self.clip_x0 and self.x0_range is not None:
+            u0 = self.to_basis(self.from_basis(u0).clamp(*self.x0_range))
+        return u0, eps
+
+    # --- posterior and reverse steps ------------------------------------------------------------
+    def posterior(self, u_t: Tensor, u0: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, fixed-small variance and fixed-large variance (σ²_ts) of q(u_s | u_t, u_0)."""
+        a_t, s_t = self.alpha_sigma(t)
+        a_s, s_s = self.alpha_sigma(s)
+        a_ts = a_t / a_s
+        var_ts = (s_t**2 - a_ts**2 * s_s**2).clamp_min(0.0)
+        inv = 1.0 / (s_t**2)
+        c_t = _bcast(a_ts * s_s**2 * inv, u_t)
+        c_0 = _bcast(a_s * var_ts * inv, u_t)
+        return c_t * u_t + c_0 * u0, _bcast(var_ts * s_s**2 * inv, u_t), _bcast(var_ts, u_t)
+
+    def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
+                     generator: torch.Generator | None = None) -> Tensor:
+        """Ancestral (posterior) or DDIM(η) step from ``t`` to ``t_next`` on any sub-grid."""
+        solver = solver or self.default_solver
+        tb = batch_times(t, z_t.shape[0], z_t.device)
+        sb = batch_times(t_next, z_t.shape[0], z_t.device)
+        u_t = self.to_basis(z_t)
+        u0, eps = self.predict(model_fn, z_t, tb)
+        final = bool((self.alpha_sigma(sb[:1])[1] == 0).all())
+        if solver == "ancestral":
+            mean, var_small, var_large = self.posterior(u_t, u0, tb, sb)
+            var = var_small if self.variance == "fixedsmall" else var_large
+            if final:
+                return self.from_basis(mean)
+            return self.from_basis(mean + var.sqrt() * self.to_basis(randn_like(z_t, generator)))
+        if solver == "ddim":
+            a_s, s_s = self.coefficients(sb, u_t)
+            out = a_s * u0
+            if not final:
+                _, var_small, _ = self.posterior(u_t, u0, tb, sb)
+                c1 = self.eta * var_small.sqrt()
+                c2 = (s_s**2 - c1**2).clamp_min(0.0).sqrt()
+                out = out + c2 * eps
+                if self.eta > 0:
+                    out = out + c1 * self.to_basis(randn_like(z_t, generator))
+            return self.from_basis(out)
+        raise ValueError(f"unknown solver {solver!r} for {type(self).__name__}; choose one of {self.solvers}")
+
+    def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
+              device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``N(0, I)`` (the terminal law of a variance-preserving process)."""
+        gen_device = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
