@@ -1,0 +1,123 @@
+"""``DiffprocCLI``: LightningCLI with diffproc's defaults.
+
+* ``fit | validate | test | predict`` with ``--config configs/<method>_<dataset>.yaml``;
+* ``model`` and ``data`` are chosen by class path (``diffproc.methods.ddpm.DDPM``, ...);
+* ``data.image_size`` and ``data.channels`` are linked into the model (said once);
+* TensorBoard logger under ``runs/<name>/version_N`` with the resolved ``config.yaml`` saved there;
+* ``ModelCheckpoint(save_last=True)`` (``--checkpoint.*``), sample grids (``--sample_grid.*``);
+* ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the run name and keeps logging there.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from typing import Any
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from diffproc.callbacks.sample_grid import SampleGrid
+from diffproc.data.base import ImageDataModule
+from diffproc.methods.base import ConfigError, DiffusionModule
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "diffproc"},
+    },
+    "gradient_clip_val": 1.0,
+    "log_every_n_steps": 10,
+}
+
+_SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
+
+
+class DiffprocCLI(LightningCLI):
+    def __init__(self, args: Any = None, run: bool = True) -> None:
+        super().__init__(
+            DiffusionModule,
+            ImageDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                             "checkpoint.every_n_train_steps": 1000})
+        parser.add_lightning_class_args(SampleGrid, "sample_grid")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+        parser.link_arguments("data.channels", "model.init_args.channels", apply_on="instantiate")
+
+    # --- checkpoint path: one clear error, and "last" = newest run of this name -----------------
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        cfg = self.config[self.subcommand]
+        ckpt = cfg.get("ckpt_path")
+        if not ckpt:
+            return
+        if ckpt == "last" and self.subcommand == "fit":
+            found, version = self._find_last(cfg)
+            if found is None:
+                rank_zero_warn(f"--ckpt_path last: no last.ckpt under {self._run_root(cfg)}; starting a new run.")
+                cfg["ckpt_path"] = None
+            else:
+                rank_zero_info(f"Resuming from {found}")
+                cfg["ckpt_path"] = found
+                self._set_logger_version(cfg, version)
+            return
+        if ckpt not in _SPECIAL_CKPT and "://" not in str(ckpt) and not os.path.isfile(ckpt):
+            raise ConfigError(
+                f"checkpoint not found: {ckpt}. Pass an existing .ckpt file (runs are saved as "
+                f"{self._run_root(cfg)}/version_N/checkpoints/last.ckpt), or use `--ckpt_path last` with "
+                "`fit` to resume the newest run of this config.")
+
+    @staticmethod
+    def _logger_cfg(cfg) -> Any:
+        logger = cfg["trainer"].get("logger")
+        if isinstance(logger, list):
+            logger = logger[0] if logger else None
+        return logger if logger not in (None, True, False) else None
+
+    def _run_root(self, cfg) -> str:
+        logger = self._logger_cfg(cfg)
+        if logger is not None and "init_args" in logger:
+            args = logger["init_args"]
+            return os.path.join(str(args.get("save_dir") or "."), str(args.get("name") or ""))
+        return os.path.join(str(cfg["trainer"].get("default_root_dir") or "."), "lightning_logs")
+
+    def _find_last(self, cfg) -> tuple[str | None, str | None]:
+        dirpath = cfg.get("checkpoint", {}).get("dirpath") if cfg.get("checkpoint") else None
+        pattern = (os.path.join(dirpath, "last*.ckpt") if dirpath
+                   else os.path.join(self._run_root(cfg), "*", "checkpoints", "last*.ckpt"))
+        files = [f for f in glob.glob(pattern) if os.path.isfile(f)]
+        if not files:
+            return None, None
+        newest = max(files, key=os.path.getmtime)
+        version = os.path.basename(os.path.dirname(os.path.dirname(newest))) if not dirpath else None
+        return newest, version
+
+    def _set_logger_version(self, cfg, version: str | None) -> None:
+        logger = self._logger_cfg(cfg)
+        if version and logger is not None and "init_args" in logger:
+            logger["init_args"]["version"] = version
+
+
+def main(args: Any = None) -> None:
+    """Console entry point; configuration mistakes end with one ``error:`` line, not a traceback."""
+    try:
+        DiffprocCLI(args=args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

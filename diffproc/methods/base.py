@@ -1,0 +1,255 @@
+"""``DiffusionModule``: what every method shares — backbone, optimiser, EMA, sampling, predict.
+
+A method subclass builds its process (``diffproc.processes``) and passes it to ``__init__``; the
+training step is the process loss, sampling is the process's reverse steps. No method copies a loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from diffusers import UNet2DModel
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid, save_image
+
+from diffproc.processes.base import DiffusionProcess
+from diffproc.samplers import SampleResult, sample_loop
+
+#: a small CPU-friendly default backbone (overridden by every paper config)
+DEFAULT_UNET: dict[str, Any] = {
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_resolutions": [],
+    "dropout": 0.0,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration the user must change; the CLI prints its message without a traceback."""
+
+
+def build_unet(config: Optional[dict], image_size: int, in_channels: int, out_channels: int) -> UNet2DModel:
+    """diffusers ``UNet2DModel`` from a compact config dict.
+
+    Keys: ``block_out_channels`` (one width per resolution level), ``layers_per_block``,
+    ``attention_resolutions`` (feature-map sizes in pixels that get self-attention, DDPM style: e.g.
+    ``[16]``), ``dropout``, ``norm_num_groups`` (default: largest of 32/16/8/4 dividing every width),
+    ``attention_head_dim``; any other key is passed to ``UNet2DModel`` unchanged.
+    """
+    cfg = dict(DEFAULT_UNET)
+    cfg.update(config or {})
+    widths = list(cfg.pop("block_out_channels"))
+    attn = set(int(r) for r in cfg.pop("attention_resolutions", []) or [])
+    levels = len(widths)
+    factor = 2 ** (levels - 1)
+    if image_size % factor != 0:
+        raise ConfigError(
+            f"image_size={image_size} cannot go through a UNet with {levels} resolution levels "
+            f"(block_out_channels={widths}): it must be divisible by {factor}. Use an image size that "
+            f"is a multiple of {factor}, or fewer entries in model.unet.block_out_channels.")
+    resolutions = [image_size // 2**i for i in range(levels)]
+    unknown = attn - set(resolutions)
+    if unknown:
+        raise ConfigError(f"unet.attention_resolutions {sorted(unknown)} are not feature-map sizes of "
+                          f"this UNet; available: {resolutions}")
+    down = ["AttnDownBlock2D" if r in attn else "DownBlock2D" for r in resolutions]
+    up = ["AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(resolutions)]
+    groups = cfg.pop("norm_num_groups", None) or next(g for g in (32, 16, 8, 4, 2, 1)
+                                                      if all(w % g == 0 for w in widths))
+    return UNet2DModel(sample_size=image_size, in_channels=in_channels, out_channels=out_channels,
+                       block_out_channels=tuple(widths), down_block_types=tuple(down),
+                       up_block_types=tuple(up), norm_num_groups=groups, **cfg)
+
+
+def images_of(batch: Any) -> Tensor:
+    """Image tensor of a batch that is a tensor, an ``(images, labels)`` pair or a dict."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return batch["image"]
+    return batch[0]
+
+
+class DiffusionModule(L.LightningModule):
+    """Shared LightningModule of all methods.
+
+    Args:
+        process: the forward process (built by the subclass from its own arguments).
+        image_size, channels: image geometry (linked from the DataModule by the CLI).
+        unet: backbone config, see :func:`build_unet`.
+        lr, weight_decay, betas: AdamW. ``warmup_steps``: linear LR warm-up; ``lr_schedule``
+            ``constant`` or ``cosine`` (decays to 0 over the Trainer's total steps).
+        ema_decay: EMA of the weights (0 disables); ``ema_warmup`` uses
+            ``min(decay, (1+n)/(10+n))`` so that short runs get a useful average;
+            ``ema_start_step``/``ema_every_n_steps`` as in the papers' code. Sampling, validation
+            and checkpoints use/carry the EMA weights.
+        sampler, sampling_steps: default solver and number of steps for :meth:`sample`.
+        predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
+        seed: base seed of sampling in predict/test.
+    """
+
+    def __init__(self, process: DiffusionProcess, image_size: int = 32, channels: int = 3,
+                 unet: Optional[dict] = None, lr: float = 2e-4, weight_decay: float = 0.0,
+                 betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 1000,
+                 lr_schedule: str = "constant", ema_decay: float = 0.9999, ema_warmup: bool = True,
+                 ema_start_step: int = 0, ema_every_n_steps: int = 1, sampler: Optional[str] = None,
+                 sampling_steps: Optional[int] = None, predict_num_samples: int = 64,
+                 predict_batch_size: int = 64, predict_dir: Optional[str] = None, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["process"])
+        if lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if sampler is not None and sampler not in process.solvers:
+            raise ConfigError(f"sampler {sampler!r} is not available for {type(process).__name__}; "
+                              f"choose one of {list(process.solvers)}")
+        self.process = process
+        self.image_size, self.channels = int(image_size), int(channels)
+        self.sampler = sampler or process.default_solver
+        self.sampling_steps = sampling_steps
+        self.unet = build_unet(unet, self.image_size, process.domain_channels(self.channels),
+                               process.output_channels(self.channels))
+        self.ema_unet: Optional[nn.Module] = None
+        if ema_decay > 0:
+            self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.last_nfe: Optional[int] = None
+
+    # --- network as the process sees it ---------------------------------------------------------
+    def model_fn(self, net: Optional[nn.Module] = None):
+        """``model_fn(z, t)`` for the process: the backbone with the process's time scaling."""
+        net = net if net is not None else self.unet
+
+        def fn(z: Tensor, t: Tensor) -> Tensor:
+            tt = self.process.model_time(t.to(z.device)).expand(z.shape[0])
+            return net(z, tt).sample
+
+        return fn
+
+    @property
+    def sampling_net(self) -> nn.Module:
+        """The weights used for sampling and evaluation: EMA when enabled."""
+        return self.ema_unet if self.ema_unet is not None else self.unet
+
+    # --- training -------------------------------------------------------------------------------
+    def compute_loss(self, x: Tensor, net: nn.Module, generator: Optional[torch.Generator] = None) -> Tensor:
+        """The training objective on a batch of images (subclasses may add terms)."""
+        return self.process.loss(self.model_fn(net), self.process.to_domain(x), generator=generator)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = self.compute_loss(images_of(batch), self.unet)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at global step {self.global_step}: training stopped and the last "
+                "good checkpoint was kept. Lower model.lr, keep trainer.gradient_clip_val (e.g. 1.0), or "
+                "use 32-bit precision, then resume with --ckpt_path last.")
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
+        x = images_of(batch)
+        g = torch.Generator(device=x.device).manual_seed(1000 + batch_idx)  # same noise every epoch
+        loss = self.compute_loss(x, self.sampling_net, generator=g)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_loss(batch, batch_idx, "test")
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """EMA update after each optimiser step (``ema_start_step``, ``ema_every_n_steps``, warm-up)."""
+        if self.ema_unet is None:
+            return
+        step, hp = self.global_step, self.hparams
+        if step % max(1, hp.ema_every_n_steps) != 0:
+            return
+        if step < hp.ema_start_step:
+            decay = 0.0
+        else:
+            n = step - hp.ema_start_step
+            decay = min(hp.ema_decay, (1 + n) / (10 + n)) if hp.ema_warmup else hp.ema_decay
+        ema = [p for p in self.ema_unet.parameters()]
+        cur = [p.detach() for p in self.unet.parameters()]
+        torch._foreach_lerp_(ema, cur, 1.0 - decay)
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        warmup = max(0, int(hp.warmup_steps))
+        total = None
+        if hp.lr_schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+
+        def factor(step: int) -> float:
+            f = min(1.0, (step + 1) / warmup) if warmup else 1.0
+            if total is not None and step >= warmup:
+                f *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+            return f
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- sampling -------------------------------------------------------------------------------
+    def decode(self, z: Tensor) -> Tensor:
+        """Final domain state -> images in [-1, 1] (GDDM overrides with its Poisson network)."""
+        return self.process.from_domain(z)
+
+    @torch.no_grad()
+    def sample(self, num: int, steps: Optional[int] = None, sampler: Optional[str] = None,
+               generator: Optional[torch.Generator] = None, progress: bool = True,
+               use_ema: bool = True, return_result: bool = False) -> Tensor | tuple[Tensor, SampleResult]:
+        """Generate ``num`` images in [-1, 1] with ``steps`` reverse steps of ``sampler``.
+
+        Uses the EMA weights unless ``use_ema=False``; the network evaluations actually spent are
+        stored in ``self.last_nfe``.
+        """
+        net = self.sampling_net if use_ema else self.unet
+        was_training = net.training
+        net.eval()
+        try:
+            shape = (num, self.process.domain_channels(self.channels), self.image_size, self.image_size)
+            res = sample_loop(self.process, self.model_fn(net), shape, steps or self.sampling_steps,
+                              sampler or self.sampler, generator, self.device, progress=progress,
+                              desc=f"sampling ({sampler or self.sampler})")
+        finally:
+            net.train(was_training)
+        self.last_nfe = res.nfe
+        x = self.decode(res.sample).clamp(-1, 1)
+        return (x, res) if return_result else x
+
+    # --- predict: write PNGs --------------------------------------------------------------------
+    def predict_dataloader(self) -> DataLoader:
+        """Indices of the samples to generate (Lightning splits them across DDP ranks)."""
+        return DataLoader(torch.arange(self.hparams.predict_num_samples),
+                          batch_size=self.hparams.predict_batch_size)
+
+    def predict_output_dir(self) -> str:
+        if self.hparams.predict_dir:
+            return self.hparams.predict_dir
+        log_dir = self.trainer.log_dir if self._trainer is not None else None
+        return os.path.join(log_dir or ".", "predictions")
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> None:
+        idx = batch.long()
+        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + int(idx[0]))
+        x = self.sample(len(idx), generator=g, progress=True)
+        out = self.predict_output_dir()
+        os.makedirs(out, exist_ok=True)
+        for i, img in zip(idx.tolist(), x):
+            save_image((img + 1) / 2, os.path.join(out, f"{i:06d}.png"))
+        if batch_idx == 0:
+            nrow = max(1, int(math.sqrt(len(x))))
+            save_image(make_grid((x + 1) / 2, nrow=nrow), os.path.join(out, f"grid_rank{self.global_rank}.png"))
