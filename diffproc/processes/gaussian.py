@@ -98,6 +98,11 @@ class GaussianProcess(DiffusionProcess):
         return u if self.basis is None else self.basis.inverse(u)
 
     # --- forward process and loss ---------------------------------------------------------------
+    def noise_like(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Standard-normal noise shaped like a domain state (training and ancestral/DDIM steps).
+        Processes whose noise lives in a subspace of the domain (GDDM ``noise="operator"``) override it."""
+        return randn_like(z, generator)
+
     def forward(self, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """q(z_t | z_0): ``Mᵀ(α_t ⊙ M z0 + σ_t ⊙ M ε)`` for pixel-space ``noise`` ε."""
         a, s = self.coefficients(t, z0)
@@ -126,7 +131,7 @@ class GaussianProcess(DiffusionProcess):
         if t is None:
             t = self.sample_time(z0.shape[0], generator, z0.device)
         if noise is None:
-            noise = randn_like(z0, generator)
+            noise = self.noise_like(z0, generator)
         z_t = self.forward(z0, t, noise)
         return self.reduce((model_fn(z_t, t) - self.target(z0, noise, t)) ** 2)
 
@@ -176,7 +181,7 @@ class GaussianProcess(DiffusionProcess):
             var = var_small if self.variance == "fixedsmall" else var_large
             if final:
                 return self.from_basis(mean)
-            return self.from_basis(mean + var.sqrt() * self.to_basis(randn_like(z_t, generator)))
+            return self.from_basis(mean + var.sqrt() * self.to_basis(self.noise_like(z_t, generator)))
         if solver == "ddim":
             a_s, s_s = self.coefficients(sb, u_t)
             out = a_s * u0
@@ -186,7 +191,7 @@ class GaussianProcess(DiffusionProcess):
                 c2 = (s_s**2 - c1**2).clamp_min(0.0).sqrt()
                 out = out + c2 * eps
                 if self.eta > 0:
-                    out = out + c1 * self.to_basis(randn_like(z_t, generator))
+                    out = out + c1 * self.to_basis(self.noise_like(z_t, generator))
             return self.from_basis(out)
         raise ValueError(f"unknown solver {solver!r} for {type(self).__name__}; choose one of {self.solvers}")
 
