@@ -1,0 +1,136 @@
+"""SDEdit (Meng et al. 2022) for every diffproc method: guided generation from a stroke painting.
+
+EPDM's stroke-guided generation (spec methods_gddm_epdm.md §1.8) is SDEdit on its own process: noise
+the guide to a hijack time ``t0`` with the process's closed-form forward marginal (EPDM: σ from the
+*guide's* edge map), then run the method's reverse process from ``t0`` down. Nothing here is specific
+to a process, so the DDPM baseline (or any method) runs the same comparison with the same command.
+
+Hijack time: ``t0 = strength · t_max`` in the process's own time units, ``t_max`` the first time of the
+sampling grid (rounded for integer grids); ``strength = 0`` returns the guide, ``strength = 1`` starts
+from the (almost pure-noise) top of the chain. [recon] default ``strength = 0.5`` (§1.8: t0 = T/2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid, save_image
+
+from diffproc.processes.base import DiffusionProcess, ModelFn, batch_times, randn_like
+from diffproc.samplers import SampleResult, sample_loop
+
+
+def hijack_grid(process: DiffusionProcess, strength: Optional[float] = None, t0: Any = None,
+                num_steps: Optional[int] = None) -> list:
+    """Sampling grid truncated at the hijack time: ``[t0] + [t in process.timesteps(num_steps) if t < t0]``.
+
+    Give either ``strength`` ∈ [0, 1] (fraction of the grid's top time) or ``t0`` (process units).
+    """
+    grid = list(process.timesteps(num_steps))
+    t_max = grid[0]
+    if t0 is None:
+        if strength is None or not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"SDEdit strength must lie in [0, 1] (fraction of the chain), got {strength}")
+        t0 = float(strength) * float(t_max)
+        if isinstance(t_max, int):
+            t0 = int(round(t0))
+    if t0 > t_max or t0 < 0:
+        raise ValueError(f"SDEdit hijack time t0={t0} is outside [0, {t_max}] of {type(process).__name__}")
+    return [t0] + [t for t in grid if t < t0]
+
+
+@torch.no_grad()
+def sdedit_loop(process: DiffusionProcess, model_fn: ModelFn, z_guide: Tensor, grid: Sequence,
+                solver: Optional[str] = None, generator: Optional[torch.Generator] = None) -> SampleResult:
+    """Noise the guide (process domain) to ``grid[0]`` with ``process.forward`` and run the reverse
+    steps along ``grid`` (a grid of one time makes no step and returns the noised guide)."""
+    t0 = grid[0]
+    noise = randn_like(z_guide, generator)
+    z_init = process.forward(z_guide, batch_times(t0, z_guide.shape[0], z_guide.device), noise)
+    if len(grid) < 2:
+        return SampleResult(sample=z_init, nfe=0, timesteps=list(grid), solver=solver or process.default_solver)
+    return sample_loop(process, model_fn, tuple(z_guide.shape), solver=solver, generator=generator,
+                       z_init=z_init, timesteps=grid, desc="SDEdit")
+
+
+@torch.no_grad()
+def sdedit(module, guides: Tensor, strength: Optional[float] = 0.5, t0: Any = None,
+           steps: Optional[int] = None, sampler: Optional[str] = None,
+           generator: Optional[torch.Generator] = None, use_ema: bool = True,
+           return_result: bool = False) -> Tensor | tuple[Tensor, SampleResult]:
+    """Stroke-guided generation with a :class:`~diffproc.methods.base.DiffusionModule`.
+
+    ``guides``: images in [-1, 1], NCHW, at the model's resolution. ``strength``/``t0``: hijack point
+    (see :func:`hijack_grid`). ``steps``: sampling steps of the full chain before truncation (default:
+    the module's ``sampling_steps``). Returns images in [-1, 1] (clamped); ``module.last_nfe`` is set.
+    """
+    if guides.ndim != 4 or guides.shape[1] != module.channels or guides.shape[-1] != module.image_size \
+            or guides.shape[-2] != module.image_size:
+        raise ValueError(f"SDEdit guides must be (N, {module.channels}, {module.image_size}, {module.image_size}) "
+                         f"to match the model, got {tuple(guides.shape)}")
+    process = module.process
+    grid = hijack_grid(process, strength, t0, steps if steps is not None else module.sampling_steps)
+    net = module.sampling_net if use_ema else module.unet
+    was_training = net.training
+    net.eval()
+    try:
+        z_g = process.to_domain(guides.to(module.device, torch.float32))
+        res = sdedit_loop(process, module.model_fn(net), z_g, grid, sampler or module.sampler, generator)
+    finally:
+        net.train(was_training)
+    module.last_nfe = res.nfe
+    x = module.decode(res.sample).clamp(-1, 1)
+    return (x, res) if return_result else x
+
+
+def _unpack(batch: Any, batch_idx: int) -> tuple[Tensor, list[str], Optional[Tensor]]:
+    """Guide batch -> (guides, names, real images or None). Accepts a float tensor, an
+    ``(images, names)`` pair or a dict with ``image``, ``name`` and optional ``real``."""
+    real = None
+    if isinstance(batch, dict):
+        images, names, real = batch["image"], batch.get("name"), batch.get("real")
+    elif isinstance(batch, Tensor):
+        images, names = batch, None
+    else:
+        images, names = batch[0], (batch[1] if len(batch) > 1 else None)
+    if names is None:
+        names = [f"{batch_idx:04d}_{i:03d}" for i in range(len(images))]
+    elif isinstance(names, Tensor):
+        names = [f"{int(n):06d}" for n in names]
+    return images, [str(n) for n in names], real
+
+
+def sdedit_predict_step(module, batch: Any, batch_idx: int) -> Tensor:
+    """``predict_step`` for guide batches: SDEdit, then ``<name>_guide.png``, ``<name>_result.png``
+    (and ``<name>_real.png`` when the guide was made from a real image) plus a side-by-side grid
+    ``sdedit_grid_<batch>_rank<r>.png`` (rows: [real,] guide, result) in the predict directory.
+
+    Options come from the DataModule's ``sdedit_options()`` when it has one (strength, t0, steps,
+    sampler, seed), else strength 0.5 and the module's sampler/steps/seed.
+    """
+    images, names, real = _unpack(batch, batch_idx)
+    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    opts = dict(dm.sdedit_options()) if hasattr(dm, "sdedit_options") else {}
+    seed = opts.get("seed")
+    seed = module.hparams.seed if seed is None else seed
+    g = torch.Generator(device=module.device).manual_seed(int(seed) * 1_000_003 + 7919 * batch_idx
+                                                          + 104729 * module.global_rank)
+    x = sdedit(module, images, strength=opts.get("strength", 0.5), t0=opts.get("t0"),
+               steps=opts.get("steps"), sampler=opts.get("sampler"), generator=g)
+    out = module.predict_output_dir()
+    os.makedirs(out, exist_ok=True)
+    guides = images.to(x.device, x.dtype)
+    cols = [guides, x] if real is None else [real.to(x.device, x.dtype), guides, x]
+    for i, name in enumerate(names):
+        if real is not None:
+            save_image((cols[0][i] + 1) / 2, os.path.join(out, f"{name}_real.png"))
+        save_image((guides[i] + 1) / 2, os.path.join(out, f"{name}_guide.png"))
+        save_image((x[i] + 1) / 2, os.path.join(out, f"{name}_result.png"))
+    tiles = torch.stack(cols, dim=1).flatten(0, 1)  # per image: [real,] guide, result
+    save_image(make_grid((tiles + 1) / 2, nrow=len(cols) * max(1, min(4, int(math.sqrt(len(x))))), padding=1),
+               os.path.join(out, f"sdedit_grid_{batch_idx:04d}_rank{module.global_rank}.png"))
+    return x
