@@ -243,6 +243,11 @@ class DiffusionModule(L.LightningModule):
         return os.path.join(log_dir or ".", "predictions")
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> None:
+        if not (isinstance(batch, Tensor) and not torch.is_floating_point(batch)):
+            # guide batch (float images / (images, names) / dict from diffproc.data.strokes) -> SDEdit
+            from diffproc.methods.sdedit import sdedit_predict_step
+            sdedit_predict_step(self, batch, batch_idx)
+            return None
         idx = batch.long()
         g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + int(idx[0]))
         x = self.sample(len(idx), generator=g, progress=True)
