@@ -1,0 +1,334 @@
+"""GDDM / LDDM / hybrid (Gong, arXiv 2309.01875): DDPM in the gradient or Laplacian domain, images back by
+Poisson reconstruction (exact DCT solve or a Poisson U-Net). Spec: methods_gddm_epdm.md §2; manual: docs/gddm.md.
+
+The diffusion itself is :class:`~diffproc.processes.gradient.GradientDomainProcess` (plain DDPM on the
+normalised field). This class adds what the paper adds beyond a process: the optional Poisson network
+(a second, smaller ``UNet2DModel``, a submodule so its weights are in every checkpoint), its training on
+clean fields with noise augmentation, the reconstruction used by :meth:`decode`, and diagnostics.
+
+EMA: ``self.ema_unet`` averages the diffusion UNet only. The Poisson network has no EMA: it is a supervised
+regressor trained on clean (augmented) data, evaluated with its raw weights.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffproc.methods.base import ConfigError, DiffusionModule, build_unet, images_of
+from diffproc.processes.base import randn_like
+from diffproc.processes.gradient import GradientDomainProcess
+
+#: default Poisson network: about a tenth of the DDPM CelebA backbone
+DEFAULT_POISSON_NET: dict[str, Any] = {
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "attention_resolutions": [],
+    "dropout": 0.0,
+}
+
+PoissonStage = Literal["separate", "joint", "poisson_only"]
+
+
+class GDDM(DiffusionModule):
+    """Gradient-domain (GDDM), Laplacian-domain (LDDM) and hybrid diffusion.
+
+    Process args (see :class:`GradientDomainProcess`): ``domain`` gradient|laplacian|hybrid, ``noise``
+    iid|operator, ``dc_mode`` aux|poisson_net|dataset_mean|oracle, ``gradient_noise_scale`` (√2),
+    ``laplacian_noise_scale`` (√20 for the 5-point stencil; 1.5811 = the seed's literal "√(5/2)"),
+    ``laplacian_stencil``, ``hybrid_mu``, ``dataset_mean``, ``project_every_step``, and the DDPM schedule
+    ``num_timesteps``, ``schedule``, ``beta_start``, ``beta_end``, ``prediction``, ``variance``, ``eta``,
+    ``spacing``, ``clip_x0`` (per-domain box, off by default).
+
+    Args:
+        reconstruction: ``dct`` — exact Neumann Poisson solve (default, parameter-free); ``poisson_net`` —
+            the paper's Poisson U-Net (with ``poisson_residual`` it corrects the DCT solve).
+        poisson_net: UNet config of the Poisson network (:func:`build_unet` keys); built when
+            ``reconstruction="poisson_net"`` or ``dc_mode="poisson_net"``. Its last conv is zero-initialised.
+        poisson_net_stage: ``separate`` (default) — this run trains the diffusion UNet only, the Poisson
+            net is frozen; its own stage is a second ``fit`` with ``poisson_only``. ``joint`` — both trained
+            in every step (loss = diffusion + ``poisson_loss_weight`` · Poisson MSE, own param group when
+            ``poisson_lr`` is set). ``poisson_only`` — the diffusion UNet and its EMA are frozen and only the
+            Poisson net trains; combine with ``init_from`` = the stage-1 checkpoint.
+        poisson_residual: ``x̂ = poisson(g, dc) + P([field, poisson(g, 0)])`` (default) or ``x̂ = P(field)``.
+        poisson_aug_sigma: input noise std ~ U(0, poisson_aug_sigma) on the normalised field (§2.7).
+        poisson_curl_noise: extra std ~ U(0, ·) of purely non-integrable noise (0 = off).
+        poisson_loss_weight, poisson_lr: joint-stage weight and learning rate (None = ``lr``).
+        init_from: a checkpoint whose weights initialise a fresh ``fit`` (weights only, no optimiser
+            state; ignored when the fit resumes with ``--ckpt_path``). Missing Poisson-net keys are allowed.
+        diagnostics_every_n_val: generated-field diagnostics every N validation runs (0 = never).
+        diagnostics_num, diagnostics_steps: images and sampling steps of those diagnostics.
+        sparsity_delta: threshold δ of the sparsity fraction (un-normalised units, spec §2.9).
+        **kwargs: the shared options of :class:`DiffusionModule` (backbone, optimiser, EMA, sampling).
+    """
+
+    def __init__(self, domain: Literal["gradient", "laplacian", "hybrid"] = "gradient",
+                 noise: Literal["iid", "operator"] = "iid",
+                 dc_mode: Literal["aux", "poisson_net", "dataset_mean", "oracle"] = "aux",
+                 reconstruction: Literal["dct", "poisson_net"] = "dct",
+                 gradient_noise_scale: Optional[float] = None, laplacian_noise_scale: Optional[float] = None,
+                 laplacian_stencil: Literal["5point", "5point_quarter"] = "5point",
+                 hybrid_mu: Optional[float] = None, dataset_mean: Optional[Sequence[float]] = None,
+                 project_every_step: bool = False, num_timesteps: int = 1000,
+                 schedule: Literal["linear", "cosine"] = "linear", beta_start: float = 1e-4,
+                 beta_end: float = 0.02, prediction: Literal["eps", "x0", "v"] = "eps",
+                 variance: Literal["fixedsmall", "fixedlarge"] = "fixedsmall", eta: float = 0.0,
+                 spacing: Literal["uniform", "quad"] = "uniform", clip_x0: bool = False,
+                 poisson_net: Optional[dict] = None, poisson_net_stage: PoissonStage = "separate",
+                 poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
+                 poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
+                 poisson_lr: Optional[float] = None, init_from: Optional[str] = None,
+                 diagnostics_every_n_val: int = 1, diagnostics_num: int = 8, diagnostics_steps: int = 20,
+                 sparsity_delta: float = 0.02, **kwargs: Any) -> None:
+        if reconstruction not in ("dct", "poisson_net"):
+            raise ConfigError(f"reconstruction must be 'dct' or 'poisson_net', got {reconstruction!r}")
+        if poisson_net_stage not in ("separate", "joint", "poisson_only"):
+            raise ConfigError("poisson_net_stage must be 'separate', 'joint' or 'poisson_only', "
+                              f"got {poisson_net_stage!r}")
+        try:
+            process = GradientDomainProcess(
+                domain=domain, noise=noise, dc_mode=dc_mode, gradient_noise_scale=gradient_noise_scale,
+                laplacian_noise_scale=laplacian_noise_scale, laplacian_stencil=laplacian_stencil,
+                hybrid_mu=hybrid_mu, dataset_mean=dataset_mean, project_every_step=project_every_step,
+                num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start, beta_end=beta_end,
+                prediction=prediction, variance=variance, eta=eta, spacing=spacing, clip_x0=clip_x0)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        super().__init__(process=process, **kwargs)
+        self.process: GradientDomainProcess
+        self.reconstruction = reconstruction
+        needs_net = reconstruction == "poisson_net" or dc_mode == "poisson_net"
+        if poisson_net_stage == "poisson_only" and not needs_net:
+            raise ConfigError("poisson_net_stage='poisson_only' trains the Poisson network, but none is built: "
+                              "set reconstruction='poisson_net' or dc_mode='poisson_net'.")
+        self.poisson_net: Optional[nn.Module] = None
+        if needs_net:
+            c = self.channels
+            cfg = dict(DEFAULT_POISSON_NET if poisson_net is None else poisson_net)
+            in_ch = process.field_channels(c) + (c if poisson_residual else 0)
+            self.poisson_net = build_unet(cfg, self.image_size, in_ch, c)
+            with torch.no_grad():  # residual mode starts as the exact DCT solve (spec §2.10.12)
+                self.poisson_net.conv_out.weight.zero_()
+                self.poisson_net.conv_out.bias.zero_()
+            if poisson_net_stage == "separate":
+                self.poisson_net.requires_grad_(False)
+            elif poisson_net_stage == "poisson_only":
+                self.unet.requires_grad_(False)
+        # dataset_mean: fixed when given, else a running mean of the training batches (in the checkpoint)
+        self._fixed_dc = dataset_mean is not None
+        init = torch.as_tensor(dataset_mean if dataset_mean is not None else [0.0] * self.channels, dtype=torch.float64)
+        if init.numel() != self.channels:
+            raise ConfigError(f"dataset_mean has {init.numel()} values but the images have {self.channels} channels")
+        self.register_buffer("dc_mean", init.clone())
+        self.register_buffer("dc_count", torch.tensor(0.0, dtype=torch.float64))
+        self._val_runs = 0
+        self._val_real: Optional[Tensor] = None
+
+    # --- stages ---------------------------------------------------------------------------------
+    @property
+    def trains_poisson(self) -> bool:
+        return self.poisson_net is not None and self.hparams.poisson_net_stage in ("joint", "poisson_only")
+
+    def on_fit_start(self) -> None:
+        path = self.hparams.init_from
+        if path and self.trainer.ckpt_path is None:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            missing, unexpected = self.load_state_dict(state.get("state_dict", state), strict=False)
+            bad = [k for k in missing if not k.startswith(("poisson_net.", "dc_"))] + list(unexpected)
+            if bad:
+                raise ConfigError(f"init_from={path} does not match this model (e.g. {bad[:3]}): it must be a "
+                                  "checkpoint of the same GDDM configuration (domain, dc_mode, unet).")
+
+    def update_ema(self) -> None:
+        if self.hparams.poisson_net_stage != "poisson_only":  # frozen UNet: keep its EMA as loaded
+            super().update_ema()
+
+    def configure_optimizers(self) -> dict:
+        cfg = super().configure_optimizers()
+        lr = self.hparams.poisson_lr
+        if lr is None or self.hparams.poisson_net_stage != "joint" or self.poisson_net is None:
+            return cfg
+        opt = cfg["optimizer"]
+        pn = {id(p) for p in self.poisson_net.parameters()}
+        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if id(p) not in pn]
+        opt.add_param_group({"params": list(self.poisson_net.parameters()), "lr": lr, "initial_lr": lr})
+        fn = cfg["lr_scheduler"]["scheduler"].lr_lambdas[0]
+        cfg["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return cfg
+
+    # --- reconstruction -------------------------------------------------------------------------
+    def _dc(self, z: Tensor, x: Optional[Tensor] = None) -> Optional[Tensor]:
+        """DC for modes the process cannot resolve alone: oracle (from ``x``), dataset_mean (buffer)."""
+        mode = self.process.dc_mode
+        if mode == "oracle":
+            if x is None:
+                raise ConfigError("dc_mode='oracle' takes the mean of the true image and cannot generate; "
+                                  "use dc_mode='aux' (default), 'dataset_mean' or 'poisson_net' for sampling.")
+            return x.mean(dim=(-2, -1))
+        if mode == "dataset_mean":
+            if not self._fixed_dc and float(self.dc_count) == 0:
+                raise ConfigError("dc_mode='dataset_mean' has no mean yet: set model.init_args.dataset_mean "
+                                  "or train a few steps (the running mean of the training images is used).")
+            return self.dc_mean.to(z.device, z.dtype).expand(z.shape[0], -1)
+        return None
+
+    def reconstruct(self, z: Tensor, dc: Optional[Tensor] = None) -> Tensor:
+        """Domain state -> image: exact DCT solve, plus the Poisson network where it exists (§2.7)."""
+        p = self.process
+        dc_eff = dc if dc is not None else (0.0 if p.dc_mode == "poisson_net" else None)
+        x_dct = p.from_domain(z, dc_eff)
+        net = self.poisson_net
+        if net is None or (self.reconstruction == "dct" and dc is not None):
+            return x_dct
+        field = p.split(z)[0]
+        dtype = next(net.parameters()).dtype
+        inp = field
+        if self.hparams.poisson_residual:
+            inp = torch.cat([field, x_dct - x_dct.mean(dim=(-2, -1), keepdim=True)], dim=1)
+        out = net(inp.to(dtype), torch.zeros(z.shape[0], device=z.device, dtype=dtype)).sample.to(z.dtype)
+        if self.reconstruction == "poisson_net":
+            return x_dct + out if self.hparams.poisson_residual else out
+        return x_dct + out.mean(dim=(-2, -1), keepdim=True)  # dct shape, DC from the net
+
+    def decode(self, z: Tensor) -> Tensor:
+        net = self.poisson_net
+        was = net.training if net is not None else False
+        if net is not None:
+            net.eval()
+        try:
+            return self.reconstruct(z, self._dc(z))
+        finally:
+            if net is not None:
+                net.train(was)
+
+    # --- training -------------------------------------------------------------------------------
+    def poisson_loss(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """MSE of the reconstruction from clean fields + U(0, σ_aug) noise (+ curl noise) (§2.7)."""
+        z = self.process.to_domain(x)
+        hp = self.hparams
+
+        def u(n: int) -> Tensor:
+            gd = generator.device if generator is not None else x.device
+            return torch.rand(n, generator=generator, device=gd, dtype=x.dtype).to(x.device).view(-1, 1, 1, 1)
+
+        if hp.poisson_aug_sigma > 0:
+            z = z + hp.poisson_aug_sigma * u(x.shape[0]) * randn_like(z, generator)
+        if hp.poisson_curl_noise > 0:
+            n = randn_like(z, generator)
+            z = z + hp.poisson_curl_noise * u(x.shape[0]) * (n - self.process.project(n))
+        return F.mse_loss(self.reconstruct(z, self._dc(z, x)), x)
+
+    def _stage_prefix(self) -> str:
+        stage = self.trainer.state.stage.value if self._trainer is not None and self.trainer.state.stage else "train"
+        return {"train": "train", "test": "test"}.get(stage, "val")
+
+    def compute_loss(self, x: Tensor, net: nn.Module, generator: Optional[torch.Generator] = None) -> Tensor:
+        if self.training and self.process.dc_mode == "dataset_mean" and not self._fixed_dc:
+            with torch.no_grad():
+                b = x.shape[0]
+                self.dc_mean.mul_(self.dc_count / (self.dc_count + b)).add_(
+                    x.double().mean(dim=(0, 2, 3)) * (b / (self.dc_count + b)))
+                self.dc_count.add_(b)
+        only_poisson = self.hparams.poisson_net_stage == "poisson_only"
+        loss = None if only_poisson else super().compute_loss(x, net, generator)
+        if self.trains_poisson:
+            lp = self.poisson_loss(x, generator)
+            if self._trainer is not None:
+                self.log(f"{self._stage_prefix()}/poisson_loss", lp, sync_dist=not self.training)
+            loss = lp if loss is None else loss + self.hparams.poisson_loss_weight * lp
+        return loss
+
+    # --- diagnostics (§2.9) ---------------------------------------------------------------------
+    @torch.no_grad()
+    def diagnostics(self, num: Optional[int] = None, steps: Optional[int] = None, sampler: Optional[str] = None,
+                    generator: Optional[torch.Generator] = None, x_real: Optional[Tensor] = None) -> dict[str, float]:
+        """Cheap GDDM diagnostics as a flat dict of floats.
+
+        Generated (``num`` samples, ``steps`` steps; EMA weights): ``gen_curl_energy`` = ‖curl ĝ‖/‖ĝ‖ and
+        ``gen_ls_residual`` = ‖D poisson(ĝ) − ĝ‖/‖ĝ‖ (Laplacian: mean part only), ``gen_seconds``; with a
+        Poisson net also ``gen_net_vs_dct_rms`` and the per-batch times ``dct_seconds``/``poisson_net_seconds``.
+        Real images ``x_real`` (optional): ``real_domain_frac``/``real_image_frac``/kurtosis/L1-L2 sparsity,
+        and with a Poisson net ``real_dct_rms`` / ``real_net_rms`` reconstruction errors of clean fields.
+        ``dc_mode="oracle"`` cannot generate, so only the real-image entries are returned then.
+        """
+        hp, p = self.hparams, self.process
+        num = num or hp.diagnostics_num
+        out: dict[str, float] = {}
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+        def timed(fn):
+            sync()
+            t0 = time.perf_counter()
+            r = fn()
+            sync()
+            return r, time.perf_counter() - t0
+
+        def rms(a: Tensor, b: Tensor) -> float:
+            return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+        if p.dc_mode != "oracle":
+            g = generator or torch.Generator(device=self.device).manual_seed(hp.seed)
+            (_, res), sec = timed(lambda: self.sample(num, steps or hp.diagnostics_steps, sampler, g,
+                                                      progress=False, return_result=True))
+            z = res.sample
+            out.update({f"gen_{k}": v for k, v in p.integrability(z).items()})
+            out["gen_seconds"] = sec
+            if self.poisson_net is not None:
+                dc = self._dc(z)
+                x_dct, t_dct = timed(lambda: p.from_domain(z, dc if dc is not None else
+                                                            (0.0 if p.dc_mode == "poisson_net" else None)))
+                x_net, t_net = timed(lambda: self.decode(z))
+                out.update(gen_net_vs_dct_rms=rms(x_net, x_dct), dct_seconds=t_dct, poisson_net_seconds=t_net)
+        if x_real is not None:
+            x_real = x_real[:num].to(self.device)
+            out.update({f"real_{k}": v for k, v in p.sparsity(x_real, hp.sparsity_delta).items()})
+            if self.poisson_net is not None:
+                z0 = p.to_domain(x_real)
+                dc = self._dc(z0, x_real)
+                out["real_dct_rms"] = rms(p.from_domain(z0, dc if dc is not None else
+                                                        (0.0 if p.dc_mode == "poisson_net" else None)), x_real)
+                net = self.poisson_net
+                was = net.training
+                net.eval()
+                out["real_net_rms"] = rms(self.reconstruct(z0, dc), x_real)
+                net.train(was)
+        return out
+
+    def _log_sparsity(self, batch: Any, stage: str) -> None:
+        x = images_of(batch)
+        s = self.process.sparsity(x, self.hparams.sparsity_delta)
+        self.log_dict({f"{stage}/sparsity_{k}": v for k, v in s.items()}, sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().validation_step(batch, batch_idx)
+        self._log_sparsity(batch, "val")
+        if batch_idx == 0:
+            self._val_real = images_of(batch)[: self.hparams.diagnostics_num].detach()
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        n = self.hparams.diagnostics_every_n_val
+        if self.trainer.sanity_checking or n <= 0:
+            return
+        self._val_runs += 1
+        if (self._val_runs - 1) % n:
+            return
+        d = self.diagnostics(x_real=self._val_real)
+        d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}  # sparsity: per batch above
+        self.log_dict({f"val/diag_{k}": v for k, v in d.items()})
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().test_step(batch, batch_idx)
+        self._log_sparsity(batch, "test")
+        if batch_idx == 0:
+            self._val_real = images_of(batch)[: self.hparams.diagnostics_num].detach()
+        return loss
+
+    def on_test_epoch_end(self) -> None:
+        d = self.diagnostics(x_real=self._val_real)
+        d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}
+        self.log_dict({f"test/diag_{k}": v for k, v in d.items()})
