@@ -4,7 +4,7 @@
 * ``model`` and ``data`` are chosen by class path (``diffproc.methods.ddpm.DDPM``, ...);
 * ``data.image_size`` and ``data.channels`` are linked into the model (said once);
 * TensorBoard logger under ``runs/<name>/version_N`` with the resolved ``config.yaml`` saved there;
-* ``ModelCheckpoint(save_last=True)`` (``--checkpoint.*``), sample grids (``--sample_grid.*``);
+* ``ModelCheckpoint(save_last=True)`` (also saved when fit ends) (``--checkpoint.*``), sample grids (``--sample_grid.*``);
 * ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the run name and keeps logging there.
 """
 
@@ -15,10 +15,12 @@ import os
 import sys
 from typing import Any
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from diffproc.callbacks.checkpoint import Checkpoint
+from diffproc.callbacks.fault import ImageThroughputMonitor, NonFiniteGuard
 from diffproc.callbacks.sample_grid import SampleGrid
 from diffproc.data.base import ImageDataModule
 from diffproc.methods.base import ConfigError, DiffusionModule
@@ -30,6 +32,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     },
     "gradient_clip_val": 1.0,
     "log_every_n_steps": 10,
+    # atomic, fsynced checkpoint writes; weights_only=True loads (diffproc/callbacks/fault.py)
+    "plugins": [{"class_path": "diffproc.callbacks.fault.AtomicCheckpointIO"}],
 }
 
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
@@ -50,14 +54,21 @@ class DiffprocCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                              "checkpoint.every_n_train_steps": 1000})
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(ImageThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite_guard")
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.channels", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would overwrite the config with the checkpoint's hyperparameters; here the
+        config and command line stay authoritative (``--model.init_args.sampling_steps 10`` must win
+        for an NFE sweep) and ``ckpt_path`` restores weights and training state only."""
 
     # --- checkpoint path: one clear error, and "last" = newest run of this name -----------------
     def before_instantiate_classes(self) -> None:
@@ -118,6 +129,16 @@ def main(args: Any = None) -> None:
     """Console entry point; configuration mistakes end with one ``error:`` line, not a traceback."""
     try:
         DiffprocCLI(args=args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # jsonargparse wraps errors raised while instantiating classes
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as err:  # NaN/inf loss or weights (methods/base.py, callbacks/fault.py)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+        if rank_zero_only.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
