@@ -35,11 +35,12 @@ class Basis(Protocol):
 
 
 def _bcast(c: Tensor, ref: Tensor) -> Tensor:
-    """``(B,)`` -> ``(B,1,1,1)``; ``(B,H,W)`` -> ``(B,1,H,W)``; cast to ``ref``'s dtype/device."""
+    """``(B,)`` -> ``(B,1,1,1)``; ``(B,H,W)`` -> ``(B,1,H,W)``; a per-channel ``(B,C,H,W)`` grid is kept;
+    cast to ``ref``'s dtype/device."""
     c = c.to(device=ref.device)
     if c.ndim == 1:
         c = c.view(-1, *([1] * (ref.ndim - 1)))
-    else:
+    elif c.ndim < ref.ndim:
         c = c.unsqueeze(1)
     return c.to(ref.dtype)
 
