@@ -144,6 +144,17 @@ class _SkipCounter:
     def total(self) -> int:
         return int(self.value.value)
 
+    def __getstate__(self) -> dict:
+        # shared with processes being started (DataLoader workers, spawn); a plain pickle/deepcopy
+        # gets an independent counter starting at the current total
+        from multiprocessing import context
+        if context.get_spawning_popen() is not None:
+            return {"value": self.value}
+        return {"count": self.total}
+
+    def __setstate__(self, state: dict) -> None:
+        self.value = state["value"] if "value" in state else multiprocessing.Value("q", state["count"])
+
 
 class SkippingDataset(Dataset):
     """Base for datasets that decode records: applies the ``on_corrupt`` policy around :meth:`load`.
