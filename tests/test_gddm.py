@@ -1,0 +1,405 @@
+"""GDDM / LDDM / hybrid: process (methods_gddm_epdm.md §2.4-2.8), method, and CLI.
+
+The operator checks §2.10.1-8 live in tests/test_ops.py; here §2.10.9-12 plus domain round trips,
+operator-noise equivalence, Poisson-net training and few-step CLI fits.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffproc.data.shapes import generate_shapes
+from diffproc.methods.base import ConfigError
+from diffproc.methods.gddm import GDDM
+from diffproc.ops import curl, grad, laplacian
+from diffproc.processes.ddpm import DDPMProcess
+from diffproc.processes.gradient import GradientDomainProcess, image_snr_crossing
+from diffproc.samplers import sample_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"block_out_channels": [16, 32], "layers_per_block": 1}
+
+
+def shapes(n: int, size: int, dtype=torch.float64) -> torch.Tensor:
+    imgs, _ = generate_shapes(n, size, seed=0, start=0)
+    return imgs.to(dtype) / 127.5 - 1
+
+
+def rand_images(b=2, c=3, h=16, w=12, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, c, h, w, generator=g, dtype=torch.float64) * 2 - 1
+
+
+# --- domain maps -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("domain", ["gradient", "laplacian", "hybrid"])
+@pytest.mark.parametrize("dc_mode", ["aux", "oracle", "dataset_mean", "poisson_net"])
+def test_domain_round_trip(domain, dc_mode):
+    """from_domain(to_domain(x)) == x for every domain and DC source (float64, non-square)."""
+    x = rand_images()
+    m = x.mean(dim=(-2, -1))
+    ds_mean = torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
+    p = GradientDomainProcess(domain=domain, dc_mode=dc_mode, dataset_mean=ds_mean)
+    z = p.to_domain(x)
+    assert z.shape[1] == p.domain_channels(3) == {"gradient": 6, "laplacian": 3, "hybrid": 9}[domain] + (
+        3 if dc_mode == "aux" and domain != "hybrid" else 0)
+    if dc_mode in ("oracle", "poisson_net"):
+        assert (p.from_domain(z, dc=m) - x).abs().max() < 1e-10
+        if domain != "hybrid" or dc_mode == "oracle":
+            with pytest.raises(ValueError, match="dc"):
+                p.from_domain(z)
+    elif dc_mode == "dataset_mean":  # exact shape, the mean replaced by the dataset mean
+        want = x - m[..., None, None] + ds_mean[:, None, None]
+        assert (p.from_domain(z) - want).abs().max() < 1e-10
+    else:
+        assert (p.from_domain(z) - x).abs().max() < 1e-10
+    # float32 goes through the float64 solve and comes back float32
+    x32 = x.float()
+    dc = m.float() if dc_mode in ("oracle", "poisson_net") else None
+    out = p.from_domain(p.to_domain(x32), dc)
+    assert out.dtype == torch.float32
+    if dc_mode != "dataset_mean":
+        assert (out - x32).abs().max() < 1e-4
+
+
+def test_noise_scale_overrides_and_bounds():
+    """The stencil normalisation and its literal-paper override; clean states lie inside the clip box."""
+    x = rand_images(4)
+    p = GradientDomainProcess(domain="laplacian", dc_mode="oracle")
+    lit = GradientDomainProcess(domain="laplacian", dc_mode="oracle", laplacian_noise_scale=1.5811)
+    assert p.s_l == pytest.approx(math.sqrt(20))
+    q = GradientDomainProcess(domain="laplacian", laplacian_stencil="5point_quarter", dc_mode="oracle")
+    assert q.s_l == pytest.approx(math.sqrt(5) / 2)
+    # the quarter stencil with its own scale gives the same normalised domain (the choice cancels, §0.5)
+    assert (q.to_domain(x) - p.to_domain(x)).abs().max() < 1e-12
+    # the literal √(5/2) with the 5-point stencil raises the field energy 20/2.5 = 8x
+    assert (lit.signal_energy(lit.to_domain(x)) / p.signal_energy(p.to_domain(x))).sub(8.0).abs().max() < 1e-3
+    g = GradientDomainProcess(domain="gradient", gradient_noise_scale=2.0, dc_mode="oracle")
+    assert (g.to_domain(x) * 2.0 - grad(x)).abs().max() < 1e-12
+    for domain in ("gradient", "laplacian", "hybrid"):
+        pr = GradientDomainProcess(domain=domain)
+        z = pr.to_domain(torch.sign(x))  # extreme images reach the box edges
+        b = pr._bounds(3, z)
+        assert (z.abs() <= b + 1e-12).all()
+
+
+# --- §2.10.9 exact-denoiser round trip ---------------------------------------------------------------
+@pytest.mark.parametrize("domain", ["gradient", "laplacian", "hybrid"])
+@pytest.mark.parametrize("dc_mode", ["aux", "oracle"])
+@pytest.mark.parametrize("solver", ["ancestral", "ddim"])
+def test_exact_denoiser_round_trip(domain, dc_mode, solver):
+    """Delta data x*: the exact ε-denoiser through the sampler and the reconstruction returns x* (≤1e-8)."""
+    x_star = rand_images(2, 3, 16, 16, seed=3)
+    p = GradientDomainProcess(domain=domain, dc_mode=dc_mode)
+    z_star = p.to_domain(x_star)
+
+    def model_fn(z, t):
+        a, s = p.coefficients(t, z)
+        return (z - a * z_star) / s
+
+    g = torch.Generator().manual_seed(0)
+    res = sample_loop(p, model_fn, z_star.shape, 10, solver, g, dtype=torch.float64)
+    dc = x_star.mean(dim=(-2, -1)) if dc_mode == "oracle" else None
+    x = p.from_domain(res.sample, dc)
+    assert res.nfe == 10
+    assert (x - x_star).abs().max() < 1e-8
+
+
+def test_exact_denoiser_noisy_last_step_marginal():
+    """Stopping at t=1 (last step keeps its fixed-small noise): the exact sampler reproduces the marginal
+    q(z_1 | z*) = N(sqrt(γ_1) z*, 1−γ_1), so the error is within 6x the last step's noise std."""
+    x_star = rand_images(2, 3, 16, 16, seed=4)
+    p = GradientDomainProcess(domain="gradient", dc_mode="oracle")
+    z_star = p.to_domain(x_star)
+
+    def model_fn(z, t):
+        a, s = p.coefficients(t, z)
+        return (z - a * z_star) / s
+
+    grid = p.timesteps(10)[:-1] + [1]
+    g = torch.Generator().manual_seed(0)
+    z = sample_loop(p, model_fn, z_star.shape, timesteps=grid, generator=g, dtype=torch.float64).sample
+    a1, s1 = (v.item() for v in p.alpha_sigma(torch.tensor([1])))
+    r = (z - a1 * z_star) / s1
+    assert r.std().item() == pytest.approx(1.0, rel=0.05)
+    assert r.abs().max().item() < 6
+
+
+# --- operator noise = image DDPM seen through the operator -------------------------------------------
+@pytest.mark.parametrize("domain", ["gradient", "laplacian", "hybrid"])
+def test_operator_noise_equivalence(domain):
+    x0 = rand_images(3, 3, 16, 16)
+    eps = rand_images(3, 3, 16, 16, seed=7) * 1.7
+    t = torch.tensor([1, 400, 1000])
+    p = GradientDomainProcess(domain=domain, noise="operator")
+    ddpm = DDPMProcess()
+    z_t = p.forward(p.to_domain(x0), t, p.to_domain(eps))
+    assert (z_t - p.to_domain(ddpm.forward(x0, t, eps))).abs().max() < 1e-12
+    # noise drawn by the process (training and sampling) is to_domain(image noise): integrable, aux constant
+    g = torch.Generator().manual_seed(0)
+    n = p.noise_like(z_t, g)
+    pr = p.prior(tuple(z_t.shape), g, dtype=torch.float64)
+    for s in (n, pr):
+        ig = p.integrability(s)
+        assert ig["ls_residual"] < 1e-12
+        if domain != "laplacian":
+            assert ig["curl_energy"] < 1e-12
+    # i.i.d. noise is not integrable
+    assert GradientDomainProcess(domain=domain).integrability(torch.randn(3, z_t.shape[1], 16, 16))["ls_residual"] > 0.01
+    # the loss's state is integrable too (operator noise in training)
+    seen = []
+    p.loss(lambda z, tt: seen.append(z) or torch.zeros_like(z), p.to_domain(x0), generator=g)
+    assert p.integrability(seen[0])["ls_residual"] < 1e-6
+
+
+def test_forward_noise_statistics():
+    """std(z_t − sqrt(γ) z0) = sqrt(1−γ) for i.i.d. and (interior entries) operator noise (§2.10.7)."""
+    x0 = shapes(32, 32)
+    g = torch.Generator().manual_seed(0)
+    for domain in ("gradient", "laplacian"):
+        for noise in ("iid", "operator"):
+            p = GradientDomainProcess(domain=domain, noise=noise, dc_mode="oracle")
+            z0 = p.to_domain(x0)
+            t = torch.full((32,), 500)
+            a, s = p.alpha_sigma(t[:1])
+            z_t = p.forward(z0, t, p.noise_like(z0, g))
+            r = (z_t - a.item() * z0)[..., 1:-1, 1:-1]  # interior: every entry of Dε/√2, Lε/√20 has unit variance
+            assert r.std().item() == pytest.approx(s.item(), rel=0.02), (domain, noise)
+
+
+# --- §2.10.10-11 sparsity and faster forward convergence -------------------------------------------
+def test_sparsity_claim_on_shapes():
+    s = GradientDomainProcess().sparsity(shapes(64, 32), delta=0.02)
+    assert s["domain_frac"] > s["image_frac"]
+    assert s["domain_kurtosis"] > 3
+    assert s["domain_l1_l2"] < s["image_l1_l2"]
+
+
+def test_faster_forward_convergence():
+    """SNR<0.01 crossing: t_grad < t_img on every shapes image; t_lap < t_grad < t_img on photographs
+    (skimage astronaut/coffee at 64², spec §2.4 table: 593/361/258 and 583/283/188)."""
+    ab = DDPMProcess().alphas_bar
+    grad_p = GradientDomainProcess(domain="gradient")
+    lap_p = GradientDomainProcess(domain="laplacian")
+    x = shapes(16, 32)
+    assert (grad_p.snr_crossing(x) < image_snr_crossing(x, ab)).all()
+    skimage = pytest.importorskip("skimage")
+    from skimage import data, transform
+
+    want = {"astronaut": (593, 361, 258), "coffee": (583, 283, 188)}
+    for name, (ti, tg, tl) in want.items():
+        im = transform.resize(getattr(data, name)(), (64, 64), anti_aliasing=True)
+        x = torch.tensor(im, dtype=torch.float64).permute(2, 0, 1)[None] * 2 - 1
+        t_img, t_grad, t_lap = int(image_snr_crossing(x, ab)), int(grad_p.snr_crossing(x)), int(lap_p.snr_crossing(x))
+        assert t_lap < t_grad < t_img
+        assert abs(t_img - ti) <= 20 and abs(t_grad - tg) <= 10 and abs(t_lap - tl) <= 10, (name, t_img, t_grad, t_lap)
+
+
+# --- process extras ---------------------------------------------------------------------------------
+def test_project_every_step_and_clip_give_integrable_estimates():
+    x_star = rand_images(2, 3, 16, 16, seed=5)
+    for domain in ("gradient", "laplacian", "hybrid"):
+        p = GradientDomainProcess(domain=domain, project_every_step=True, clip_x0=True)
+        z = torch.randn(2, p.domain_channels(3), 16, 16, dtype=torch.float64)
+        u0, eps = p.predict(lambda zz, tt: torch.randn_like(zz) * 3, z, torch.tensor([500, 500]))
+        assert p.integrability(u0)["ls_residual"] < 1e-10
+        assert (u0.abs() <= p._bounds(3, u0) + 1e-12).all()
+        a, s = p.coefficients(torch.tensor([500, 500]), z)
+        assert (a * u0 + s * eps - z).abs().max() < 1e-10  # ε̂ consistent with the modified ẑ0
+        assert (p.project(p.to_domain(x_star)) - p.to_domain(x_star)).abs().max() < 1e-12
+
+
+def test_bad_options_raise_config_errors():
+    with pytest.raises(ConfigError, match="domain"):
+        GDDM(domain="curl", image_size=8, channels=3, unet=TINY)
+    with pytest.raises(ConfigError, match="poisson_only"):
+        GDDM(poisson_net_stage="poisson_only", image_size=8, channels=3, unet=TINY)
+    m = GDDM(dc_mode="oracle", image_size=8, channels=3, unet=TINY, ema_decay=0)
+    with pytest.raises(ConfigError, match="oracle"):
+        m.sample(1, steps=2, progress=False)
+
+
+# --- method: Poisson network -------------------------------------------------------------------------
+def _gddm(**kw) -> GDDM:
+    base = dict(image_size=16, channels=3, unet=TINY, poisson_net=TINY, ema_decay=0.9)
+    base.update(kw)
+    return GDDM(**base)
+
+
+def test_poisson_net_init_is_dct_and_stages():
+    """Zero-initialised residual net: the initial error is exactly the DCT solve's DC error (§2.10.12);
+    stage flags freeze the right parts; the net is in the checkpoint and outside the EMA."""
+    x = shapes(4, 16, torch.float32)
+    m = _gddm(dc_mode="poisson_net", reconstruction="poisson_net", poisson_net_stage="joint")
+    with torch.no_grad():
+        xh = m.reconstruct(m.process.to_domain(x))
+    dc_err = x.mean(dim=(-2, -1)).pow(2).mean()
+    assert float((xh - x).pow(2).mean()) == pytest.approx(float(dc_err), rel=1e-4)
+    keys = m.state_dict().keys()
+    assert any(k.startswith("poisson_net.") for k in keys) and not any(k.startswith("ema_unet.poisson") for k in keys)
+    assert all(p.requires_grad for p in m.poisson_net.parameters()) and all(p.requires_grad for p in m.unet.parameters())
+    sep = _gddm(reconstruction="poisson_net")  # default stage: separate
+    assert not any(p.requires_grad for p in sep.poisson_net.parameters())
+    only = _gddm(reconstruction="poisson_net", poisson_net_stage="poisson_only")
+    assert not any(p.requires_grad for p in only.unet.parameters())
+    assert all(p.requires_grad for p in only.poisson_net.parameters())
+    # joint with its own learning rate: a second param group holding exactly the Poisson net
+    j = _gddm(reconstruction="poisson_net", poisson_net_stage="joint", poisson_lr=5e-5)
+    opt = j.configure_optimizers()["optimizer"]
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == pytest.approx(5e-5 * 1 / 1000)
+    assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in j.poisson_net.parameters()}
+    # no Poisson net for the default configuration
+    assert _gddm().poisson_net is None
+
+
+def _train_poisson(size: int, steps: int) -> tuple[float, float, float]:
+    torch.manual_seed(0)
+    x = shapes(8, size, torch.float32)
+    m = _gddm(image_size=size, dc_mode="poisson_net", reconstruction="poisson_net",
+              poisson_net_stage="poisson_only", ema_decay=0)
+    p = m.process
+    z0 = p.to_domain(x)
+    e_mean = float((p.from_domain(z0, dc=x.mean(dim=(0, 2, 3)).expand(8, 3)) - x).pow(2).mean())
+    with torch.no_grad():
+        e0 = float((m.reconstruct(z0) - x).pow(2).mean())
+    opt = torch.optim.Adam(m.poisson_net.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        loss = m.compute_loss(x, m.unet, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        e1 = float((m.reconstruct(z0) - x).pow(2).mean())
+    return e0, e1, e_mean
+
+
+def test_poisson_net_smoke_short():
+    """60 steps at 16²: the learned DC beats the dataset-mean reconstruction (§2.10.12, shortened)."""
+    e0, e1, e_mean = _train_poisson(16, 60)
+    assert e1 < e_mean < e0
+
+
+@pytest.mark.slow
+def test_poisson_net_smoke_spec():
+    """§2.10.12 as written: 200 steps on 8 shapes images at 32²."""
+    e0, e1, e_mean = _train_poisson(32, 200)
+    assert e1 < e_mean < e0
+
+
+@pytest.mark.parametrize("kw", [dict(domain="gradient", reconstruction="poisson_net", poisson_net_stage="joint"),
+                                dict(domain="laplacian", dc_mode="dataset_mean"),
+                                dict(domain="hybrid", dc_mode="poisson_net")])
+def test_module_loss_sample_diagnostics(kw):
+    torch.manual_seed(0)
+    m = _gddm(**kw)
+    x = shapes(4, 16, torch.float32)
+    m.train()
+    loss = m.compute_loss(x, m.unet, torch.Generator().manual_seed(0))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    if m.process.dc_mode == "dataset_mean":  # running mean of the training images
+        assert torch.allclose(m.dc_mean, x.double().mean(dim=(0, 2, 3)), atol=1e-6)
+    imgs = m.sample(2, steps=3, generator=torch.Generator().manual_seed(0), progress=False)
+    assert imgs.shape == (2, 3, 16, 16) and imgs.abs().max() <= 1 and m.last_nfe == 3
+    d = m.diagnostics(num=2, steps=2, x_real=x)
+    assert d["gen_ls_residual"] > 0 and d["real_domain_frac"] > d["real_image_frac"]
+    assert all(math.isfinite(v) for v in d.values())
+    if m.poisson_net is not None:
+        assert {"dct_seconds", "poisson_net_seconds", "gen_net_vs_dct_rms", "real_dct_rms", "real_net_rms"} <= d.keys()
+    if kw["domain"] != "laplacian":
+        assert d["gen_curl_energy"] > 0
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+def _cli(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _fit(config: str, tmp: Path, extra: list[str] = ()) -> Path:
+    _cli(["fit", "--config", f"configs/{config}", "--trainer.max_steps", "3",
+          "--trainer.logger.init_args.save_dir", str(tmp), "--data.init_args.num_train", "32",
+          "--data.init_args.num_val", "8", "--data.init_args.image_size", "16",
+          "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "2",
+          "--trainer.val_check_interval", "3", "--sample_grid.num_images", "4",
+          "--model.init_args.sampling_steps", "3", "--model.init_args.diagnostics_steps", "2",
+          "--model.init_args.diagnostics_num", "2", "--trainer.enable_progress_bar", "false", *extra], tmp)
+    runs = sorted(glob.glob(str(tmp / "*" / "version_*")))
+    assert runs, "no run directory written"
+    run = Path(runs[-1])
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
+    return run
+
+
+def _scalars(run: Path) -> dict[str, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return {k: acc.Scalars(k)[-1].value for k in acc.Tags()["scalars"]}
+
+
+def test_cli_fit_gradient(tmp_path):
+    run = _fit("gddm_shapes.yaml", tmp_path)
+    s = _scalars(run)
+    for key in ("val/loss", "val/sparsity_domain_frac", "val/sparsity_image_frac",
+                "val/diag_gen_curl_energy", "val/diag_gen_ls_residual"):
+        assert key in s and math.isfinite(s[key]), key
+    assert s["val/sparsity_domain_frac"] > s["val/sparsity_image_frac"]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["domain"] == "gradient"
+    assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 9  # 2C field + C aux
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["lddm_shapes.yaml", "gddm_hybrid_shapes.yaml"])
+def test_cli_fit_other_domains(config, tmp_path):
+    run = _fit(config, tmp_path)
+    s = _scalars(run)
+    assert "val/diag_gen_ls_residual" in s and math.isfinite(s["val/loss"])
+
+
+@pytest.mark.slow
+def test_cli_separate_poisson_stage_and_test(tmp_path):
+    """Stage 1 trains the diffusion UNet; stage 2 (poisson_only + init_from) trains only the Poisson net;
+    `cli.py test` logs the diagnostics."""
+    s1 = _fit("gddm_shapes.yaml", tmp_path / "s1", ["--model.init_args.reconstruction", "poisson_net",
+                                                      "--model.init_args.poisson_net", str(TINY)])
+    ck1 = torch.load(s1 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    s2 = _fit("gddm_shapes.yaml", tmp_path / "s2", ["--model.init_args.reconstruction", "poisson_net",
+                                                      "--model.init_args.poisson_net", str(TINY),
+                                                      "--model.init_args.poisson_net_stage", "poisson_only",
+                                                      "--model.init_args.init_from", str(s1 / "checkpoints" / "last.ckpt")])
+    ck2 = torch.load(s2 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    for k in ("unet.conv_in.weight", "ema_unet.conv_in.weight"):
+        assert torch.equal(ck1[k], ck2[k]), k  # diffusion UNet and its EMA untouched
+    assert not torch.equal(ck1["poisson_net.conv_out.weight"], ck2["poisson_net.conv_out.weight"])
+    assert "val/poisson_loss" in _scalars(s2)
+    _cli(["test", "--config", "configs/gddm_shapes.yaml", "--ckpt_path", str(s2 / "checkpoints" / "last.ckpt"),
+          "--trainer.logger.init_args.save_dir", str(tmp_path / "t"), "--data.init_args.image_size", "16",
+          "--data.init_args.num_test", "8", "--data.init_args.batch_size", "8",
+          "--model.init_args.reconstruction", "poisson_net", "--model.init_args.poisson_net", str(TINY),
+          "--model.init_args.diagnostics_steps", "2", "--model.init_args.diagnostics_num", "2",
+          "--trainer.enable_progress_bar", "false"], tmp_path)
+    runs = glob.glob(str(tmp_path / "t" / "*" / "version_*"))
+    s = _scalars(Path(runs[0]))
+    assert "test/diag_real_net_rms" in s and "test/diag_poisson_net_seconds" in s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["gddm_celeba.yaml", "lddm_celeba.yaml", "gddm_cifar10.yaml",
+                                    "gddm_shapes.yaml", "lddm_shapes.yaml", "gddm_hybrid_shapes.yaml"])
+def test_configs_parse(config, tmp_path):
+    r = _cli(["fit", "--config", f"configs/{config}", "--print_config"], tmp_path)
+    assert "diffproc.methods.gddm.GDDM" in r.stdout
