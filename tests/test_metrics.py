@@ -1,0 +1,325 @@
+"""Tests of diffproc.metrics and diffproc.callbacks.metrics (issue 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from diffproc.metrics.features import INCEPTION_FILE, INCEPTION_URL, ShapesExtractor, build_extractor, images_to_uint8
+from diffproc.metrics.fid import (
+    FrechetDistance,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    knn_radii,
+    mean_cov,
+    precision_recall,
+)
+from diffproc.metrics.reference import ReferenceStats, compute_reference, load_or_compute_reference
+from diffproc.metrics.suite import MetricSuite
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def scipy_fd(x: np.ndarray, y: np.ndarray) -> float:
+    """Independent reference: pytorch-fid's formula with numpy moments and scipy.linalg.sqrtm."""
+    m1, m2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ------------------------------------------------------------------------------------------------
+# closed forms
+# ------------------------------------------------------------------------------------------------
+def test_frechet_self_is_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    mu, sigma = mean_cov(x)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * float(torch.trace(sigma))
+
+
+@pytest.mark.parametrize("shift,scale", [(0.5, 1.0), (0.0, 1.7), (2.0, 0.3)])
+def test_frechet_matches_scipy_on_shifted_scaled_features(shift, scale):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 24, generator=g) @ (0.4 * torch.randn(24, 24, generator=g))
+    a = torch.eye(24) * scale + 0.1 * torch.randn(24, 24, generator=g)
+    y = x @ a + shift
+    metric = FrechetDistance(24)
+    mu, sigma = mean_cov(x)
+    metric.set_reference(mu, sigma)
+    for chunk in y.split(128):  # streaming float64 sums
+        metric.update(chunk)
+    ours = float(metric.compute())
+    ref = scipy_fd(x.double().numpy(), y.double().numpy())
+    assert ours == pytest.approx(ref, rel=1e-4)
+    assert ref > 1.0
+
+
+def test_frechet_diagonal_gaussians_analytic():
+    m1, m2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
+    a, b = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([9.0, 1.0, 0.25])
+    expect = float(((m1 - m2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())  # 5 + 4 + 1 + 0
+    assert frechet_distance(m1, torch.diag(a), m2, torch.diag(b)) == pytest.approx(expect, rel=1e-10)
+
+
+def brute_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    def radii(s):
+        d = np.linalg.norm(s[:, None] - s[None], axis=-1)
+        return np.sort(d, axis=1)[:, k]
+
+    def cover(q, s, r):
+        return float(np.mean([any(np.linalg.norm(qi - sj) <= rj for sj, rj in zip(s, r)) for qi in q]))
+
+    return cover(fake, real, radii(real)), cover(real, fake, radii(fake))
+
+
+def test_precision_recall_sanity_and_brute_force():
+    g = torch.Generator().manual_seed(2)
+    real = torch.randn(300, 8, generator=g)
+    assert precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert precision_recall(real, real + 100.0) == (0.0, 0.0)
+    half = torch.cat([real[:150], torch.randn(150, 8, generator=g) + 100.0])
+    assert precision_recall(real, half)[0] == 0.5
+    r2, f2 = torch.randn(60, 3, generator=g), torch.randn(60, 3, generator=g) * 1.5 + 0.5
+    ours = precision_recall(r2, f2)
+    assert ours == pytest.approx(brute_precision_recall(r2.numpy(), f2.numpy()), abs=1e-12)
+    assert 0.0 < ours[0] < 1.0 and 0.0 < ours[1] < 1.0
+    assert torch.allclose(knn_radii(r2, 3, batch=7), knn_radii(r2, 3))
+
+
+def test_kid_matches_torchmetrics_poly_mmd_and_separates():
+    from torchmetrics.image.kid import poly_mmd
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(200, 16, generator=g), torch.randn(200, 16, generator=g) + 0.5
+    ours, _ = kernel_inception_distance(x, y, subsets=1, subset_size=200)  # full sets: order-free
+    assert ours == pytest.approx(float(poly_mmd(x.double(), y.double())), rel=1e-9)
+    same = kernel_inception_distance(x, torch.randn(200, 16, generator=g), subsets=20, subset_size=100)
+    shifted = kernel_inception_distance(x, y, subsets=20, subset_size=100)
+    assert abs(same[0]) < 0.05 < shifted[0]
+
+
+def test_inception_score_closed_forms():
+    assert inception_score(torch.zeros(100, 10), splits=5)[0] == pytest.approx(1.0)
+    confident = torch.full((100, 10), -1e4)
+    confident[torch.arange(100), torch.arange(100) % 10] = 0.0
+    mean, std = inception_score(confident, splits=10)
+    assert mean == pytest.approx(10.0, rel=1e-6) and std == pytest.approx(0.0, abs=1e-6)
+
+
+def test_uint8_rounding_not_truncation():
+    x = torch.tensor([-1.0, 1.0, 0.0, 2 * 100.6 / 255 - 1])
+    assert images_to_uint8(x.view(1, 1, 1, 4)).flatten().tolist() == [0, 255, 128, 101]
+
+
+# ------------------------------------------------------------------------------------------------
+# extractors
+# ------------------------------------------------------------------------------------------------
+def test_inception_offline_error_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(FileNotFoundError) as err:
+        build_extractor("inception")
+    msg = str(err.value)
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints" / INCEPTION_FILE
+    for part in (INCEPTION_FILE, INCEPTION_URL, str(hub), "feature_extractor_weights_path"):
+        assert part in msg, part
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_extractor("inception", tmp_path / "nope.pth")
+
+
+def test_shapes_extractor_metrics_train_vs_test_vs_noise():
+    from diffproc.data.shapes import SPLIT_START, generate_shapes
+
+    ex = build_extractor("shapes")
+    assert ex.num_features == 128
+    info = json.loads(Path(ex.weights_path).with_suffix(".json").read_text())
+    assert info["test_accuracy"] > 0.95
+    train, _ = generate_shapes(600, 32, start=SPLIT_START["train"])
+    test, labels = generate_shapes(600, 32, start=SPLIT_START["test"])
+    out = ex(test)
+    assert (out["logits"].argmax(1) == labels).float().mean() > 0.95
+    ref = compute_reference([train[i:i + 200] for i in range(0, 600, 200)], ex, total=600, progress=False)
+    noise = torch.randint(0, 256, (600, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def run(images):
+        suite = MetricSuite(ex, ["fid", "kid", "is", "precision", "recall"], kid_subset_size=300)
+        suite.set_reference(ref)
+        for i in range(0, 600, 200):
+            suite.update(images[i:i + 200])
+        return suite.compute()
+
+    real, fake = run(test), run(noise)
+    print("shapes metrics test-vs-train:", real, "\nnoise-vs-train:", fake)
+    assert set(real) == {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean", "shapes_is_std",
+                         "shapes_precision", "shapes_recall"}
+    assert real["shapes_fid"] * 20 < fake["shapes_fid"]
+    assert real["shapes_kid_mean"] * 20 < fake["shapes_kid_mean"]
+    assert real["shapes_precision"] > 0.6 and real["shapes_recall"] > 0.6
+    assert fake["shapes_precision"] < 0.05 and fake["shapes_recall"] < 0.05
+    assert real["shapes_is_mean"] > 4.0  # 6 balanced, well-classified shape kinds
+    # other sizes are resized to 32 px: 64 px test images still match the 32 px train reference
+    big, _ = generate_shapes(600, 64, start=SPLIT_START["test"])
+    assert run(big)["shapes_fid"] < fake["shapes_fid"] / 5
+
+
+# ------------------------------------------------------------------------------------------------
+# reference statistics
+# ------------------------------------------------------------------------------------------------
+def test_reference_npz_roundtrip_cache_and_mu_sigma_only(tmp_path):
+    from diffproc.data.shapes import ShapesDataModule
+
+    dm = ShapesDataModule(image_size=16, num_train=300, num_val=8, num_test=8)
+    ex = ShapesExtractor()
+    ref, key = load_or_compute_reference(dm, "train", ex, cache_dir=tmp_path, num_features_kept=100, progress=False)
+    path = tmp_path / f"{key}.npz"
+    assert path.is_file() and key.startswith("shapes_train_16px_shapes-")
+    with np.load(path) as f:  # pytorch-fid reads exactly these
+        assert f["mu"].shape == (128,) and f["sigma"].shape == (128, 128) and f["features"].shape == (100, 128)
+    feats = torch.cat([ex(b)["pool"] for b in dm.real_images("train", batch_size=100)]).double().numpy()
+    np.testing.assert_allclose(ref.mu, feats.mean(0), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ref.sigma, np.cov(feats, rowvar=False), rtol=1e-5, atol=1e-8)
+    mtime = path.stat().st_mtime_ns
+    again, key2 = load_or_compute_reference(dm, "train", ex, cache_dir=tmp_path, compute=False)
+    assert key2 == key and path.stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(again.features, ref.features)
+    # a foreign mu/sigma-only file: fid (and is) work, kid/precision/recall refuse clearly
+    bare = tmp_path / "bare.npz"
+    np.savez(bare, mu=ref.mu, sigma=ref.sigma)
+    loaded, ident = load_or_compute_reference(dm, str(bare), ex)
+    assert loaded.available() == {"fid", "is"} and ident.startswith("file:")
+    MetricSuite(ex, ["fid", "is"]).set_reference(loaded)
+    with pytest.raises(ValueError, match="kid"):
+        MetricSuite(ex, ["fid", "kid"]).set_reference(loaded)
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP: 2 ranks == 1 rank over the same samples
+# ------------------------------------------------------------------------------------------------
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    res = _suite_on_shards(rank, world)
+    if rank == 0:
+        Path(out).write_text(json.dumps(res))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _suite_on_shards(rank: int, world: int) -> dict:
+    from diffproc.data.shapes import SPLIT_START, generate_shapes
+
+    ex = ShapesExtractor()
+    train, _ = generate_shapes(256, 16, start=SPLIT_START["train"])
+    ref = compute_reference([train], ex, total=256, progress=False)
+    test, _ = generate_shapes(160, 16, start=SPLIT_START["test"])
+    suite = MetricSuite(ex, ["fid", "kid", "is", "precision", "recall"], kid_subsets=10, kid_subset_size=64, is_splits=4)
+    suite.set_reference(ref)
+    bs = 24  # uneven: 7 batches of 24 over 160 samples -> ranks get 4 and 3 batches
+    for b, s in enumerate(range(0, 160, bs)):
+        if b % world == rank:
+            suite.update(test[s:s + bs], torch.arange(s, min(s + bs, 160)))
+    return suite.compute()
+
+
+def test_ddp_two_ranks_equal_one_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp.json"
+    mp.spawn(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    two = json.loads(out.read_text())
+    one = _suite_on_shards(0, 1)
+    assert set(two) == set(one)
+    for k in one:
+        assert two[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
+
+
+# ------------------------------------------------------------------------------------------------
+# callbacks under the Trainer
+# ------------------------------------------------------------------------------------------------
+_DUMMY = '''
+import json, sys
+import lightning as L
+import torch
+from diffproc.data.shapes import ShapesDataModule
+from diffproc.callbacks.metrics import TestMetricsCallback
+
+class Dummy(L.LightningModule):
+    """sample(): real train images blended with generator noise (deterministic per generator)."""
+    sampling_steps, sampler, last_nfe = 7, "ddim", 7
+
+    def __init__(self, fail=False):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.fail = fail
+
+    def sample(self, num, steps=None, sampler=None, generator=None, progress=True):
+        assert not self.fail, "sampling started before the metric set-up failed"
+        pool = self.trainer.datamodule.dataset("train").images[:64].float() / 127.5 - 1
+        idx = torch.randint(0, 64, (num,), generator=generator)
+        noise = torch.rand(num, 3, 16, 16, generator=generator) * 2 - 1
+        return (0.8 * pool[idx] + 0.2 * noise).clamp(-1, 1)
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", self.w.sum() + 1.0)
+
+if __name__ == "__main__":
+    devices, out, extractor = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    cb = TestMetricsCallback(num_samples=90, batch_size=16, extractor=extractor, cache_dir=out + "/cache",
+                             num_reference_features=80, progress=False)
+    dm = ShapesDataModule(image_size=16, num_train=160, num_val=8, num_test=16, batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", callbacks=[cb],
+                        default_root_dir=out, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(Dummy(fail=extractor == "inception"), datamodule=dm)
+'''
+
+
+def _run_dummy(tmp_path: Path, devices: int, extractor: str = "shapes") -> subprocess.CompletedProcess:
+    script = tmp_path / "dummy_test.py"
+    script.write_text(_DUMMY)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_HOME=str(tmp_path / "torch_home"))
+    out = tmp_path / f"run{devices}"
+    return subprocess.run([PY, str(script), str(devices), str(out), extractor], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_test_callback_ddp_matches_single_process(tmp_path):
+    rows = {}
+    for devices in (1, 2):
+        proc = _run_dummy(tmp_path, devices)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[devices] = json.loads((tmp_path / f"run{devices}" / "metrics.json").read_text())
+        assert (tmp_path / f"run{devices}" / "samples.png").is_file()
+    one, two = rows[1], rows[2]
+    assert set(one["metrics"]) == {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean",
+                                   "shapes_is_std", "shapes_precision", "shapes_recall"}
+    for k, v in one["metrics"].items():
+        assert two["metrics"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+    p = one["protocol"]
+    assert (p["extractor"], p["num_samples"], p["sampler"], p["steps"], p["nfe"], p["seed"]) == ("shapes", 90, "ddim", 7, 7, 0)
+    assert p["reference"].startswith("shapes_train_16px_shapes-") and p["headline_protocol"] is False
+    assert two["protocol"]["world_size"] == 2
+
+
+def test_test_callback_fails_before_sampling_without_inception_weights(tmp_path):
+    proc = _run_dummy(tmp_path, 1, extractor="inception")
+    assert proc.returncode != 0
+    assert INCEPTION_FILE in proc.stderr and "feature_extractor_weights_path" in proc.stderr
+    assert "sampling started" not in proc.stderr
