@@ -111,8 +111,9 @@ class StrokesDataModule(ImageDataModule):
         quantize_guides: also k-means the ``guide_dir`` images (default: use them as painted).
         strength: SDEdit hijack point as a fraction of the chain ([recon] 0.5). t0: explicit hijack
             time in the process's units (overrides ``strength``).
-        sampling_steps, sampler: override the model's for SDEdit (``null`` = model's).
-        seed: SDEdit noise seed (``null`` = model's ``seed``) and base seed of the k-means.
+        sdedit_steps, sdedit_sampler: steps of the full chain (before truncation at the hijack time)
+            and solver for SDEdit (``null`` = the model's ``sampling_steps``/``sampler``).
+        sdedit_seed: SDEdit noise seed (``null`` = the model's ``seed``) and base seed of the k-means.
         root, image_size, batch_size, num_workers, ...: as :class:`ImageDataModule` (``batch_size``
             is the predict batch size; ``image_size`` must match the checkpoint).
     """
@@ -126,8 +127,8 @@ class StrokesDataModule(ImageDataModule):
                  strokes_init_args: Optional[dict] = None,
                  split: Literal["train", "val", "test"] = "test", num: Optional[int] = 1000,
                  k: int = 6, kmeans_iters: int = 20, quantize_guides: bool = False,
-                 strength: float = 0.5, t0: Optional[float] = None, sampling_steps: Optional[int] = None,
-                 sampler: Optional[str] = None, seed: Optional[int] = None) -> None:
+                 strength: float = 0.5, t0: Optional[float] = None, sdedit_steps: Optional[int] = None,
+                 sdedit_sampler: Optional[str] = None, sdedit_seed: Optional[int] = None) -> None:
         super().__init__(root, image_size, batch_size, eval_batch_size, num_workers, random_flip,
                          pin_memory, persistent_workers)
         if (guide_dir is None) == (strokes_from is None):
@@ -141,13 +142,14 @@ class StrokesDataModule(ImageDataModule):
         self.strokes_init_args = dict(strokes_init_args or {})
         self.split, self.num, self.k, self.kmeans_iters = split, num, int(k), int(kmeans_iters)
         self.quantize_guides = bool(quantize_guides)
-        self.strength, self.t0, self.sampling_steps, self.sampler, self.seed = strength, t0, sampling_steps, sampler, seed
+        self.strength, self.t0 = strength, t0
+        self.sdedit_steps, self.sdedit_sampler, self.sdedit_seed = sdedit_steps, sdedit_sampler, sdedit_seed
         self._guides: Optional[Dataset] = None
 
     def sdedit_options(self) -> dict[str, Any]:
         """Read by :func:`~diffproc.methods.sdedit.sdedit_predict_step`."""
-        return {"strength": self.strength, "t0": self.t0, "steps": self.sampling_steps,
-                "sampler": self.sampler, "seed": self.seed}
+        return {"strength": self.strength, "t0": self.t0, "steps": self.sdedit_steps,
+                "sampler": self.sdedit_sampler, "seed": self.sdedit_seed}
 
     def source_datamodule(self) -> ImageDataModule:
         """The ``strokes_from`` DataModule, built at this module's root and image size."""
@@ -165,7 +167,7 @@ class StrokesDataModule(ImageDataModule):
 
     def guides(self) -> Dataset:
         if self._guides is None:
-            seed = 0 if self.seed is None else int(self.seed)
+            seed = 0 if self.sdedit_seed is None else int(self.sdedit_seed)
             if self.guide_dir is not None:
                 folder = default_root(self.guide_dir)
                 files = list_images(folder) if folder.is_dir() else []
