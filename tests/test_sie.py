@@ -267,23 +267,52 @@ def _run(args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_cli_fit_few_steps(tmp_path):
-    r = _run(["fit", "--config", str(ROOT / "configs/sie_shapes.yaml"), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-              "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.init_args.num_train", "32",
-              "--data.init_args.image_size", "8", "--data.init_args.batch_size", "8",
-              "--trainer.limit_val_batches", "1", "--sample_grid.num_images", "2",
-              "--model.init_args.sampling_steps", "2", "--model.init_args.sampler", "heun",
-              "--trainer.enable_progress_bar", "false",
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory):
+    """A 3-step ``cli.py fit`` of configs/sie_shapes.yaml (8 px, tiny UNet, Heun sample grid)."""
+    tmp = tmp_path_factory.mktemp("sie_fit")
+    r = _run(["fit", "--config", str(ROOT / "configs/sie_shapes.yaml"), "--trainer.max_steps", "3",
+              "--trainer.val_check_interval", "3", "--trainer.logger.init_args.save_dir", str(tmp),
+              "--data.init_args.num_train", "32", "--data.init_args.image_size", "8",
+              "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1",
+              "--sample_grid.num_images", "2", "--model.init_args.sampling_steps", "2",
+              "--model.init_args.sampler", "heun", "--trainer.enable_progress_bar", "false",
               "--model.init_args.unet", '{"block_out_channels": [8, 16], "layers_per_block": 1}'], ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    runs = list(tmp_path.glob("*/version_*"))
+    runs = list(tmp.glob("*/version_*"))
     assert len(runs) == 1
-    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
-    assert (runs[0] / "config.yaml").is_file()
-    assert list(runs[0].glob("events.out.tfevents*"))
-    ck = torch.load(runs[0] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return runs[0]
+
+
+def test_cli_fit_few_steps(fitted_run):
+    assert (fitted_run / "checkpoints" / "last.ckpt").is_file()
+    assert (fitted_run / "config.yaml").is_file()
+    assert list(fitted_run.glob("events.out.tfevents*"))
+    ck = torch.load(fitted_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ck["global_step"] == 3
-    assert ck["state_dict"]["unet.conv_out.weight"].shape[0] == 6  # 2C output heads
+    assert ck["state_dict"]["unet.conv_out.weight"].shape[0] == 6  # 2C output heads [x̂0 | ε̂]
+
+
+@pytest.mark.slow
+def test_nfe_sweep_script(fitted_run, tmp_path):
+    """benchmarks/nfe_sweep.py on the fitted checkpoint: one row per (solver, NFE), exact NFE."""
+    import json
+
+    out = tmp_path / "sweep.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks/nfe_sweep.py"), "--config",
+                        str(fitted_run / "config.yaml"), "--ckpt", str(fitted_run / "checkpoints/last.ckpt"),
+                        "--nfe", "2", "4", "--solvers", "euler", "heun", "rk4", "ddim_dual",
+                        "--num-samples", "8", "--batch-size", "8", "--reference-num", "32", "--device", "cpu",
+                        "--json", str(out), "--", "--data.init_args.num_test", "32"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    got = {(x["solver"], x["target_nfe"]): x["nfe"] for x in rows}
+    assert got == {("euler", 2): 2, ("heun", 2): 2, ("ddim_dual", 2): 2, ("euler", 4): 4, ("heun", 4): 4,
+                   ("rk4", 4): 4, ("ddim_dual", 4): 4}
+    assert all(math.isfinite(x["value"]) and x["metric"] == "shapes_fid" for x in rows)
+    assert "target NFE" in r.stdout
 
 
 CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in
@@ -291,7 +320,26 @@ CONFIGS = sorted(p.relative_to(ROOT).as_posix() for p in
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", CONFIGS)
-def test_configs_parse(config, tmp_path):
-    r = _run(["fit", "--config", config, "--print_config"], ROOT)
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_configs_parse_and_build(capsys):
+    """Every SIE/ablation config parses (``fit --print_config``) and its model builds (tiny UNet)."""
+    import importlib
+
+    import yaml
+
+    from diffproc.cli import DiffprocCLI
+
+    assert len(CONFIGS) == 17
+    for config in CONFIGS:
+        with pytest.raises(SystemExit) as exit_:
+            DiffprocCLI(args=["fit", "--config", str(ROOT / config), "--print_config"])
+        assert exit_.value.code in (0, None), config
+        printed = capsys.readouterr().out
+        assert "class_path: diffproc.methods." in printed, config
+        model = yaml.safe_load((ROOT / config).read_text())["model"]
+        module, cls = model["class_path"].rsplit(".", 1)
+        args = dict(model["init_args"], unet={"block_out_channels": [8], "layers_per_block": 1},
+                    image_size=8, channels=3, ema_decay=0.0)
+        m = getattr(importlib.import_module(module), cls)(**args)
+        dual = args.get("heads", "dual") == "dual" and cls == "SIE"
+        assert m.unet.config.out_channels == (6 if dual else 3), config
+        assert m.sampler in m.process.solvers
