@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffproc.callbacks.checkpoint import Checkpoint
 from diffproc.callbacks.fault import ImageThroughputMonitor, NonFiniteGuard
+from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
 from diffproc.callbacks.sample_grid import SampleGrid
 from diffproc.data.base import ImageDataModule
 from diffproc.methods.base import ConfigError, DiffusionModule
@@ -62,6 +63,8 @@ class DiffprocCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(ImageThroughputMonitor, "throughput")
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite_guard")
+        parser.add_lightning_class_args(TestMetricsCallback, "metrics")  # cli.py test: FID & co (docs/metrics.md)
+        parser.add_lightning_class_args(FIDCallback, "fid")  # off unless --fid.every_n_train_steps/epochs
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.channels", apply_on="instantiate")
 

@@ -300,6 +300,7 @@ def _run_dummy(tmp_path: Path, devices: int, extractor: str = "shapes") -> subpr
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_test_callback_ddp_matches_single_process(tmp_path):
     rows = {}
     for devices in (1, 2):
@@ -318,8 +319,57 @@ def test_test_callback_ddp_matches_single_process(tmp_path):
     assert two["protocol"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_test_callback_fails_before_sampling_without_inception_weights(tmp_path):
     proc = _run_dummy(tmp_path, 1, extractor="inception")
     assert proc.returncode != 0
     assert INCEPTION_FILE in proc.stderr and "feature_extractor_weights_path" in proc.stderr
     assert "sampling started" not in proc.stderr
+
+
+def test_callback_setup_fails_fast_offline(tmp_path, monkeypatch):
+    """The callback builds the extractor in ``setup`` (before any sample): offline -> one message."""
+    from types import SimpleNamespace
+
+    from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(name="celeba64_ddim", image_size=64))
+    for cb, stage in ((TestMetricsCallback(), "test"), (FIDCallback(every_n_epochs=1), "fit")):
+        with pytest.raises(FileNotFoundError, match=INCEPTION_FILE.replace(".", r"\.")):
+            cb.setup(trainer, None, stage)
+    TestMetricsCallback().setup(trainer, None, "fit")  # other stages: nothing built, nothing fails
+    with pytest.raises(ValueError, match="Unknown metrics"):
+        TestMetricsCallback(metrics=["fid", "lpips"])
+
+
+@pytest.mark.slow
+def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
+    """``cli.py fit`` with the in-training FID, then ``cli.py test`` on the checkpoint -> metrics.json."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from clitools import TINY, run_cli
+
+    cache = tmp_path / "cache"
+    common = ["--config", "configs/quickstart.yaml", *TINY, "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    run_cli("fit", *common, "--trainer.max_steps", "2", "--sample_grid.every_n_steps", "0",
+            "--fid.every_n_train_steps", "2", "--fid.num_samples", "24", "--fid.batch_size", "12",
+            "--fid.metrics", "[fid, kid]", "--fid.cache_dir", str(cache))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run0 = tmp_path / "quickstart" / "version_0"
+    tags = EventAccumulator(str(run0)).Reload().Tags()["scalars"]
+    assert "gen/shapes_fid" in tags and "gen/shapes_kid_mean" in tags, tags
+    ckpt = run0 / "checkpoints" / "last.ckpt"
+    run_cli("test", *common, "--ckpt_path", str(ckpt), "--metrics.num_samples", "40",
+            "--metrics.batch_size", "16", "--metrics.cache_dir", str(cache), "--metrics.progress", "false",
+            "--model.init_args.sampling_steps", "2")
+    files = list((tmp_path / "quickstart").glob("version_*/metrics.json"))
+    assert len(files) == 1, files
+    row = json.loads(files[0].read_text())
+    assert set(row["metrics"]) == {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean",
+                                   "shapes_is_std", "shapes_precision", "shapes_recall"}
+    assert all(np.isfinite(v) for v in row["metrics"].values())
+    p = row["protocol"]
+    assert p["num_samples"] == 40 and p["steps"] == 2 and p["sampler"] == "ddim" and p["ema"] is True
+    assert p["checkpoint"] == str(ckpt) and p["dataset"] == "shapes" and p["image_size"] == 16
+    assert (files[0].parent / "samples.png").is_file()

@@ -33,6 +33,7 @@ from diffproc.metrics.reference import ReferenceStats, load_or_compute_reference
 from diffproc.metrics.suite import METRICS, MetricSuite
 
 HEADLINE_NUM_SAMPLES = 50_000
+SHAPES_NUM_SAMPLES = 2_000
 
 
 def resolve_extractor_name(extractor: str, datamodule) -> str:
@@ -51,7 +52,7 @@ def default_metrics(extractor: str) -> list[str]:
 class _MetricsBase(L.Callback):
     """Shared: extractor + reference set-up (fail fast), disjoint generation, synced compute."""
 
-    def __init__(self, num_samples: int, extractor: str, feature_extractor_weights_path: Optional[str],
+    def __init__(self, num_samples: Optional[int], extractor: str, feature_extractor_weights_path: Optional[str],
                  reference: str, metrics: Optional[list[str]], seed: int, batch_size: int,
                  num_reference: Optional[int], num_reference_features: int, cache_dir: Optional[str],
                  sampling_steps: Optional[int], sampler: Optional[str], progress: bool) -> None:
@@ -61,7 +62,7 @@ class _MetricsBase(L.Callback):
                 raise ValueError(f"Unknown metrics {bad}; choose from {list(METRICS)}.")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.num_samples = int(num_samples)
+        self.num_samples = None if num_samples is None else int(num_samples)
         self.extractor = extractor
         self.feature_extractor_weights_path = feature_extractor_weights_path
         self.reference = reference
@@ -86,6 +87,8 @@ class _MetricsBase(L.Callback):
         extractor = build_extractor(name, self.feature_extractor_weights_path)
         metrics = self.metrics if self.metrics is not None else default_metrics(name)
         suite = MetricSuite(extractor, metrics)
+        if self.num_samples is None:
+            self.num_samples = HEADLINE_NUM_SAMPLES if name == "inception" else SHAPES_NUM_SAMPLES
         device = trainer.strategy.root_device
         kwargs = dict(cache_dir=self.cache_dir, num=self.num_reference, num_features_kept=self.num_reference_features,
                       batch_size=self.batch_size, device=device)
@@ -154,8 +157,8 @@ class TestMetricsCallback(_MetricsBase):
     """Metrics of generated samples for ``cli.py test`` (``--metrics.*``).
 
     Args:
-        num_samples: images to generate (50000 = the headline protocol for Inception metrics; fewer
-            gives a loud warning; 0 disables the callback).
+        num_samples: images to generate; default 50000 for ``inception`` (the headline protocol;
+            fewer gives a loud warning) and 2000 for ``shapes``; 0 disables the callback.
         extractor: ``auto`` (``shapes`` for the embedded shapes dataset, else ``inception``),
             ``inception`` or ``shapes``. Shapes numbers are NOT comparable with Inception ones.
         feature_extractor_weights_path: Inception weights file (default: torch hub cache) or shapes weights.
@@ -172,7 +175,7 @@ class TestMetricsCallback(_MetricsBase):
         output: file name written in the run's log dir.
     """
 
-    def __init__(self, num_samples: int = HEADLINE_NUM_SAMPLES, extractor: str = "auto",
+    def __init__(self, num_samples: Optional[int] = None, extractor: str = "auto",
                  feature_extractor_weights_path: Optional[str] = None, reference: str = "train",
                  metrics: Optional[list[str]] = None, seed: int = 0, batch_size: int = 250,
                  num_reference: Optional[int] = None, num_reference_features: int = 10_000,
@@ -184,7 +187,7 @@ class TestMetricsCallback(_MetricsBase):
         self.results: dict = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "test" or self.num_samples <= 0:
+        if stage != "test" or self.num_samples == 0:
             return
         self._build(trainer)  # before any sampling: missing weights / bad reference fail here
         if self.suite.extractor.name == "inception" and self.num_samples < HEADLINE_NUM_SAMPLES:
@@ -194,7 +197,7 @@ class TestMetricsCallback(_MetricsBase):
                 f"(recorded as headline_protocol=false in {self.output}).\n{'!' * 100}")
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.suite is None or self.num_samples <= 0:
+        if self.suite is None or not self.num_samples:
             return
         t0 = time.perf_counter()
         first = self._generate(trainer, pl_module, self.num_samples, "test metrics: sampling")
@@ -219,10 +222,11 @@ class FIDCallback(_MetricsBase):
     ``every_n_epochs`` epochs, from ``num_samples`` samples split across all ranks, logged as
     ``gen/<metric>`` (e.g. ``gen/fid``, ``gen/shapes_fid``; usable as ``ModelCheckpoint`` monitor).
     The same seeds are used at every evaluation, so the curve is not sampling noise. Small-n FID is
-    biased upwards: compare it only with itself (k-diffusion#51). ``num_samples=0`` disables it.
+    biased upwards: compare it only with itself (k-diffusion#51). Off by default: set
+    ``every_n_train_steps`` or ``every_n_epochs`` to enable it (``--fid.every_n_train_steps 5000``).
     """
 
-    def __init__(self, every_n_train_steps: Optional[int] = None, every_n_epochs: Optional[int] = 1,
+    def __init__(self, every_n_train_steps: Optional[int] = None, every_n_epochs: Optional[int] = None,
                  num_samples: int = 2000, extractor: str = "auto", feature_extractor_weights_path: Optional[str] = None,
                  reference: str = "train", metrics: Optional[list[str]] = None, seed: int = 0, batch_size: int = 250,
                  num_reference: Optional[int] = None, num_reference_features: int = 10_000,
@@ -237,7 +241,7 @@ class FIDCallback(_MetricsBase):
         self.history: list[dict] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.num_samples > 0 and (self.every_n_train_steps or self.every_n_epochs):
+        if stage == "fit" and self.num_samples and (self.every_n_train_steps or self.every_n_epochs):
             self._build(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -254,8 +258,14 @@ class FIDCallback(_MetricsBase):
             return self.history[-1]["metrics"] if self.history else {}
         self._last_step = trainer.global_step
         self._generate(trainer, pl_module, self.num_samples, "FID: sampling")
-        values = self.suite.compute()
-        pl_module.log_dict({f"gen/{k}": v for k, v in values.items()}, sync_dist=False)
+        values = self.suite.compute()  # collective: every rank calls it
+        logged = {f"gen/{k}": v for k, v in values.items()}
+        # straight to the loggers: self.log at step level is throttled by log_every_n_steps
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=trainer.global_step)
+        for k, v in logged.items():  # e.g. ModelCheckpoint(monitor="gen/fid")
+            trainer.callback_metrics[k] = torch.tensor(v)
         self.history.append({"step": trainer.global_step, "metrics": values})
         self.suite.reset()
         return values
