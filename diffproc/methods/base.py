@@ -142,13 +142,25 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.compute_loss(images_of(batch), self.unet)
-        if not torch.isfinite(loss):
+        # checking finiteness syncs host and device: do it every log interval, not every step (a
+        # diverged run is caught within that many steps; NonFiniteGuard keeps NaN weights out of
+        # checkpoints in between)
+        every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
+        if self.global_step % every == 0 and self._loss_not_finite(loss):
             raise FloatingPointError(
-                f"loss is {loss.item()} at global step {self.global_step}: training stopped and the last "
+                f"loss is {loss.item()} (rank {self.global_rank}) at global step {self.global_step}: training stopped and the last "
                 "good checkpoint was kept. Lower model.lr, keep trainer.gradient_clip_val (e.g. 1.0), or "
                 "use 32-bit precision, then resume with --ckpt_path last.")
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def _loss_not_finite(self, loss: Tensor) -> bool:
+        """True when the loss is NaN/inf on any rank (all DDP ranks decide together: no rank is left
+        waiting in the gradient all-reduce while another one stops)."""
+        bad = not bool(torch.isfinite(loss))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        return bad
 
     def _eval_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
         x = images_of(batch)
@@ -236,9 +248,17 @@ class DiffusionModule(L.LightningModule):
         return DataLoader(torch.arange(self.hparams.predict_num_samples),
                           batch_size=self.hparams.predict_batch_size)
 
+    def on_predict_start(self) -> None:
+        # trainer.log_dir is a broadcast under DDP: resolve it once on every rank here, not per batch
+        # (ranks may get different numbers of predict batches)
+        self._predict_dir = None
+        self._predict_dir = self.predict_output_dir()
+
     def predict_output_dir(self) -> str:
         if self.hparams.predict_dir:
             return self.hparams.predict_dir
+        if getattr(self, "_predict_dir", None):
+            return self._predict_dir
         log_dir = self.trainer.log_dir if self._trainer is not None else None
         return os.path.join(log_dir or ".", "predictions")
 
