@@ -46,7 +46,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--extractor", default="auto", choices=["auto", "shapes", "inception"])
     ap.add_argument("--feature-extractor-weights-path", default=None)
-    ap.add_argument("--reference", default="test", help="split name (cached stats) or an .npz file")
+    ap.add_argument("--reference", default="train",
+                    help="split name (cached stats; train = what `cli.py test` uses) or an .npz file")
     ap.add_argument("--reference-num", type=int, default=None, help="real images for the reference (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
