@@ -373,3 +373,37 @@ def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
     assert p["num_samples"] == 40 and p["steps"] == 2 and p["sampler"] == "ddim" and p["ema"] is True
     assert p["checkpoint"] == str(ckpt) and p["dataset"] == "shapes" and p["image_size"] == 16
     assert (files[0].parent / "samples.png").is_file()
+
+
+def test_inception_extractor_plumbing_with_random_weights(tmp_path, monkeypatch):
+    """No real weights offline: check shapes, the sFID hook (mixed_6/conv = Mixed_6d.branch1x1, first 7
+    channels, NHWC flatten) and unprefixed keys on a randomly initialised network."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from diffproc.metrics.features import InceptionExtractor
+    from diffproc.metrics.suite import InceptionSpatialDim
+
+    fake = tmp_path / INCEPTION_FILE
+    fake.write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: {})
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    ex = InceptionExtractor(fake)
+    monkeypatch.undo()
+    grabbed = {}
+    ex.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: grabbed.setdefault("o", o))
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = ex(images)
+    assert out["pool"].shape == (3, 2048) and out["logits"].shape == (3, 1008)
+    assert out["spatial"].shape == (3, InceptionSpatialDim) and grabbed["o"].shape == (3, 192, 17, 17)
+    torch.testing.assert_close(out["spatial"], grabbed["o"][:, :7].permute(0, 2, 3, 1).reshape(3, -1))
+    # logits are the unbiased ones (pool @ W^T, no bias), as in the original IS code
+    torch.testing.assert_close(out["logits"], out["pool"] @ ex.net.fc.weight.T, rtol=1e-4, atol=1e-4)
+    ref = ReferenceStats(*mean_cov(out["pool"]), features=out["pool"].numpy(),
+                         spatial_mu=out["spatial"].double().mean(0).numpy(),
+                         spatial_sigma=np.cov(out["spatial"].double().numpy(), rowvar=False))
+    ref.mu, ref.sigma = ref.mu.numpy(), ref.sigma.numpy()
+    suite = MetricSuite(ex, ["fid", "sfid", "is"])
+    suite.set_reference(ref)
+    suite.update_features(out)
+    res = suite.compute()
+    assert set(res) == {"fid", "sfid", "is_mean", "is_std"} and abs(res["fid"]) < 1e-4 and abs(res["sfid"]) < 1e-4
