@@ -274,10 +274,11 @@ class BlurProcess(GaussianProcess):
                              f"num_steps={self.num_timesteps - 1} (or None), or use solver 'ddim'/'ancestral' "
                              "for fewer steps")
         tb = batch_times(t, z_t.shape[0], z_t.device)
+        t1 = tb[:1]  # one time for the whole batch: (1, H, W) grids broadcast over B
         u = self.to_basis(z_t)
-        _, eps_u = self.split_prediction(model_fn(z_t, tb), u, tb)
-        _, sig = self.coefficients(tb, u)
-        a, b = self.step_coefficients(tb)
+        _, eps_u = self.split_prediction(model_fn(z_t, tb), u, t1)
+        _, sig = self.coefficients(t1, u)
+        a, b = self.step_coefficients(t1)
         a, b = _bcast(a, u), _bcast(b, u)
         u = (2.0 - a.sqrt()) * u - b * eps_u / sig  # (2 − sqrt(a_i)) u + b_i s_u,  s_u = −ε̂_u/σ_i
         if i > 2:
