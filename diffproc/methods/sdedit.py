@@ -6,7 +6,7 @@ the guide to a hijack time ``t0`` with the process's closed-form forward margina
 to a process, so the DDPM baseline (or any method) runs the same comparison with the same command.
 
 Hijack time: ``t0 = strength · t_max`` in the process's own time units, ``t_max`` the first time of the
-sampling grid (rounded for integer grids); ``strength = 0`` returns the guide, ``strength = 1`` starts
+full chain (T for DDPM/EPDM; rounded for integer grids); ``strength = 0`` returns the guide, ``strength = 1`` starts
 from the (almost pure-noise) top of the chain. [recon] default ``strength = 0.5`` (§1.8: t0 = T/2).
 """
 
@@ -28,10 +28,14 @@ def hijack_grid(process: DiffusionProcess, strength: Optional[float] = None, t0:
                 num_steps: Optional[int] = None) -> list:
     """Sampling grid truncated at the hijack time: ``[t0] + [t in process.timesteps(num_steps) if t < t0]``.
 
-    Give either ``strength`` ∈ [0, 1] (fraction of the grid's top time) or ``t0`` (process units).
+    Give either ``strength`` ∈ [0, 1] (fraction of the top time of the full chain,
+    ``process.timesteps(None)[0]``; T for DDPM and EPDM) or ``t0`` (process units).
     """
     grid = list(process.timesteps(num_steps))
-    t_max = grid[0]
+    try:  # top of the full chain (a strided grid may start below it, e.g. DDIM's 91 of T = 100)
+        t_max = max(grid[0], process.timesteps(None)[0])
+    except (TypeError, ValueError):
+        t_max = grid[0]
     if t0 is None:
         if strength is None or not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"SDEdit strength must lie in [0, 1] (fraction of the chain), got {strength}")
