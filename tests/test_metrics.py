@@ -312,7 +312,9 @@ def test_test_callback_ddp_matches_single_process(tmp_path):
     assert set(one["metrics"]) == {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean",
                                    "shapes_is_std", "shapes_precision", "shapes_recall"}
     for k, v in one["metrics"].items():
-        assert two["metrics"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+        # features are bitwise equal (KID/IS/PR exactly equal); FID differs only by the float64 summation
+        # order, amplified by sqrt of the ~0 eigenvalues of a rank-deficient covariance (90 samples < 128 d)
+        assert two["metrics"][k] == pytest.approx(v, rel=1e-6 if k == "shapes_fid" else 1e-12, abs=1e-12), k
     p = one["protocol"]
     assert (p["extractor"], p["num_samples"], p["sampler"], p["steps"], p["nfe"], p["seed"]) == ("shapes", 90, "ddim", 7, 7, 0)
     assert p["reference"].startswith("shapes_train_16px_shapes-") and p["headline_protocol"] is False
