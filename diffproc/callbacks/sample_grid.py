@@ -16,17 +16,20 @@ from torchvision.utils import make_grid, save_image
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimiser steps (and at the end of fit) rank 0 samples ``num_images``
     with the EMA weights from a fixed seed, logs the grid to TensorBoard (``samples``) and writes
-    ``<log_dir>/samples/step_XXXXXXX.png``. ``every_n_steps=0`` disables it.
+    ``<log_dir>/samples/step_XXXXXXX.png``. ``every_n_steps=0`` disables it. Images smaller than
+    ``min_tile`` pixels are upscaled (nearest neighbour) in the grid so they stay legible.
     """
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 16, sampling_steps: Optional[int] = None,
-                 sampler: Optional[str] = None, seed: int = 0, at_train_end: bool = True) -> None:
+                 sampler: Optional[str] = None, seed: int = 0, at_train_end: bool = True,
+                 min_tile: int = 64) -> None:
         self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.sampling_steps = sampling_steps
         self.sampler = sampler
         self.seed = seed
         self.at_train_end = at_train_end
+        self.min_tile = min_tile
         self._last_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -40,20 +43,24 @@ class SampleGrid(L.Callback):
 
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Optional[str]:
         step = self._last_step = trainer.global_step
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it, or rank 0 hangs
         if not trainer.is_global_zero:
             return None
         g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         t0 = time.perf_counter()
         x = pl_module.sample(self.num_images, self.sampling_steps, self.sampler, g, progress=False)
         seconds = time.perf_counter() - t0
-        grid = make_grid((x.float().cpu() + 1) / 2, nrow=max(1, int(math.ceil(math.sqrt(len(x))))), padding=1)
+        x = x.float().cpu()
+        if x.shape[-1] < self.min_tile:  # small images: nearest-neighbour upscale so the grid is legible
+            x = torch.nn.functional.interpolate(x, scale_factor=math.ceil(self.min_tile / x.shape[-1]), mode="nearest")
+        grid = make_grid((x + 1) / 2, nrow=max(1, int(math.ceil(math.sqrt(len(x))))), padding=1)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid, step)
                 logger.experiment.add_scalar("samples/seconds_per_image", seconds / len(x), step)
         path = None
-        if trainer.log_dir:
-            os.makedirs(os.path.join(trainer.log_dir, "samples"), exist_ok=True)
-            path = os.path.join(trainer.log_dir, "samples", f"step_{step:07d}.png")
+        if log_dir:
+            os.makedirs(os.path.join(log_dir, "samples"), exist_ok=True)
+            path = os.path.join(log_dir, "samples", f"step_{step:07d}.png")
             save_image(grid, path)
         return path
