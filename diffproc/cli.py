@@ -33,6 +33,9 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     },
     "gradient_clip_val": 1.0,
     "log_every_n_steps": 10,
+    # diffusion training is counted in steps: validate every N steps, across epoch boundaries
+    "val_check_interval": 1000,
+    "check_val_every_n_epoch": None,
     # atomic, fsynced checkpoint writes; weights_only=True loads (diffproc/callbacks/fault.py)
     "plugins": [{"class_path": "diffproc.callbacks.fault.AtomicCheckpointIO"}],
 }
