@@ -1,0 +1,472 @@
+"""Every method on equal terms: same data, steps, batch, UNet and seed; quality vs NFE per solver.
+
+    python benchmarks/compare.py --configs configs/ddpm_shapes.yaml configs/gddm_shapes.yaml \
+        configs/lddm_shapes.yaml configs/epdm_shapes.yaml configs/blur_shapes.yaml configs/sie_shapes.yaml \
+        --steps 2000 --out docs/results/compare_shapes --nfe 10 20 50 100 --num-samples 1000
+
+1. Train: each config is trained by ``cli.py fit`` as a subprocess (exactly what users run) with the
+   SAME ``--seed_everything``, ``--trainer.max_steps``, ``--data.init_args.{image_size,batch_size,
+   num_train}`` (and any ``--fit-args``); logs in ``OUT/runs/<method>/version_0`` (TensorBoard,
+   ``config.yaml``, ``checkpoints/last.ckpt``), console output in ``OUT/runs/<method>/fit.log``.
+   A run whose ``last.ckpt`` has reached ``--steps`` is not trained again; a shorter one is resumed.
+2. Evaluate (in this process, :mod:`diffproc.metrics`): for each method, solver in
+   ``process.solvers`` and target NFE, ``steps = NFE // NFE_PER_STEP[solver]`` (equal NFE across
+   solvers), ``--num-samples`` images with the EMA weights from fixed seeds, FID/KID/precision/recall
+   against cached reference statistics of the train split, seconds per image. Combinations that make
+   no sense are listed as skipped with the reason (blur ``official`` = full chain only).
+   Finished rows are cached in ``results.json`` and not recomputed.
+3. Write ``results.md``, ``results.json``, ``fid_vs_nfe.png``, ``loss_vs_step.png``,
+   ``grids/<method>.png``, ``freq_bands.md``/``freq_bands.png`` (:mod:`diffproc.metrics.frequency`,
+   samples of each method's default solver at the largest NFE vs real test images).
+
+Manual: docs/compare.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+DEFAULT_CONFIGS = ["configs/ddpm_shapes.yaml", "configs/gddm_shapes.yaml", "configs/lddm_shapes.yaml",
+                   "configs/epdm_shapes.yaml", "configs/blur_shapes.yaml", "configs/sie_shapes.yaml"]
+
+
+def log(msg: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="one config per method")
+    ap.add_argument("--steps", type=int, required=True, help="training steps (same for every method)")
+    ap.add_argument("--out", type=Path, required=True, help="output folder (runs, tables, plots)")
+    ap.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100], help="target NFEs")
+    ap.add_argument("--solvers", nargs="+", default=None,
+                    help="restrict to these solvers (where a method has them); default: all of each process")
+    ap.add_argument("--num-samples", type=int, default=1000, help="generated images per (method, solver, NFE)")
+    ap.add_argument("--eval-batch-size", type=int, default=250)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device for evaluation; training uses the configs' trainer.accelerator unless "
+                         "--fit-args overrides it")
+    ap.add_argument("--extractor", default="auto", choices=["auto", "shapes", "inception"])
+    ap.add_argument("--feature-extractor-weights-path", default=None)
+    ap.add_argument("--reference-num", type=int, default=None,
+                    help="real train images for the reference statistics (default: the whole train split)")
+    ap.add_argument("--image-size", type=int, default=None, help="forced on every method (default: the configs')")
+    ap.add_argument("--batch-size", type=int, default=None, help="training batch, forced on every method")
+    ap.add_argument("--num-train", type=int, default=None, help="--data.init_args.num_train (shapes only)")
+    ap.add_argument("--seed", type=int, default=0, help="--seed_everything of every fit and the sampling seed")
+    ap.add_argument("--freq-real", type=int, default=None, help="real test images for freq_bands (default: num-samples)")
+    ap.add_argument("--grid-images", type=int, default=64)
+    ap.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
+                    help="extra `cli.py fit` arguments for EVERY method (last option; e.g. --fit-args "
+                         "--trainer.precision bf16-mixed --model.init_args.unet '{...}')")
+    args = ap.parse_args(argv)
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+    return args
+
+
+def method_name(config: str) -> str:
+    return Path(config).stem
+
+
+# --------------------------------------------------------------------------------------------- train
+def run_dir(out: Path, name: str) -> Path:
+    return out / "runs" / name / "version_0"
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """``global_step`` stored in a Lightning checkpoint (-1 when missing or unreadable)."""
+    if not ckpt.is_file():
+        return -1
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", -1))
+    except Exception:  # a truncated file: train again
+        return -1
+
+
+def fit_command(config: str, name: str, args: argparse.Namespace, resume: Path | None) -> list[str]:
+    cmd = [sys.executable, "cli.py", "fit", "--config", config,
+           "--seed_everything", str(args.seed), "--trainer.max_steps", str(args.steps),
+           "--trainer.logger.init_args.save_dir", str((args.out / "runs").resolve()),
+           "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "0",
+           "--trainer.log_every_n_steps", str(max(1, min(10, args.steps // 10))),
+           "--throughput.window_size", str(max(2, min(50, args.steps // 4))),
+           "--trainer.enable_progress_bar", "false"]
+    for key, val in (("image_size", args.image_size), ("batch_size", args.batch_size), ("num_train", args.num_train)):
+        if val is not None:
+            cmd += [f"--data.init_args.{key}", str(val)]
+    cmd += list(args.fit_args)
+    if resume is not None:
+        cmd += ["--ckpt_path", str(resume)]
+    return cmd
+
+
+def train(config: str, name: str, args: argparse.Namespace) -> dict:
+    """Train (or resume) one method; returns {'trained': bool, 'fit_seconds', 'steps'}."""
+    rd = run_dir(args.out, name)
+    ckpt = rd / "checkpoints" / "last.ckpt"
+    info_path = rd.parent / "fit_time.json"
+    step = checkpoint_step(ckpt)
+    if step >= args.steps:
+        log(f"{name}: last.ckpt already at step {step} >= {args.steps}; not training again")
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        return {"trained": False, **info}
+    resume = ckpt if step > 0 else None
+    cmd = fit_command(config, name, args, resume)
+    log(f"{name}: training {args.steps} steps" + (f" (resuming from step {step})" if resume else "")
+        + f"; log {rd.parent / 'fit.log'}")
+    rd.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    with open(rd.parent / "fit.log", "a") as logf:
+        logf.write(f"$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            logf.write(line)
+            print(f"  [{name}] {line}", end="", flush=True)
+        rc = proc.wait()
+    secs = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"error: `cli.py fit` for {name} failed with exit code {rc}; see {rd.parent / 'fit.log'}")
+    step = checkpoint_step(ckpt)
+    if step < args.steps:
+        raise SystemExit(f"error: {name} finished but {ckpt} is at step {step} < {args.steps}; see {rd.parent / 'fit.log'}")
+    info = {"fit_seconds": secs, "steps_run": args.steps - (checkpoint_step(resume) if resume else 0)}
+    info_path.write_text(json.dumps(info))
+    return {"trained": True, **info}
+
+
+def read_scalars(log_dir: Path, tag: str) -> list[tuple[int, float, float]]:
+    """(step, value, wall_time) of a TensorBoard scalar over every event file in ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return []
+    return sorted((e.step, e.value, e.wall_time) for e in acc.Scalars(tag))
+
+
+def seconds_per_train_step(log_dir: Path, info: dict) -> tuple[float | None, str]:
+    """From the logged ``train/batches_per_sec`` (median; excludes start-up and validation), else the
+    fit wall time per step (includes start-up: an upper bound)."""
+    bps = [v for _, v, _ in read_scalars(log_dir, "train/batches_per_sec") if v > 0]
+    if bps:
+        bps.sort()
+        return 1.0 / bps[len(bps) // 2], "throughput"
+    if info.get("fit_seconds") and info.get("steps_run"):
+        return info["fit_seconds"] / info["steps_run"], "wall"
+    return None, "n/a"
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+def plan(process, nfe_targets: list[int], solvers: list[str] | None = None) -> list[dict]:
+    """(solver, target NFE) combinations at equal NFE: ``steps = NFE // NFE_PER_STEP[solver]``.
+
+    Rows that make no sense get ``skip`` with the reason: fewer NFE than one step needs; a solver
+    that only runs the full chain (``official``); more steps than the process has."""
+    from diffproc.samplers import NFE_PER_STEP
+
+    full = len(process.timesteps(None)) - 1  # the full chain's steps
+    out = []
+    for solver in process.solvers:
+        if solvers is not None and solver not in solvers:
+            continue
+        for nfe in nfe_targets:
+            k = NFE_PER_STEP.get(solver, 1)
+            steps = nfe // k
+            row = {"solver": solver, "target_nfe": nfe, "steps": steps, "skip": None, "note": ""}
+            if steps < 1:
+                row["skip"] = f"{solver} needs {k} NFE per step"
+            elif solver == "official":
+                row["skip"] = f"full chain only ({full} steps = {full} NFE)"
+            elif steps > full:
+                row["skip"] = f"more steps than the chain has ({full})"
+            elif type(process).__name__ == "EdgePreservingProcess" and steps < full:
+                row["note"] = "strided chain (extension; paper: full chain)"
+            out.append(row)
+    return out
+
+
+def sample_all(model, solver: str, steps: int, num: int, batch: int, seed: int, device: torch.device):
+    """Images in [-1, 1], seconds (synchronised) and NFE actually spent per image."""
+    from benchmarks.nfe_sweep import sample_all as _sample_all
+
+    return _sample_all(model, solver, steps, num, batch, seed, True, device)
+
+
+def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[list[dict], dict]:
+    """Rows of every (method, solver, NFE); the default-solver samples at the largest NFE per method."""
+    from benchmarks.nfe_sweep import load
+    from diffproc.callbacks.metrics import resolve_extractor_name
+    from diffproc.metrics.features import build_extractor
+    from diffproc.metrics.reference import load_or_compute_reference
+    from diffproc.metrics.suite import MetricSuite
+
+    device = torch.device(args.device)
+    samples_dir = args.out / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    rows, keep = [], {}
+    extractor = ref = ref_id = None
+    cached = {(r["method"], r["solver"], r["target_nfe"]): r for r in cache.get("rows", [])}
+    for name in names:
+        rd = run_dir(args.out, name)
+        ckpt = rd / "checkpoints" / "last.ckpt"
+        step = checkpoint_step(ckpt)
+        model, dm = load(str(rd / "config.yaml"), str(ckpt), [])
+        model = model.to(device).eval()
+        if extractor is None:
+            ex_name = resolve_extractor_name(args.extractor, dm)
+            extractor = build_extractor(ex_name, args.feature_extractor_weights_path).to(device).eval()
+            dm.prepare_data()
+            num_ref = args.reference_num or len(dm.dataset("train") if hasattr(dm, "dataset") else dm.build_dataset("train"))
+            ref, ref_id = load_or_compute_reference(dm, "train", extractor, num=num_ref, device=device, progress=True)
+            keep["_real_dm"] = dm
+            log(f"reference statistics: {ref_id}")
+        combos = plan(model.process, args.nfe, args.solvers)
+        evaluated = [c for c in combos if c["skip"] is None]
+        preferred = getattr(model, "sampler", None) or model.process.default_solver  # the config's sampler
+        default = preferred if any(c["solver"] == preferred for c in evaluated) else (
+            evaluated[0]["solver"] if evaluated else None)
+        top_nfe = max((c["target_nfe"] for c in evaluated if c["solver"] == default), default=None)
+        n_params = sum(p.numel() for p in model.unet.parameters())
+        for i, c in enumerate(combos):
+            key = (name, c["solver"], c["target_nfe"])
+            base = {"method": name, "solver": c["solver"], "target_nfe": c["target_nfe"], "steps": c["steps"],
+                    "note": c["note"], "train_step": step, "num_samples": args.num_samples, "seed": args.seed,
+                    "unet_params": n_params, "reference": ref_id}
+            is_top = c["solver"] == default and c["target_nfe"] == top_nfe
+            spath = samples_dir / f"{name}.pt"
+            old = cached.get(key)
+            if c["skip"] is not None:
+                rows.append({**base, "skip": c["skip"]})
+                continue
+            if (old and old.get("skip") is None and old.get("train_step") == step and old.get("num_samples") == args.num_samples
+                    and old.get("seed") == args.seed and old.get("reference") == ref_id and (not is_top or spath.is_file())):
+                log(f"{name} {c['solver']:>9} NFE {c['target_nfe']:>4}: cached")
+                rows.append(old)
+                if is_top:
+                    keep[name] = torch.load(spath).float() / 127.5 - 1
+                continue
+            log(f"{name} {c['solver']:>9} NFE {c['target_nfe']:>4} ({c['steps']} steps) "
+                f"[{i + 1}/{len(combos)}]: sampling {args.num_samples} images")
+            images, secs, nfe = sample_all(model, c["solver"], c["steps"], args.num_samples, args.eval_batch_size,
+                                           args.seed, device)
+            suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"]).to(device)
+            suite.set_reference(ref)
+            for chunk in images.split(args.eval_batch_size):
+                suite.update(chunk.to(device))
+            m = {k.removeprefix(extractor.name + "_"): v for k, v in suite.compute().items()}
+            row = {**base, "skip": None, "nfe": nfe, "sec_per_image": secs / args.num_samples,
+                   "extractor": extractor.name, **m}
+            log(f"  -> FID {m['fid']:.3f}  KID {m['kid_mean']:.4f}  P {m['precision']:.3f}  R {m['recall']:.3f}  "
+                f"{row['sec_per_image'] * 1e3:.2f} ms/image")
+            rows.append(row)
+            if is_top:
+                u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+                torch.save(u8, spath)
+                keep[name] = u8.float() / 127.5 - 1
+            # save after every row: an interrupted evaluation resumes from here
+            done = {(r["method"], r["solver"], r["target_nfe"]) for r in rows}
+            cache["rows"] = rows + [r for k, r in cached.items() if k not in done]
+            write_json(args.out / "results.json", cache)
+        keep.setdefault("_top", {})[name] = (default, top_nfe)
+        del model
+    return rows, keep
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- outputs
+def fmt(v, spec: str) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def results_table(rows: list[dict], train: dict[str, dict]) -> str:
+    lines = ["| method | solver | NFE | steps | FID | KID | precision | recall | s / train step | s / image | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = train.get(r["method"], {})
+        sps = fmt(t.get("sec_per_step"), ".4f") + ("*" if t.get("sec_per_step_source") == "wall" else "")
+        if r.get("skip"):
+            lines.append(f"| {r['method']} | {r['solver']} | {r['target_nfe']} | — | skipped | — | — | — | {sps} | — | "
+                         f"{r['skip']} |")
+            continue
+        lines.append(f"| {r['method']} | {r['solver']} | {r['nfe']} | {r['steps']} | {fmt(r['fid'], '.3f')} | "
+                     f"{fmt(r['kid_mean'], '.4f')} ± {fmt(r['kid_std'], '.4f')} | {fmt(r['precision'], '.3f')} | "
+                     f"{fmt(r['recall'], '.3f')} | {sps} | {fmt(r['sec_per_image'], '.5f')} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def plot_metrics(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if not r.get("skip")]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    for ax, (key, label) in zip(axes, [("fid", "FID"), ("kid_mean", "KID"), ("precision", "precision"),
+                                       ("recall", "recall")]):
+        for (m, s) in dict.fromkeys((r["method"], r["solver"]) for r in ok):
+            pts = sorted((r["nfe"], r[key]) for r in ok if r["method"] == m and r["solver"] == s)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} / {s}")
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_title(f"{label} vs NFE ({ok[0]['extractor'] if ok else ''} features)")
+        ax.grid(alpha=0.3)
+    if ok:
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss(curves: dict[str, list[tuple[int, float, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker="." if len(pts) < 20 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("train/loss (each method's own objective)")
+    ax.set_title("training loss (scales differ between objectives)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_grid(images: torch.Tensor, path: Path, n: int) -> None:
+    from torchvision.utils import make_grid, save_image
+
+    x = images[:n].float()
+    scale = max(1, math.ceil(64 / x.shape[-1]))  # small images: nearest upsampling to >= 64 px
+    x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
+    save_image(make_grid((x + 1) / 2, nrow=int(math.ceil(math.sqrt(x.shape[0]))), padding=2, pad_value=1.0), path)
+
+
+def frequency_outputs(args: argparse.Namespace, keep: dict) -> dict:
+    """freq_bands.md / .png: default-solver samples at the largest NFE vs real test images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffproc.metrics.frequency import BAND_NAMES, DEFAULT_EDGES, compare_bands, radial_profile
+    from diffproc.metrics.reference import iter_split_images
+
+    dm = keep["_real_dm"]
+    n_real = args.freq_real or args.num_samples
+    batches, _ = iter_split_images(dm, "test", args.eval_batch_size, n_real)
+    real = torch.cat([b.float() if b.is_floating_point() else b.float() / 127.5 - 1 for b in batches])
+    gen = {n: x for n, x in keep.items() if not n.startswith("_")}
+    res = compare_bands(real, gen)
+    top = keep.get("_top", {})
+    e1, e2 = DEFAULT_EDGES
+    lines = [f"Power per band of the gray (channel-mean) spectrum, mean removed (DC excluded); bands in "
+             f"fractions of Nyquist: low [0, {e1:.3f}), mid [{e1:.3f}, {e2:.3f}), high [{e2:.3f}, √2]. "
+             f"Generated: each method's default solver at its largest NFE; real: {real.shape[0]} test images.", "",
+             "| images | solver @ NFE | low | mid | high | power low / real | mid / real | high / real | L1(fractions, real) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        where = "—" if name == "real" else f"{top.get(name, ('?', '?'))[0]} @ {top.get(name, ('?', '?'))[1]}"
+        f, p = r["fractions"], r["power_ratio"]
+        lines.append(f"| {name} | {where} | {f[0]:.4f} | {f[1]:.4f} | {f[2]:.4f} | {p[0]:.3f} | {p[1]:.3f} | "
+                     f"{p[2]:.3f} | {r['l1_to_real']:.4f} |")
+    (args.out / "freq_bands.md").write_text("\n".join(lines) + "\n")
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    rho, pr = radial_profile(real, remove_dc=True)
+    a1.plot(rho, pr, "k-", lw=2.5, label="real")
+    for name, x in gen.items():
+        _, pg = radial_profile(x, remove_dc=True)
+        a1.plot(rho, pg, label=name)
+        a2.plot(rho, pg / pr, label=name)
+    for a in (a1, a2):
+        for e in DEFAULT_EDGES:
+            a.axvline(e, color="gray", ls="--", lw=0.8)
+        a.set_xlabel("radial frequency / Nyquist")
+        a.set_yscale("log")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    a1.set_title("radially averaged power spectrum (mean removed)")
+    a2.axhline(1.0, color="k", lw=1)
+    a2.set_title("generated / real power (1 = matches the data)")
+    fig.tight_layout()
+    fig.savefig(args.out / "freq_bands.png", dpi=110)
+    plt.close(fig)
+    return {"bands": list(BAND_NAMES), "edges": list(DEFAULT_EDGES), "results": res}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = [method_name(c) for c in args.configs]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"error: two configs share a file name {names}; the method name is the file stem")
+    cache_path = args.out / "results.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    log(f"{len(names)} methods, {args.steps} steps each, NFE {args.nfe}, {args.num_samples} samples; out {args.out}")
+
+    train_info = {}
+    for i, (cfg, name) in enumerate(zip(args.configs, names)):
+        log(f"[train {i + 1}/{len(names)}] {name} ({cfg})")
+        info = train(cfg, name, args)
+        sps, src = seconds_per_train_step(run_dir(args.out, name), info)
+        train_info[name] = {**info, "sec_per_step": sps, "sec_per_step_source": src}
+
+    rows, keep = evaluate(args, names, cache)
+
+    grids = args.out / "grids"
+    grids.mkdir(exist_ok=True)
+    for name in names:
+        if name in keep:
+            save_grid(keep[name], grids / f"{name}.png", args.grid_images)
+    curves = {n: read_scalars(run_dir(args.out, n), "train/loss") for n in names}
+    plot_loss(curves, args.out / "loss_vs_step.png")
+    plot_metrics(rows, args.out / "fid_vs_nfe.png")
+    freq = frequency_outputs(args, keep)
+
+    extractor = next((r["extractor"] for r in rows if not r.get("skip")), args.extractor)
+    header = (f"# Method comparison\n\n`{' '.join(['python', 'benchmarks/compare.py', *sys.argv[1:]]) if argv is None else 'compare.main(' + repr(argv) + ')'}`\n\n"
+              f"{args.steps} training steps per method (seed {args.seed}); {args.num_samples} samples per row from "
+              f"fixed seeds with the EMA weights; metrics on `{extractor}` features against `{rows[0]['reference'] if rows else '?'}`. "
+              f"NFE = network evaluations actually spent; steps = NFE // NFE-per-step of the solver. "
+              f"s / train step from the logged throughput (`*`: fit wall time / steps, start-up included). "
+              f"Manual: docs/compare.md.\n")
+    (args.out / "results.md").write_text(header + "\n" + results_table(rows, train_info) + "\n")
+    cache = {"settings": settings, "train": train_info, "rows": rows, "freq_bands": freq,
+             "loss_curves": {n: [(s, v) for s, v, _ in c] for n, c in curves.items()}}
+    write_json(cache_path, cache)
+    log(f"done: {args.out / 'results.md'}")
+    print((args.out / "results.md").read_text(), flush=True)
+    return cache
+
+
+if __name__ == "__main__":
+    main()
