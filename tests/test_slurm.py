@@ -1,0 +1,118 @@
+"""SLURM end to end (marked ``slurm``): needs the cluster of ``docker/slurm/local-cluster.sh``.
+
+Submits the quickstart (tiny) with ``sbatch docker/slurm/train.sbatch`` as a 2-task CPU DDP job,
+sends SIGUSR1 with ``scancel --signal=USR1 --batch`` while it trains, and checks that Lightning saved
+``hpc_ckpt_1.ckpt``, requeued the job (same id, ``Restarts=1``) and that the second run resumed from
+the saved step and finished at ``max_steps`` in the same run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from clitools import REPO
+
+pytestmark = pytest.mark.slurm
+
+MAX_STEPS = 60
+
+
+def _sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def _job(job_id: str) -> dict[str, str]:
+    out = _sh("scontrol", "show", "job", "-o", job_id)
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # CI sets DIFFPROC_REQUIRE_SLURM=1 after starting the cluster: then a missing cluster is a failure
+    missing = pytest.fail if os.environ.get("DIFFPROC_REQUIRE_SLURM") == "1" else pytest.skip
+    if shutil.which("sbatch") is None:
+        missing("no SLURM client: run `docker/slurm/local-cluster.sh` (as root) first")
+    state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
+    if not re.search(r"idle|mixed|allocated", state):
+        missing(f"SLURM has no usable node (sinfo: {state.strip()!r}); run docker/slurm/local-cluster.sh")
+
+
+def test_sbatch_sigusr1_requeue_resume(cluster, tmp_path):
+    run_dir = tmp_path / "runs"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO),
+               RUN_DIR=str(run_dir), PYTHON=sys.executable, CONFIG="configs/quickstart.yaml")
+    out_file = tmp_path / "slurm-%j.out"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--job-name=dpq", "--nodes=1", "--ntasks-per-node=2", "--gres=none",
+         "--cpus-per-task=1", f"--output={out_file}", "--time=20:00",
+         "docker/slurm/train.sbatch",
+         "--trainer.accelerator", "cpu", "--data.init_args.image_size", "16", "--data.init_args.num_train", "64",
+         "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1", "--sample_grid.num_images", "4",
+         "--model.init_args.sampling_steps", "3", "--trainer.enable_model_summary", "false",
+         "--trainer.max_steps", str(MAX_STEPS), "--checkpoint.every_n_train_steps", "5",
+         "--sample_grid.every_n_steps", "0", "--trainer.val_check_interval", "1000"],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=60).stdout.strip().split(";")[0]
+    log = Path(str(out_file).replace("%j", job_id))
+    job_dir = run_dir / "dpq" / f"job_{job_id}"
+    last = job_dir / "checkpoints" / "last.ckpt"
+    try:
+        # 1) wait until it trains (a checkpoint exists), then signal the batch step like SLURM would
+        deadline = time.time() + 300
+        while not last.is_file():
+            assert time.time() < deadline, f"no checkpoint after 300 s; job {_job(job_id).get('JobState')}\n" \
+                                           f"{log.read_text()[-3000:] if log.exists() else ''}"
+            assert _job(job_id)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:]
+            time.sleep(0.5)
+        _sh("scancel", "--signal=USR1", "--batch", job_id)
+
+        # 2) Lightning saves hpc_ckpt_1.ckpt and requeues: same job id, Restarts=1, then it completes
+        deadline, released = time.time() + 420, False
+        while True:
+            info = _job(job_id)
+            if info["JobState"] == "COMPLETED" or info["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                break
+            if info["JobState"] == "PENDING" and info.get("Restarts") == "1" and not released:
+                # SLURM makes a requeued batch job eligible only ~2 minutes later; don't wait for that here
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True,
+                               timeout=30)
+                released = True
+            assert time.time() < deadline, f"job still {info['JobState']} after 420 s\n{log.read_text()[-3000:]}"
+            time.sleep(1)
+        text = log.read_text()
+        assert info["JobState"] == "COMPLETED", f"{info['JobState']}\n{text[-4000:]}"
+        assert info["Restarts"] == "1", text[-4000:]
+    finally:
+        if _job(job_id)["JobState"] in ("PENDING", "RUNNING"):
+            subprocess.run(["scancel", job_id], timeout=30)
+
+    hpc = job_dir / "hpc_ckpt_1.ckpt"
+    assert hpc.is_file(), sorted(p.name for p in job_dir.iterdir())
+    saved = _step(hpc)
+    assert 5 <= saved < MAX_STEPS
+    # the second run resumed from the hpc checkpoint, in the same run directory, and finished
+    starts = re.findall(r"restart (\d+) on .*resume from (\S+)", text)
+    assert [s[0] for s in starts] == ["0", "1"], text[-4000:]
+    assert starts[0][1] == "nothing" and starts[1][1] == str(hpc), starts
+    assert f"Restored all states from the checkpoint at {hpc}" in text
+    assert _step(last) == MAX_STEPS
+    assert [p.name for p in (run_dir / "dpq").iterdir()] == [f"job_{job_id}"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = sorted(job_dir.glob("events.out.tfevents.*"), key=os.path.getmtime)
+    assert len(events) == 2
+    acc = EventAccumulator(str(events[-1]), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("lr-AdamW")]
+    assert steps and min(steps) >= saved, (saved, steps[:5])
