@@ -135,6 +135,11 @@ def main(args: Any = None) -> None:
     """Console entry point; configuration mistakes end with one ``error:`` line, not a traceback."""
     try:
         DiffprocCLI(args=args)
+    except FloatingPointError as err:  # NaN/inf loss or weights (methods/base.py, callbacks/fault.py)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+        if rank_zero_only.rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except Exception as err:  # jsonargparse wraps errors raised while instantiating classes
         cause: BaseException | None = err
         while cause is not None and not isinstance(cause, ConfigError):
@@ -143,8 +148,3 @@ def main(args: Any = None) -> None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
-    except FloatingPointError as err:  # NaN/inf loss or weights (methods/base.py, callbacks/fault.py)
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
-        if rank_zero_only.rank == 0:
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)

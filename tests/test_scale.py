@@ -146,7 +146,7 @@ def test_nan_stops_with_one_message_and_keeps_good_checkpoint(tmp_path):
     run_cli("fit", *common, "--trainer.max_steps", "2", "--checkpoint.every_n_train_steps", "2")
     good = _ckpt(ckdir / "last.ckpt")
     assert good["global_step"] == 2
-    blowup = ["--model.init_args.lr", "1e38", "--model.init_args.warmup_steps", "0"]
+    blowup = ["--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0"]
 
     # (1) loss check: a new run whose update explodes stops at the next step with one error line
     p = run_cli("fit", *common, *blowup, "--trainer.max_steps", "50", "--trainer.log_every_n_steps", "1",

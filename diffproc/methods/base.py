@@ -148,7 +148,8 @@ class DiffusionModule(L.LightningModule):
         every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
         if self.global_step % every == 0 and self._loss_not_finite(loss):
             raise FloatingPointError(
-                f"loss is {loss.item()} (rank {self.global_rank}) at global step {self.global_step}: training stopped and the last "
+                f"loss is NaN/inf at global step {self.global_step} (rank {self.global_rank}: {loss.item()}): "
+                "training stopped and the last "
                 "good checkpoint was kept. Lower model.lr, keep trainer.gradient_clip_val (e.g. 1.0), or "
                 "use 32-bit precision, then resume with --ckpt_path last.")
         self.log("train/loss", loss, prog_bar=True)
