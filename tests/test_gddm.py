@@ -203,16 +203,24 @@ def test_faster_forward_convergence():
 
 
 # --- process extras ---------------------------------------------------------------------------------
-def test_project_every_step_and_clip_give_integrable_estimates():
+def test_project_every_step_and_clip():
+    """project_every_step gives integrable x̂0; clip_x0 keeps x̂0 in the domain's box; ε̂ stays consistent."""
     x_star = rand_images(2, 3, 16, 16, seed=5)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([500, 500])
     for domain in ("gradient", "laplacian", "hybrid"):
-        p = GradientDomainProcess(domain=domain, project_every_step=True, clip_x0=True)
-        z = torch.randn(2, p.domain_channels(3), 16, 16, dtype=torch.float64)
-        u0, eps = p.predict(lambda zz, tt: torch.randn_like(zz) * 3, z, torch.tensor([500, 500]))
-        assert p.integrability(u0)["ls_residual"] < 1e-10
-        assert (u0.abs() <= p._bounds(3, u0) + 1e-12).all()
-        a, s = p.coefficients(torch.tensor([500, 500]), z)
-        assert (a * u0 + s * eps - z).abs().max() < 1e-10  # ε̂ consistent with the modified ẑ0
+        for opts in (dict(project_every_step=True), dict(clip_x0=True)):
+            p = GradientDomainProcess(domain=domain, **opts)
+            z = torch.randn(2, p.domain_channels(3), 16, 16, dtype=torch.float64, generator=g)
+            out = torch.randn(z.shape, dtype=torch.float64, generator=g) * 3
+            u0, eps = p.predict(lambda zz, tt: out, z, t)
+            if "clip_x0" in opts:
+                assert (u0.abs() <= p._bounds(3, u0) + 1e-12).all()
+                assert (u0 - p.split_prediction(out, z, t)[0]).abs().max() > 0.1  # something was clipped
+            else:
+                assert p.integrability(u0)["ls_residual"] < 1e-10
+            a, s = p.coefficients(t, z)
+            assert (a * u0 + s * eps - z).abs().max() < 1e-10
         assert (p.project(p.to_domain(x_star)) - p.to_domain(x_star)).abs().max() < 1e-12
 
 

@@ -319,7 +319,7 @@ class GDDM(DiffusionModule):
             return
         d = self.diagnostics(x_real=self._val_real)
         d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}  # sparsity: per batch above
-        self.log_dict({f"val/diag_{k}": v for k, v in d.items()})
+        self.log_dict({f"val/diag_{k}": v for k, v in d.items()}, sync_dist=True)  # same seed on every rank
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = super().test_step(batch, batch_idx)
@@ -331,4 +331,4 @@ class GDDM(DiffusionModule):
     def on_test_epoch_end(self) -> None:
         d = self.diagnostics(x_real=self._val_real)
         d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}
-        self.log_dict({f"test/diag_{k}": v for k, v in d.items()})
+        self.log_dict({f"test/diag_{k}": v for k, v in d.items()}, sync_dist=True)
