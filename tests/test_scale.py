@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from clitools import REPO, TINY, run_cli
-from diffproc.callbacks.fault import AtomicCheckpointIO, atomic_torch_save
+from diffproc.callbacks.fault import AtomicCheckpointIO, NonFiniteGuard, atomic_torch_save
 
 
 def _ckpt(path: Path) -> dict:
@@ -89,7 +90,7 @@ def test_kill9_then_resume(tmp_path):
     """kill -9 a running fit (checkpoint every step, polled and loaded while it is being rewritten),
     then ``--ckpt_path last`` continues the global step, optimizer, LR schedule and EMA."""
     args = [*_base(tmp_path), "--checkpoint.every_n_train_steps", "1", "--sample_grid.every_n_steps", "0",
-            "--model.init_args.warmup_steps", "100", "--trainer.log_every_n_steps", "1",
+            "--model.init_args.lr", "1e-3", "--model.init_args.warmup_steps", "100", "--trainer.log_every_n_steps", "1",
             "--trainer.max_steps", "10000"]
     last = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     proc = _popen_fit(args)
@@ -156,12 +157,15 @@ def test_nan_stops_with_one_message_and_keeps_good_checkpoint(tmp_path):
     assert "Traceback" not in p.stderr
     assert _ckpt(ckdir / "last.ckpt")["global_step"] == 2  # never overwritten
 
-    # (2) weight check: loss checked rarely, checkpoint due while the weights are NaN -> refused
-    p = run_cli("fit", *common, *blowup, "--trainer.max_steps", "50", "--trainer.log_every_n_steps", "1000",
-                "--checkpoint.every_n_train_steps", "3", check=False)
-    assert p.returncode == 1, p.stderr[-3000:]
-    assert p.stderr.count("error: the weights became NaN/inf by global step 3") == 1, p.stderr[-3000:]
-    assert "Traceback" not in p.stderr
+    # (2) weight check (on a GPU the loss is checked only every log interval): a checkpoint due while
+    # the weights are NaN is refused with one message, before anything is written
+    guard = NonFiniteGuard()
+    trainer = types.SimpleNamespace(global_step=3)
+    finite = {"state_dict": {"unet.w": torch.ones(3), "ema_unet.w": torch.ones(3)}}
+    guard.on_save_checkpoint(trainer, None, finite)  # finite weights pass
+    bad = {"state_dict": {"unet.w": torch.ones(3), "ema_unet.w": torch.tensor([1.0, float("nan"), 0.0])}}
+    with pytest.raises(FloatingPointError, match="the weights became NaN/inf by global step 3"):
+        guard.on_save_checkpoint(trainer, None, bad)
     kept = _ckpt(ckdir / "last.ckpt")
     assert kept["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())

@@ -142,10 +142,12 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.compute_loss(images_of(batch), self.unet)
-        # checking finiteness syncs host and device: do it every log interval, not every step (a
-        # diverged run is caught within that many steps; NonFiniteGuard keeps NaN weights out of
-        # checkpoints in between)
-        every = max(1, self.trainer.log_every_n_steps) if self._trainer is not None else 1
+        # On an accelerator, checking finiteness syncs host and device: there it is done every log
+        # interval (a diverged run is caught within that many steps; NonFiniteGuard keeps NaN weights
+        # out of checkpoints in between). On the CPU it costs nothing and runs every step.
+        every = 1
+        if self._trainer is not None and loss.device.type != "cpu":
+            every = max(1, self.trainer.log_every_n_steps)
         if self.global_step % every == 0 and self._loss_not_finite(loss):
             raise FloatingPointError(
                 f"loss is NaN/inf at global step {self.global_step} (rank {self.global_rank}: {loss.item()}): "
