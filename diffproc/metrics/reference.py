@@ -203,7 +203,12 @@ def load_or_compute_reference(
         return stats, f"file:{Path(split_or_path).resolve()}"
     name = getattr(datamodule, "name", None) or type(datamodule).__name__
     size = int(getattr(datamodule, "image_size"))
-    key = reference_key(name, split_or_path, size, extractor, num)
+    key_num = num
+    if key_num is None and hasattr(datamodule, "dataset"):
+        # "all images of the split" is keyed by their count, so that e.g. a 64-image shapes split and
+        # the 10k one never share a cache file
+        key_num = len(datamodule.dataset(split_or_path))
+    key = reference_key(name, split_or_path, size, extractor, key_num)
     path = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = path / f"{key}.npz"
     if path.is_file():
