@@ -298,17 +298,21 @@ class GDDM(DiffusionModule):
                 net.train(was)
         return out
 
-    def _log_sparsity(self, batch: Any, stage: str) -> None:
+    def _eval_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
+        """Validation/test loss plus the sparsity of the real batch; keeps a few real images for
+        :meth:`_log_diagnostics`."""
+        loss = super()._eval_loss(batch, batch_idx, stage)
         x = images_of(batch)
         s = self.process.sparsity(x, self.hparams.sparsity_delta)
         self.log_dict({f"{stage}/sparsity_{k}": v for k, v in s.items()}, sync_dist=True)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = super().validation_step(batch, batch_idx)
-        self._log_sparsity(batch, "val")
         if batch_idx == 0:
-            self._val_real = images_of(batch)[: self.hparams.diagnostics_num].detach()
+            self._val_real = x[: self.hparams.diagnostics_num].detach()
         return loss
+
+    def _log_diagnostics(self, stage: str) -> None:
+        d = self.diagnostics(x_real=self._val_real)
+        d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}  # sparsity: per batch above
+        self.log_dict({f"{stage}/diag_{k}": v for k, v in d.items()}, sync_dist=True)  # same seed on every rank
 
     def on_validation_epoch_end(self) -> None:
         n = self.hparams.diagnostics_every_n_val
@@ -317,18 +321,7 @@ class GDDM(DiffusionModule):
         self._val_runs += 1
         if (self._val_runs - 1) % n:
             return
-        d = self.diagnostics(x_real=self._val_real)
-        d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}  # sparsity: per batch above
-        self.log_dict({f"val/diag_{k}": v for k, v in d.items()}, sync_dist=True)  # same seed on every rank
-
-    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss = super().test_step(batch, batch_idx)
-        self._log_sparsity(batch, "test")
-        if batch_idx == 0:
-            self._val_real = images_of(batch)[: self.hparams.diagnostics_num].detach()
-        return loss
+        self._log_diagnostics("val")
 
     def on_test_epoch_end(self) -> None:
-        d = self.diagnostics(x_real=self._val_real)
-        d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}
-        self.log_dict({f"test/diag_{k}": v for k, v in d.items()}, sync_dist=True)
+        self._log_diagnostics("test")

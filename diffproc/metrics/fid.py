@@ -124,7 +124,8 @@ def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
 # Metrics (DDP-synced states)
 # ---------------------------------------------------------------------------------------------
 class FeatureStore(Metric):
-    """Keeps every sample's features and global index; ``gathered()`` returns them index-sorted."""
+    """Keeps every sample's features and global index; ``gathered()`` returns them index-sorted.
+    Subclasses that compare against real data read ``ref_features`` (set with :meth:`set_reference`)."""
 
     full_state_update = False
     higher_is_better = None
@@ -133,6 +134,11 @@ class FeatureStore(Metric):
         super().__init__(**kwargs)
         self.add_state("feats", default=[], dist_reduce_fx="cat")
         self.add_state("index", default=[], dist_reduce_fx="cat")
+        self.ref_features: Tensor | None = None
+
+    def set_reference(self, features: Tensor) -> None:
+        """Reference (real-data) features, identical on every rank; not a synced state."""
+        self.ref_features = torch.as_tensor(features).float()
 
     def update(self, features: Tensor, index: Tensor | None = None) -> None:
         if index is None:  # without indices order is arrival order (fine for a single process)
@@ -204,10 +210,6 @@ class KernelDistance(FeatureStore):
     def __init__(self, subsets: int = 100, subset_size: int = 1000, degree: int = 3, coef0: float = 1.0, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.subsets, self.subset_size, self.degree, self.coef0, self.seed = subsets, subset_size, degree, coef0, seed
-        self.ref_features: Tensor | None = None
-
-    def set_reference(self, features: Tensor) -> None:
-        self.ref_features = torch.as_tensor(features).float()
 
     def compute(self) -> tuple[Tensor, Tensor]:
         if self.ref_features is None:
@@ -232,10 +234,6 @@ class PrecisionRecall(FeatureStore):
     def __init__(self, k: int = 3, balance: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.k, self.balance = k, balance
-        self.ref_features: Tensor | None = None
-
-    def set_reference(self, features: Tensor) -> None:
-        self.ref_features = torch.as_tensor(features).float()
 
     def compute(self) -> tuple[Tensor, Tensor]:
         if self.ref_features is None:
