@@ -412,3 +412,83 @@ def test_cli_separate_poisson_stage_and_test(tmp_path):
 def test_configs_parse(config, tmp_path):
     r = _cli(["fit", "--config", f"configs/{config}", "--print_config"], tmp_path)
     assert "diffproc.methods.gddm.GDDM" in r.stdout
+
+
+# --- the image-weighted loss and the image clip (docs/gddm.md "Why the seed-literal setting fails") -------
+@pytest.mark.parametrize("domain", ["gradient", "laplacian", "hybrid"])
+def test_image_loss_is_ddpm_image_mse(domain):
+    """loss_weighting='image' = (α/σ)² · image MSE of x̂0 (DDPM's L_simple in image units) + the uniform
+    ε-MSE on the part of the domain that never reaches the image, for an arbitrary (linear) error model."""
+    p = GradientDomainProcess(domain=domain, loss_weighting="image")
+    x0 = rand_images(4, 3, 16, 16, seed=1)
+    z0 = p.to_domain(x0)
+    t = torch.tensor([1, 200, 500, 999])
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(z0.shape, dtype=torch.float64, generator=g)
+    err = torch.randn(z0.shape, dtype=torch.float64, generator=g) * 0.3
+    loss = p.loss(lambda z, tt: noise + err, z0, t, noise)
+    a, s = p.coefficients(t, z0)
+    x0_hat = p.from_domain((p.forward(z0, t, noise) - s * (noise + err)) / a)
+    image_mse = ((a / s) ** 2 * (x0_hat - x0) ** 2).mean()
+    proj = p.to_domain(p.image_part(err))
+    assert float((proj * (err - proj)).sum()).__abs__() < 1e-9  # Π is an orthogonal projection
+    assert torch.allclose(loss, image_mse + ((err - proj) ** 2).mean(), rtol=1e-10, atol=0)
+    # the seed-literal weighting is the plain ε-MSE
+    q = GradientDomainProcess(domain=domain, loss_weighting="uniform")
+    assert torch.allclose(q.loss(lambda z, tt: noise + err, z0, t, noise), (err**2).mean(), rtol=1e-12)
+
+
+def test_image_loss_weights_per_dct_mode():
+    """A field error along image DCT mode k costs s²/λ_k (gradient) or s²/λ_k² (Laplacian) times its
+    uniform ε-MSE — the weights docs/gddm.md tabulates; the uniform loss gives every mode weight 1."""
+    from diffproc.ops import idct2
+    from diffproc.ops.finite_diff import neumann_eigenvalues
+
+    n = 16
+    lam = neumann_eigenvalues(n, n, torch.float64)
+    for domain, power in (("gradient", 1), ("laplacian", 2)):
+        p = GradientDomainProcess(domain=domain, loss_weighting="image")
+        s = p.s_g if domain == "gradient" else p.s_l
+        for k, l in ((0, 1), (1, 1), (4, 4), (8, 8), (15, 15)):
+            coef = torch.zeros(1, 1, n, n, dtype=torch.float64)
+            coef[..., k, l] = 1.0
+            e = p.to_domain(idct2(coef))  # the field of image mode k (aux = 0: zero mean)
+            e = e / e.norm() * math.sqrt(e.numel())  # unit uniform ε-MSE
+            weight = float(p.image_loss(e, torch.zeros_like(e))) / float((e**2).mean())
+            expect = s**2 / float(lam[k, l]) ** power * (p.domain_channels(1) / 1)  # per-pixel vs per-entry mean
+            assert weight == pytest.approx(expect, rel=1e-9), (domain, k, l)
+
+
+@pytest.mark.parametrize("domain", ["gradient", "laplacian", "hybrid"])
+def test_clip_image(domain):
+    """clip_image: the decoded x̂0 lies in [−1, 1] and is integrable; ε̂ stays consistent with z_t; a clean
+    state inside the box is left unchanged."""
+    p = GradientDomainProcess(domain=domain, clip_image=True)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([500, 20])
+    z = torch.randn(2, p.domain_channels(3), 16, 16, dtype=torch.float64, generator=g)
+    out = torch.randn(z.shape, dtype=torch.float64, generator=g) * 5
+    u0, eps = p.predict(lambda zz, tt: out, z, t)
+    x = p.from_domain(u0)
+    assert x.abs().max() <= 1 + 1e-12 and (p.to_domain(x) - u0).abs().max() < 1e-10
+    assert (p.from_domain(p.split_prediction(out, z, t)[0]).abs() > 1).any()  # something was clipped
+    a, s = p.coefficients(t, z)
+    assert (a * u0 + s * eps - z).abs().max() < 1e-10
+    z0 = p.to_domain(rand_images(2, 3, 16, 16, seed=3) * 0.9)
+    eps0 = torch.randn(z0.shape, dtype=torch.float64, generator=g)
+    u0, _ = p.predict(lambda zz, tt: eps0, p.forward(z0, t, eps0), t)
+    assert (u0 - z0).abs().max() < 1e-9
+    with pytest.raises(ValueError, match="dc_mode='aux'"):
+        GradientDomainProcess(domain="gradient", dc_mode="dataset_mean", clip_image=True)
+
+
+def test_gddm_defaults_and_seed_literal_option():
+    """The method's defaults are the measured fix (image loss, image clip); the seed-literal setting is one
+    option pair away, and non-aux DC modes (no DC in the state) run without the image clip."""
+    m = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0)
+    assert m.process.loss_weighting == "image" and m.process.clip_image
+    lit = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, loss_weighting="uniform", clip_image=False)
+    assert lit.process.loss_weighting == "uniform" and not lit.process.clip_image
+    assert not GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, dc_mode="dataset_mean").process.clip_image
+    with pytest.raises(ConfigError, match="loss_weighting"):
+        GDDM(image_size=8, channels=3, unet=TINY, loss_weighting="snr")

@@ -112,7 +112,7 @@ class DiffusionModule(L.LightningModule):
         self.image_size, self.channels = int(image_size), int(channels)
         self.sampler = sampler or process.default_solver
         self.sampling_steps = sampling_steps
-        self.unet = build_unet(unet, self.image_size, process.domain_channels(self.channels),
+        self.unet = build_unet(unet, self.image_size, process.input_channels(self.channels),
                                process.output_channels(self.channels))
         self.ema_unet: Optional[nn.Module] = None
         if ema_decay > 0:

@@ -42,7 +42,11 @@ class GDDM(DiffusionModule):
     ``laplacian_noise_scale`` (√20 for the 5-point stencil; 1.5811 = the seed's literal "√(5/2)"),
     ``laplacian_stencil``, ``hybrid_mu``, ``dataset_mean``, ``project_every_step``, and the DDPM schedule
     ``num_timesteps``, ``schedule``, ``beta_start``, ``beta_end``, ``prediction``, ``variance``, ``eta``,
-    ``spacing``, ``clip_x0`` (per-domain box, off by default).
+    ``spacing``, ``clip_x0`` (per-domain box, off by default), ``loss_weighting`` (``image`` by default:
+    the ε error measured in the image; ``uniform`` = the seed-literal ε-MSE on the field) and ``clip_image``
+    (on by default: x̂0 clipped to [−1, 1] as an image, DDPM's clip; applies with ``dc_mode="aux"`` or
+    ``domain="hybrid"``, ignored otherwise). Seed-literal setting: ``loss_weighting: uniform``,
+    ``clip_image: false`` (docs/gddm.md).
 
     Args:
         reconstruction: ``dct`` — exact Neumann Poisson solve (default, parameter-free); ``poisson_net`` —
@@ -78,6 +82,8 @@ class GDDM(DiffusionModule):
                  beta_end: float = 0.02, prediction: Literal["eps", "x0", "v"] = "eps",
                  variance: Literal["fixedsmall", "fixedlarge"] = "fixedsmall", eta: float = 0.0,
                  spacing: Literal["uniform", "quad"] = "uniform", clip_x0: bool = False,
+                 loss_weighting: Literal["uniform", "image", "edm"] = "image", clip_image: bool = True,
+                 network_view: Literal["domain", "image"] = "domain", sigma_data: float = 0.5,
                  poisson_net: Optional[dict] = None, poisson_net_stage: PoissonStage = "separate",
                  poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
                  poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
@@ -95,7 +101,9 @@ class GDDM(DiffusionModule):
                 laplacian_noise_scale=laplacian_noise_scale, laplacian_stencil=laplacian_stencil,
                 hybrid_mu=hybrid_mu, dataset_mean=dataset_mean, project_every_step=project_every_step,
                 num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start, beta_end=beta_end,
-                prediction=prediction, variance=variance, eta=eta, spacing=spacing, clip_x0=clip_x0)
+                prediction=prediction, variance=variance, eta=eta, spacing=spacing, clip_x0=clip_x0,
+                loss_weighting=loss_weighting, clip_image=clip_image and (dc_mode == "aux" or domain == "hybrid"),
+                network_view=network_view, sigma_data=sigma_data)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         super().__init__(process=process, **kwargs)

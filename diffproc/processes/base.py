@@ -29,6 +29,10 @@ class DiffusionProcess(ABC):
         """Channels of the network input for images with ``channels`` channels."""
         return channels
 
+    def input_channels(self, channels: int) -> int:
+        """Channels of the network input (the domain's unless the process shows the network another view)."""
+        return self.domain_channels(channels)
+
     def output_channels(self, channels: int) -> int:
         """Channels of the network output (e.g. 2C for two-headed predictions)."""
         return self.domain_channels(channels)

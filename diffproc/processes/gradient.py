@@ -30,6 +30,8 @@ from torch import Tensor
 from diffproc.ops import (
     GRAD_NOISE_SCALE,
     curl,
+    dct2,
+    idct2,
     grad,
     laplacian,
     laplacian_noise_scale as stencil_noise_scale,
@@ -37,6 +39,7 @@ from diffproc.ops import (
     poisson_from_laplacian,
     screened_poisson,
 )
+from diffproc.ops.finite_diff import _check_stencil, neumann_eigenvalues
 from diffproc.processes.base import randn_like
 from diffproc.processes.ddpm import DDPMProcess, Schedule, Spacing
 from diffproc.processes.gaussian import Prediction, Variance
@@ -44,9 +47,13 @@ from diffproc.processes.gaussian import Prediction, Variance
 Domain = Literal["gradient", "laplacian", "hybrid"]
 NoiseKind = Literal["iid", "operator"]
 DCMode = Literal["aux", "poisson_net", "dataset_mean", "oracle"]
+LossWeighting = Literal["uniform", "image", "edm"]
+NetworkView = Literal["domain", "image"]
 
 DOMAINS = ("gradient", "laplacian", "hybrid")
 DC_MODES = ("aux", "poisson_net", "dataset_mean", "oracle")
+LOSS_WEIGHTINGS = ("uniform", "image", "edm")
+NETWORK_VIEWS = ("domain", "image")
 
 
 def structural_mask(c: int, h: int, w: int, device=None, dtype=torch.float64) -> Tensor:
@@ -104,6 +111,28 @@ class GradientDomainProcess(DDPMProcess):
             by LS Poisson; Laplacian part made zero-mean). Not in the paper; off by default (§2.5).
         clip_x0: clip x̂0 per channel group to the box a clean sample can occupy (image and aux ±1,
             gradient ±2/s_g, Laplacian ±8w/s_L). Off by default (the core's ±1 clip is wrong here).
+        loss_weighting: ``uniform`` — the seed-literal ``mean ‖ε̂ − ε‖²`` over the normalised domain. As an
+            image loss it weights DCT mode k by λ_k/s² (≈ 2e-2 for the lowest modes at 16², 1e-3 at 64²)
+            while the Poisson solve multiplies their error by s/√λ_k, so the lowest image frequencies are
+            left untrained (docs/gddm.md "Why the seed-literal setting fails"). ``image`` — the ε error
+            measured in the image (:meth:`image_loss`): the part of ``ε̂ − ε`` that reaches the image goes
+            through the exact Poisson solve, so every image mode counts as in image DDPM's loss, and the
+            part that never reaches the image (curl, structural zeros, non-constant aux) keeps the uniform
+            weight. [ours]
+            ``edm`` — per image DCT mode k, the weight ``1/c_out,k²`` of EDM (Karras et al. 2022, Eq. 8 and
+            Table 1) for that mode's noise level ``σ_k``: ``α²/σ_k² + 1/σ_data²`` on ``(x̂0_k − x0_k)²``, i.e.
+            the uniform ε weight plus a floor ``1/σ_data²``, so modes buried in noise still count. [ours]
+        network_view: ``domain`` — the backbone sees and outputs the normalised domain state (seed-literal).
+            ``image`` — it sees the state as an image in the DCT basis, per mode ``c_in,k · x̃_k`` with
+            ``x̃ = image_part(z_t)`` (the exact sufficient statistic: the rest is data-free noise), and outputs
+            EDM's ``F``: ``x̂0_k = c_skip,k x̃_k + c_out,k F_k`` (EDM preconditioning with the per-mode noise
+            ``σ_k = σ_t c_k``, ``c_k = s/√λ_k`` gradient, ``s/(wλ_k)`` Laplacian, 1 for the DC). ẑ0 =
+            ``to_domain(x̂0)``; the noise parts that never reach the image are then predicted exactly. Needs
+            ``prediction="x0"`` and a gradient or Laplacian domain. [ours]
+        sigma_data: σ_data of ``network_view="image"`` and ``loss_weighting="edm"`` (EDM's 0.5).
+        clip_image: reconstruct x̂0 as an image, clip it to [−1, 1] and map it back (DDPM's ``clip_x0``
+            seen through ``T``; it also removes the non-integrable part of x̂0). Needs the DC inside the
+            state (``dc_mode="aux"`` or ``domain="hybrid"``). [ours]
         num_timesteps, schedule, beta_start, beta_end, prediction, variance, eta, spacing,
         loss_reduction, default_solver: as :class:`DDPMProcess` (project defaults: T=1000, linear β).
     """
@@ -118,7 +147,8 @@ class GradientDomainProcess(DDPMProcess):
                  beta_start: float = 1e-4, beta_end: float = 0.02, prediction: Prediction = "eps",
                  variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
                  clip_x0: bool = False, loss_reduction: Literal["mean", "sum"] = "mean",
-                 default_solver: str = "ancestral") -> None:
+                 default_solver: str = "ancestral", loss_weighting: LossWeighting = "uniform",
+                 clip_image: bool = False, network_view: NetworkView = "domain", sigma_data: float = 0.5) -> None:
         super().__init__(num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start,
                          beta_end=beta_end, prediction=prediction, variance=variance, eta=eta,
                          spacing=spacing, clip_x0=clip_x0, loss_reduction=loss_reduction,
@@ -138,6 +168,24 @@ class GradientDomainProcess(DDPMProcess):
             raise ValueError(f"hybrid_mu must be > 0, got {hybrid_mu}")
         self.dataset_mean = None if dataset_mean is None else torch.as_tensor(dataset_mean, dtype=torch.float64)
         self.project_every_step = bool(project_every_step)
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+        self.loss_weighting = loss_weighting
+        if clip_image and not (self.has_aux or domain == "hybrid"):
+            raise ValueError("clip_image clips the reconstructed image, which needs the DC inside the state: "
+                             "use dc_mode='aux' (or domain='hybrid'), or set clip_image=False.")
+        self.clip_image = bool(clip_image)
+        if network_view not in NETWORK_VIEWS:
+            raise ValueError(f"network_view must be one of {NETWORK_VIEWS}, got {network_view!r}")
+        if network_view == "image" and domain == "hybrid":
+            raise ValueError("network_view='image' is defined for domain='gradient' or 'laplacian' (the hybrid "
+                             "state already carries the image); use network_view='domain' for hybrid.")
+        if network_view == "image" and prediction != "x0":
+            raise ValueError("network_view='image' predicts the clean image (EDM preconditioning): set "
+                             f"prediction='x0' (got {prediction!r}).")
+        if not sigma_data > 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.network_view, self.sigma_data = network_view, float(sigma_data)
 
     # --- channel bookkeeping ----------------------------------------------------------------------
     @property
@@ -154,6 +202,12 @@ class GradientDomainProcess(DDPMProcess):
 
     def domain_channels(self, channels: int) -> int:
         return (self._field_factor() + int(self.has_aux)) * channels
+
+    def input_channels(self, channels: int) -> int:
+        return channels if self.network_view == "image" else self.domain_channels(channels)
+
+    def output_channels(self, channels: int) -> int:
+        return channels if self.network_view == "image" else self.domain_channels(channels)
 
     def image_channels(self, z: Tensor) -> int:
         """C of the images behind a domain state ``z``."""
@@ -226,6 +280,99 @@ class GradientDomainProcess(DDPMProcess):
         dc_t = torch.as_tensor(dc, dtype=x.dtype, device=x.device)
         return x - x.mean(dim=(-2, -1), keepdim=True) + dc_t.reshape(*dc_t.shape, 1, 1)
 
+    def image_part(self, z: Tensor) -> Tensor:
+        """The image a state change ``z`` makes: the linear part of :meth:`from_domain` (DC from the aux /
+        image channels, 0 without them). ``to_domain(image_part(z))`` is the orthogonal projection Π of
+        ``z`` onto what reaches the image (range of ``to_domain``; for ``hybrid`` with μ = s_g²)."""
+        dc = None if (self.has_aux or self.domain == "hybrid") else 0.0
+        return self.from_domain(z, dc)
+
+    # --- per-mode noise and the image view of the network (ours) ------------------------------------
+    def mode_noise_scale(self, h: int, w: int, device=None) -> Tensor:
+        """(H, W) float64 ``c_k``: std of ``image_part(ε)`` per image DCT mode for unit i.i.d. domain noise —
+        ``s_g/√λ_k`` (gradient), ``s_L/(wλ_k)`` (Laplacian, w = stencil scale), 1 for the DC (aux channels).
+        The equivalent image process is ``x̃_k = α_t x0_k + σ_t c_k ε_k`` (spec §2.4)."""
+        lam = neumann_eigenvalues(h, w, torch.float64, device).clone()
+        lam[0, 0] = 1.0
+        if self.domain == "laplacian":
+            c = self.s_l / (_check_stencil(self.laplacian_stencil) * lam)
+        else:
+            c = self.s_g / lam.sqrt()
+        c[0, 0] = 1.0
+        return c
+
+    def preconditioning(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """EDM's ``(c_in, c_skip, c_out)`` per DCT mode, each (B, 1, H, W) float64, for the per-mode noise
+        ``σ_k = σ_t c_k`` of a VP process with signal ``α_t`` (EDM Table 1 with x̃ = α x0 + σ_k ε):
+        ``c_in = 1/√(α²σ_d² + σ_k²)``, ``c_skip = ασ_d²/(α²σ_d² + σ_k²)``, ``c_out = σ_kσ_d/√(α²σ_d² + σ_k²)``;
+        plus ``α`` as (B, 1, 1, 1)."""
+        a, sig = self.alpha_sigma(t)
+        a = a.to(torch.float64).view(-1, 1, 1, 1)
+        sk = sig.to(torch.float64).view(-1, 1, 1, 1) * self.mode_noise_scale(*ref.shape[-2:], ref.device)
+        sd2 = self.sigma_data**2
+        var = a * a * sd2 + sk * sk
+        return var.rsqrt(), a * sd2 / var, sk * self.sigma_data * var.rsqrt(), a
+
+    def net_input(self, z_t: Tensor, t: Tensor) -> Tensor:
+        """What the backbone sees: the state itself (``domain`` view) or ``c_in ⊙ DCT(image_part(z_t))`` back
+        in pixels (``image`` view, C channels)."""
+        if self.network_view == "domain":
+            return z_t
+        c_in, _, _, _ = self.preconditioning(t, z_t)
+        return idct2(c_in * dct2(self.image_part(z_t).double())).to(z_t.dtype)
+
+    def split_prediction(self, out: Tensor, u_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ẑ0, ε̂)``; in the ``image`` view ``x̂0 = IDCT(c_skip ⊙ DCT(x̃) + c_out ⊙ DCT(F))``, ``ẑ0 =
+        to_domain(x̂0)`` and ``ε̂ = (z_t − α ẑ0)/σ`` (exact on the data-free noise parts)."""
+        if self.network_view == "domain":
+            return super().split_prediction(out, u_t, t)
+        _, c_skip, c_out, _ = self.preconditioning(t, u_t)
+        x0 = idct2(c_skip * dct2(self.image_part(u_t).double()) + c_out * dct2(out.double()))
+        z0 = self.to_domain(x0).to(u_t.dtype)
+        a, s = self.coefficients(t, u_t)
+        return z0, (u_t - a * z0) / s
+
+    # --- training loss (§2.5; ``image`` and ``edm`` weightings are ours) ---------------------------
+    def image_loss(self, eps_hat: Tensor, eps: Tensor) -> Tensor:
+        """ε error in image units: ``reduce(x_e²) + reduce((e − T x_e)²)`` with ``e = ε̂ − ε`` and
+        ``x_e = image_part(e)``.
+
+        The first term is what image DDPM's ε-loss measures: by linearity ``x̂0 − x0 = −(σ/α) x_e``, so it
+        equals ``(α/σ)² mean (x̂0 − x0)²``, the SNR-weighted image MSE of DDPM's L_simple. Per image DCT mode
+        k it weights the normalised-field error by ``s²/λ_k`` (gradient) or ``s²/λ_k²`` (Laplacian) instead
+        of 1. The second term is the uniform loss on the orthogonal complement (curl part, structural zeros,
+        non-constant aux), which never reaches the image but keeps the sampler's states in distribution."""
+        e = eps_hat - eps
+        x_e = self.image_part(e)
+        return self.reduce(x_e**2) + self.reduce((e - self.to_domain(x_e)) ** 2)
+
+    def loss(self, model_fn, z0: Tensor, t: Tensor | None = None, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+        """``uniform``: the core's L_simple on the normalised field (seed-literal). ``image``:
+        :meth:`image_loss` of the ε̂ implied by any ``prediction``."""
+        if self.loss_weighting == "uniform" and self.network_view == "domain":
+            return super().loss(model_fn, z0, t, noise, generator)
+        if t is None:
+            t = self.sample_time(z0.shape[0], generator, z0.device)
+        if noise is None:
+            noise = self.noise_like(z0, generator)
+        z_t = self.forward(z0, t, noise)
+        z0_hat, eps_hat = self.split_prediction(model_fn(self.net_input(z_t, t), t), z_t, t)
+        if self.loss_weighting == "uniform":
+            return self.reduce((eps_hat - noise) ** 2)
+        if self.loss_weighting == "image":
+            return self.image_loss(eps_hat, noise)
+        return self.edm_loss(z0_hat, z0, eps_hat - noise, t)
+
+    def edm_loss(self, z0_hat: Tensor, z0: Tensor, e: Tensor, t: Tensor) -> Tensor:
+        """``reduce(DCT(x̂0 − x0)² / c_out²) + reduce((e − T image_part(e))²)``: EDM's per-mode weighting on the
+        image error (:meth:`preconditioning`), plus the uniform loss on the part of the ε error ``e`` that never
+        reaches the image (identically 0 in the ``image`` view, where that part is exact)."""
+        _, _, c_out, _ = self.preconditioning(t, z0)
+        d = dct2(self.image_part(z0_hat - z0).double()) / c_out
+        rest = e - self.to_domain(self.image_part(e))
+        return self.reduce(d.to(z0.dtype) ** 2) + self.reduce(rest**2)
+
     # --- noise: i.i.d. (paper) or through the operator (exact image DDPM) ------------------------
     def _image_noise(self, z_shape: Sequence[int], generator, device, dtype) -> Tensor:
         b, n, h, w = z_shape
@@ -268,14 +415,16 @@ class GradientDomainProcess(DDPMProcess):
         return z0
 
     def predict(self, model_fn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(ẑ0, ε̂)`` with the per-group clip (``clip_x0``) and ``project_every_step`` applied to ẑ0
-        (ε̂ is recomputed from the modified ẑ0 so the DDIM step stays consistent)."""
-        out = model_fn(z_t, t)
+        """``(ẑ0, ε̂)`` with ``project_every_step``, ``clip_image`` and the per-group clip (``clip_x0``)
+        applied to ẑ0 in that order (ε̂ is recomputed from the modified ẑ0 so the DDIM step stays consistent)."""
+        out = model_fn(self.net_input(z_t, t), t)
         u0, eps = self.split_prediction(out, z_t, t)
-        if not (self.clip_x0 or self.project_every_step):
+        if not (self.clip_x0 or self.project_every_step or self.clip_image):
             return u0, eps
         if self.project_every_step:
             u0 = self.project(u0)
+        if self.clip_image:
+            u0 = self.to_domain(self.from_domain(u0).clamp(-1.0, 1.0))
         if self.clip_x0:
             b = self._bounds(self.image_channels(z_t), u0)
             u0 = torch.maximum(torch.minimum(u0, b), -b)
@@ -333,5 +482,5 @@ def image_snr_crossing(x0: Tensor, alphas_bar: Tensor, threshold: float = 0.01) 
     return snr_crossing(x0.double().pow(2).flatten(1).mean(1), alphas_bar, threshold)
 
 
-__all__ = ["GradientDomainProcess", "image_snr_crossing", "snr_crossing", "sparsity_stats", "structural_mask",
+__all__ = ["GradientDomainProcess", "LOSS_WEIGHTINGS", "NETWORK_VIEWS", "image_snr_crossing", "snr_crossing", "sparsity_stats", "structural_mask",
            "DOMAINS", "DC_MODES"]
