@@ -70,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--only-default-at", type=int, nargs="*", default=None,
                     help="evaluate the non-default variants only at these checkpoint steps (default: all)")
     ap.add_argument("--grid-images", type=int, default=64)
+    ap.add_argument("--no-default", action="store_true", help="only the --variant rows (GDDM runs)")
     args = ap.parse_args(argv)
+    if args.no_default and len(variants) > 1:
+        del variants["default"]
     args.variants = variants
     return args
 
@@ -100,21 +103,26 @@ def trajectory(model, num: int, seed: int, device) -> dict:
 
     p, net = model.process, model.sampling_net.eval()
     rec: list[dict] = []
-    base = model.model_fn(net)
+    predict = p.predict
 
-    def fn(z, t):
-        out = base(z, t)
-        u0, _ = p.split_prediction(out, p.to_basis(z), t)
-        x0 = model.decode(p.from_basis(u0)) if hasattr(p, "split") else p.from_domain(p.from_basis(u0))
+    def recording_predict(model_fn, z_t, t):  # the raw x̂0 of this step (no clip), then the real step
+        inp = p.net_input(z_t, t) if hasattr(p, "net_input") else z_t
+        u0, _ = p.split_prediction(model_fn(inp, t), p.to_basis(z_t), t)
+        z0 = p.from_basis(u0)
+        x0 = model.decode(z0) if hasattr(p, "split") else p.from_domain(z0)
         bp = band_power(x0.float(), remove_dc=False).sqrt()
         rec.append({"t": float(t.flatten()[0]), "max_abs": float(x0.abs().max()),
                     "frac_out": float((x0.abs() > 1).double().mean()), "rms_low": float(bp[0]),
                     "rms_mid": float(bp[1]), "rms_high": float(bp[2])})
-        return out
+        return predict(model_fn, z_t, t)
 
     shape = (num, p.domain_channels(model.channels), model.image_size, model.image_size)
     g = torch.Generator(device=device).manual_seed(seed)
-    res = sample_loop(p, fn, shape, model.sampling_steps, model.sampler, g, device)
+    p.predict = recording_predict
+    try:
+        res = sample_loop(p, model.model_fn(net), shape, model.sampling_steps, model.sampler, g, device)
+    finally:
+        del p.predict
     x = model.decode(res.sample)
     out = {"trajectory": rec, "final_max_abs": float(x.abs().max()), "final_frac_out": float((x.abs() > 1).double().mean()),
            "final_mode_rms_unclipped": dct_mode_rms(x)}

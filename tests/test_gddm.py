@@ -368,7 +368,12 @@ def test_cli_fit_gradient(tmp_path):
     assert s["val/sparsity_domain_frac"] > s["val/sparsity_image_frac"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["domain"] == "gradient"
-    assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 9  # 2C field + C aux
+    # the default image view: the UNet sees and predicts a C-channel image, the state is 2C field + C aux
+    assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 3
+    assert ckpt["state_dict"]["unet.conv_out.weight"].shape[0] == 3
+    lit = _fit("gddm_literal_shapes.yaml", tmp_path / "literal")
+    ckpt = torch.load(lit / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 9  # seed-literal: the UNet sees the field
 
 
 @pytest.mark.slow
@@ -483,12 +488,55 @@ def test_clip_image(domain):
 
 
 def test_gddm_defaults_and_seed_literal_option():
-    """The method's defaults are the measured fix (image loss, image clip); the seed-literal setting is one
-    option pair away, and non-aux DC modes (no DC in the state) run without the image clip."""
+    """The method's defaults are the measured fix (image view, x0, EDM weighting, image clip); the
+    seed-literal setting is a set of options away, and non-aux DC modes run without the image clip."""
     m = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0)
-    assert m.process.loss_weighting == "image" and m.process.clip_image
-    lit = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, loss_weighting="uniform", clip_image=False)
+    p = m.process
+    assert (p.network_view, p.prediction, p.loss_weighting, p.clip_image) == ("image", "x0", "edm", True)
+    assert m.unet.config.in_channels == 3 and m.unet.config.out_channels == 3
+    lit = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, network_view="domain", prediction="eps",
+               loss_weighting="uniform", clip_image=False)
     assert lit.process.loss_weighting == "uniform" and not lit.process.clip_image
+    assert lit.unet.config.in_channels == 9
+    with pytest.raises(ConfigError, match="network_view='domain'"):
+        GDDM(domain="hybrid", image_size=8, channels=3, unet=TINY)
+    with pytest.raises(ConfigError, match="prediction='x0'"):
+        GDDM(prediction="eps", image_size=8, channels=3, unet=TINY)
     assert not GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, dc_mode="dataset_mean").process.clip_image
     with pytest.raises(ConfigError, match="loss_weighting"):
         GDDM(image_size=8, channels=3, unet=TINY, loss_weighting="snr")
+
+
+@pytest.mark.parametrize("domain", ["gradient", "laplacian"])
+def test_image_view_noise_scale_and_exact_denoiser(domain):
+    """network_view='image': (1) the per-mode noise of image_part(ε) has std c_k (Monte Carlo, ±5%);
+    (2) the exact F* = (x* − c_skip x̃)/c_out (delta data) gives loss 0 and DDIM / ancestral sampling that
+    returns x* to 1e-10; (3) the EDM weighting is 1/c_out² per image DCT mode."""
+    from diffproc.ops import dct2, idct2
+
+    p = GradientDomainProcess(domain=domain, network_view="image", prediction="x0", loss_weighting="edm")
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(4000, p.domain_channels(1), 8, 8, dtype=torch.float64, generator=g)
+    ratio = dct2(p.image_part(eps)).std(0)[0] / p.mode_noise_scale(8, 8)
+    assert 0.95 < float(ratio.min()) and float(ratio.max()) < 1.05
+    x_star = rand_images(2, 3, 16, 16, seed=4) * 0.9
+
+    def exact(inp, t):  # the backbone's view is c_in ⊙ x̃ (DCT basis); undo it, then EDM's ideal F
+        c_in, c_skip, c_out, _ = p.preconditioning(t, inp)
+        return idct2((dct2(x_star) - c_skip * dct2(inp) / c_in) / c_out)
+
+    z0 = p.to_domain(x_star)
+    assert float(p.loss(exact, z0, torch.tensor([1, 700]))) < 1e-20
+    for solver in ("ddim", "ancestral"):
+        res = sample_loop(p, exact, (2, p.domain_channels(3), 16, 16), 10, solver, torch.Generator().manual_seed(1),
+                          "cpu", torch.float64)
+        assert float((p.from_domain(res.sample) - x_star).abs().max()) < 1e-10, solver
+    # EDM weighting: an x̂0 error along one image DCT mode k costs 1/c_out,k² per unit squared error
+    t = torch.tensor([300])
+    _, _, c_out, _ = p.preconditioning(t, z0)
+    for k, l in ((0, 0), (0, 1), (5, 3)):
+        coef = torch.zeros(1, 3, 16, 16, dtype=torch.float64)
+        coef[:, :, k, l] = 1.0
+        z0_hat = p.to_domain(x_star[:1] + idct2(coef))
+        got = float(p.edm_loss(z0_hat, z0[:1], torch.zeros_like(z0_hat), t)) * 3 * 16 * 16 / 3
+        assert got == pytest.approx(float(c_out[0, 0, k, l]) ** -2, rel=1e-9)

@@ -42,11 +42,15 @@ class GDDM(DiffusionModule):
     ``laplacian_noise_scale`` (√20 for the 5-point stencil; 1.5811 = the seed's literal "√(5/2)"),
     ``laplacian_stencil``, ``hybrid_mu``, ``dataset_mean``, ``project_every_step``, and the DDPM schedule
     ``num_timesteps``, ``schedule``, ``beta_start``, ``beta_end``, ``prediction``, ``variance``, ``eta``,
-    ``spacing``, ``clip_x0`` (per-domain box, off by default), ``loss_weighting`` (``image`` by default:
-    the ε error measured in the image; ``uniform`` = the seed-literal ε-MSE on the field) and ``clip_image``
-    (on by default: x̂0 clipped to [−1, 1] as an image, DDPM's clip; applies with ``dc_mode="aux"`` or
-    ``domain="hybrid"``, ignored otherwise). Seed-literal setting: ``loss_weighting: uniform``,
-    ``clip_image: false`` (docs/gddm.md).
+    ``spacing``, ``clip_x0`` (per-domain box, off by default), and the four options that make the samples
+    images (docs/gddm.md "Why the seed-literal setting fails"; all ours, chosen by measurement):
+    ``network_view`` (``image``: the backbone sees the state as a C-channel image with EDM's per-mode
+    preconditioning and predicts the clean image; ``domain``: it sees and outputs the field), ``prediction``
+    (``x0``; the image view needs it), ``loss_weighting`` (``edm``; ``uniform`` = ε-MSE on the field,
+    ``image`` = DDPM's L_simple in image units), ``clip_image`` (x̂0 clipped to [−1, 1] as an image, DDPM's
+    clip; applies with ``dc_mode="aux"``, ignored otherwise) and ``sigma_data`` (0.5).
+    **Seed-literal setting**: ``network_view: domain, prediction: eps, loss_weighting: uniform,
+    clip_image: false`` (``configs/gddm_literal_shapes.yaml``).
 
     Args:
         reconstruction: ``dct`` — exact Neumann Poisson solve (default, parameter-free); ``poisson_net`` —
@@ -79,11 +83,11 @@ class GDDM(DiffusionModule):
                  hybrid_mu: Optional[float] = None, dataset_mean: Optional[Sequence[float]] = None,
                  project_every_step: bool = False, num_timesteps: int = 1000,
                  schedule: Literal["linear", "cosine"] = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, prediction: Literal["eps", "x0", "v"] = "eps",
+                 beta_end: float = 0.02, prediction: Literal["eps", "x0", "v"] = "x0",
                  variance: Literal["fixedsmall", "fixedlarge"] = "fixedsmall", eta: float = 0.0,
                  spacing: Literal["uniform", "quad"] = "uniform", clip_x0: bool = False,
-                 loss_weighting: Literal["uniform", "image", "edm"] = "image", clip_image: bool = True,
-                 network_view: Literal["domain", "image"] = "domain", sigma_data: float = 0.5,
+                 loss_weighting: Literal["uniform", "image", "edm"] = "edm", clip_image: bool = True,
+                 network_view: Literal["domain", "image"] = "image", sigma_data: float = 0.5,
                  poisson_net: Optional[dict] = None, poisson_net_stage: PoissonStage = "separate",
                  poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
                  poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
@@ -102,7 +106,7 @@ class GDDM(DiffusionModule):
                 hybrid_mu=hybrid_mu, dataset_mean=dataset_mean, project_every_step=project_every_step,
                 num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start, beta_end=beta_end,
                 prediction=prediction, variance=variance, eta=eta, spacing=spacing, clip_x0=clip_x0,
-                loss_weighting=loss_weighting, clip_image=clip_image and (dc_mode == "aux" or domain == "hybrid"),
+                loss_weighting=loss_weighting, clip_image=clip_image and dc_mode == "aux",
                 network_view=network_view, sigma_data=sigma_data)
         except ValueError as err:
             raise ConfigError(str(err)) from err
