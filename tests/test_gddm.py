@@ -413,7 +413,8 @@ def test_cli_separate_poisson_stage_and_test(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["gddm_celeba.yaml", "lddm_celeba.yaml", "gddm_cifar10.yaml",
-                                    "gddm_shapes.yaml", "lddm_shapes.yaml", "gddm_hybrid_shapes.yaml"])
+                                    "gddm_shapes.yaml", "lddm_shapes.yaml", "gddm_hybrid_shapes.yaml",
+                                    "gddm_literal_shapes.yaml", "lddm_literal_shapes.yaml"])
 def test_configs_parse(config, tmp_path):
     r = _cli(["fit", "--config", f"configs/{config}", "--print_config"], tmp_path)
     assert "diffproc.methods.gddm.GDDM" in r.stdout
