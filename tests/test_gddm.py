@@ -305,7 +305,7 @@ def test_poisson_net_smoke_spec():
 
 @pytest.mark.parametrize("kw", [dict(domain="gradient", reconstruction="poisson_net", poisson_net_stage="joint"),
                                 dict(domain="laplacian", dc_mode="dataset_mean"),
-                                dict(domain="hybrid", dc_mode="poisson_net")])
+                                dict(domain="hybrid", dc_mode="poisson_net", network_view="domain", prediction="eps")])
 def test_module_loss_sample_diagnostics(kw):
     torch.manual_seed(0)
     m = _gddm(**kw)
