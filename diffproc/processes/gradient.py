@@ -348,8 +348,9 @@ class GradientDomainProcess(DDPMProcess):
 
     def loss(self, model_fn, z0: Tensor, t: Tensor | None = None, noise: Tensor | None = None,
              generator: torch.Generator | None = None) -> Tensor:
-        """``uniform``: the core's L_simple on the normalised field (seed-literal). ``image``:
-        :meth:`image_loss` of the ε̂ implied by any ``prediction``."""
+        """``uniform``: L_simple on the normalised field (seed-literal; in the ``image`` view, on the ε̂ the
+        view implies). ``image``: :meth:`image_loss`; ``edm``: :meth:`edm_loss` — both of the (ẑ0, ε̂)
+        implied by the network output in either view."""
         if self.loss_weighting == "uniform" and self.network_view == "domain":
             return super().loss(model_fn, z0, t, noise, generator)
         if t is None:
