@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--eval-batch-size", type=int, default=250)
     ap.add_argument("--diag-num", type=int, default=64, help="images whose sampling trajectory is recorded")
-    ap.add_argument("--seed", type=int, default=None, help="sampling seed (default: the run's training seed)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="sampling seed (default: the model's `seed` hyperparameter, 0 unless the config sets it)")
     ap.add_argument("--extractor", default="auto", choices=["auto", "shapes", "inception"])
     ap.add_argument("--only-default-at", type=int, nargs="*", default=None,
                     help="evaluate the non-default variants only at these checkpoint steps (default: all)")
@@ -215,12 +216,14 @@ def report(rows: list[dict], out: Path) -> None:
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
                     label=m if v == "default" else f"{m} ({v})")
     ax.set_xlabel("training step")
-    ax.set_ylabel("shapes-FID (1000 samples; mean ± std over seeds)")
+    n = sorted({r["num_samples"] for r in rows})
+    ax.set_ylabel(f"FID ({'/'.join(map(str, n))} samples; mean ± std over training seeds)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "convergence.png", dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> list[dict]:
