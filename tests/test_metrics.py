@@ -73,6 +73,22 @@ def test_frechet_diagonal_gaussians_analytic():
     assert frechet_distance(m1, torch.diag(a), m2, torch.diag(b)) == pytest.approx(expect, rel=1e-10)
 
 
+def test_frechet_falls_back_when_eigh_fails(monkeypatch):
+    """Rank-deficient covariances (N < D) can make LAPACK's eigh fail to converge; the scipy 'evr'
+    fallback then gives the same distance."""
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 40, generator=g).double(), torch.randn(6, 40, generator=g).double() + 0.3
+    (m1, s1), (m2, s2) = mean_cov(x), mean_cov(y)
+    expect = frechet_distance(m1, s1, m2, s2)
+
+    def fail(*a, **k):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fail)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expect, rel=1e-7)
+
+
 def brute_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     def radii(s):
         d = np.linalg.norm(s[:, None] - s[None], axis=-1)

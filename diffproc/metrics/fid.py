@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import scipy.linalg
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -21,8 +22,21 @@ from torchmetrics.utilities import dim_zero_cat
 # ---------------------------------------------------------------------------------------------
 # Closed forms
 # ---------------------------------------------------------------------------------------------
+def _eigh(a: Tensor, vectors: bool = True):
+    """Symmetric eigendecomposition. LAPACK's divide-and-conquer driver behind ``torch.linalg.eigh`` can
+    fail to converge on rank-deficient covariances with many repeated (zero) eigenvalues (N < D features,
+    e.g. sFID's 2023-d spatial features); then the relatively robust ``evr`` driver of scipy is used."""
+    try:
+        return torch.linalg.eigh(a) if vectors else torch.linalg.eigvalsh(a)
+    except torch.linalg.LinAlgError:
+        out = scipy.linalg.eigh(a.detach().cpu().numpy(), eigvals_only=not vectors, driver="evr")
+        if not vectors:
+            return torch.from_numpy(out).to(a)
+        return torch.from_numpy(out[0]).to(a), torch.from_numpy(out[1]).to(a)
+
+
 def _sqrt_psd(a: Tensor) -> Tensor:
-    vals, vecs = torch.linalg.eigh(a)
+    vals, vecs = _eigh(a)
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
@@ -36,7 +50,7 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
     r1 = _sqrt_psd((s1 + s1.T) / 2)
     m = r1 @ s2 @ r1
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp_min(0).sqrt().sum()
+    tr_covmean = _eigh((m + m.T) / 2, vectors=False).clamp_min(0).sqrt().sum()
     diff = mu1 - mu2
     return float(diff.dot(diff) + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
 
