@@ -68,8 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=None,
                     help="sampling seed (default: the model's `seed` hyperparameter, 0 unless the config sets it)")
     ap.add_argument("--extractor", default="auto", choices=["auto", "shapes", "inception"])
-    ap.add_argument("--only-default-at", type=int, nargs="*", default=None,
-                    help="evaluate the non-default variants only at these checkpoint steps (default: all)")
     ap.add_argument("--grid-images", type=int, default=64)
     ap.add_argument("--no-default", action="store_true", help="only the --variant rows (GDDM runs)")
     args = ap.parse_args(argv)
@@ -104,26 +102,26 @@ def trajectory(model, num: int, seed: int, device) -> dict:
 
     p, net = model.process, model.sampling_net.eval()
     rec: list[dict] = []
-    predict = p.predict
+    # the raw (ẑ0, ε̂) of each step, before any clipping: GDDM's network_prediction, the core's split_prediction
+    name = "network_prediction" if hasattr(p, "network_prediction") else "split_prediction"
+    raw = getattr(p, name)
 
-    def recording_predict(model_fn, z_t, t):  # the raw x̂0 of this step (no clip), then the real step
-        inp = p.net_input(z_t, t) if hasattr(p, "net_input") else z_t
-        u0, _ = p.split_prediction(model_fn(inp, t), p.to_basis(z_t), t)
-        z0 = p.from_basis(u0)
-        x0 = model.decode(z0) if hasattr(p, "split") else p.from_domain(z0)
+    def recording(*a, **k):
+        u0, eps = raw(*a, **k)
+        x0 = model.decode(p.from_basis(u0))
         bp = band_power(x0.float(), remove_dc=False).sqrt()
-        rec.append({"t": float(t.flatten()[0]), "max_abs": float(x0.abs().max()),
+        rec.append({"t": float(a[-1].flatten()[0]), "max_abs": float(x0.abs().max()),
                     "frac_out": float((x0.abs() > 1).double().mean()), "rms_low": float(bp[0]),
                     "rms_mid": float(bp[1]), "rms_high": float(bp[2])})
-        return predict(model_fn, z_t, t)
+        return u0, eps
 
     shape = (num, p.domain_channels(model.channels), model.image_size, model.image_size)
     g = torch.Generator(device=device).manual_seed(seed)
-    p.predict = recording_predict
+    setattr(p, name, recording)
     try:
         res = sample_loop(p, model.model_fn(net), shape, model.sampling_steps, model.sampler, g, device)
     finally:
-        del p.predict
+        delattr(p, name)
     x = model.decode(res.sample)
     out = {"trajectory": rec, "final_max_abs": float(x.abs().max()), "final_frac_out": float((x.abs() > 1).double().mean()),
            "final_mode_rms_unclipped": dct_mode_rms(x)}
@@ -250,8 +248,6 @@ def main(argv=None) -> list[dict]:
     for label, rd in runs:
         for step in args.ckpt_steps:
             for variant in args.variants:
-                if variant != "default" and args.only_default_at is not None and step not in args.only_default_at:
-                    continue
                 if (label, step, variant, args.num_samples) in done:
                     continue
                 row = evaluate(args, extractor, ref, ref_id, real, label, Path(rd), step, variant)

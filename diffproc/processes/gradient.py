@@ -313,24 +313,19 @@ class GradientDomainProcess(DDPMProcess):
         var = a * a * sd2 + sk * sk
         return var.rsqrt(), a * sd2 / var, sk * self.sigma_data * var.rsqrt(), a
 
-    def net_input(self, z_t: Tensor, t: Tensor) -> Tensor:
-        """What the backbone sees: the state itself (``domain`` view) or ``c_in ⊙ DCT(image_part(z_t))`` back
-        in pixels (``image`` view, C channels)."""
-        if self.network_view == "domain":
-            return z_t
-        c_in, _, _, _ = self.preconditioning(t, z_t)
-        return idct2(c_in * dct2(self.image_part(z_t).double())).to(z_t.dtype)
-
-    def split_prediction(self, out: Tensor, u_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(ẑ0, ε̂)``; in the ``image`` view ``x̂0 = IDCT(c_skip ⊙ DCT(x̃) + c_out ⊙ DCT(F))``, ``ẑ0 =
+    def network_prediction(self, model_fn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(ẑ0, ε̂)`` from one network evaluation at ``z_t``, before any clipping. ``domain`` view: the
+        network sees ``z_t`` (``prediction`` as in DDPM). ``image`` view: it sees ``c_in ⊙ x̃`` with
+        ``x̃ = DCT(image_part(z_t))`` and outputs F; ``x̂0 = IDCT(c_skip ⊙ x̃ + c_out ⊙ DCT(F))``, ``ẑ0 =
         to_domain(x̂0)`` and ``ε̂ = (z_t − α ẑ0)/σ`` (exact on the data-free noise parts)."""
         if self.network_view == "domain":
-            return super().split_prediction(out, u_t, t)
-        _, c_skip, c_out, _ = self.preconditioning(t, u_t)
-        x0 = idct2(c_skip * dct2(self.image_part(u_t).double()) + c_out * dct2(out.double()))
-        z0 = self.to_domain(x0).to(u_t.dtype)
-        a, s = self.coefficients(t, u_t)
-        return z0, (u_t - a * z0) / s
+            return self.split_prediction(model_fn(z_t, t), z_t, t)
+        c_in, c_skip, c_out, _ = self.preconditioning(t, z_t)
+        u = dct2(self.image_part(z_t).double())
+        out = model_fn(idct2(c_in * u).to(z_t.dtype), t)
+        z0 = self.to_domain(idct2(c_skip * u + c_out * dct2(out.double()))).to(z_t.dtype)
+        a, s = self.coefficients(t, z_t)
+        return z0, (z_t - a * z0) / s
 
     # --- training loss (§2.5; ``image`` and ``edm`` weightings are ours) ---------------------------
     def image_loss(self, eps_hat: Tensor, eps: Tensor) -> Tensor:
@@ -358,7 +353,7 @@ class GradientDomainProcess(DDPMProcess):
         if noise is None:
             noise = self.noise_like(z0, generator)
         z_t = self.forward(z0, t, noise)
-        z0_hat, eps_hat = self.split_prediction(model_fn(self.net_input(z_t, t), t), z_t, t)
+        z0_hat, eps_hat = self.network_prediction(model_fn, z_t, t)
         if self.loss_weighting == "uniform":
             return self.reduce((eps_hat - noise) ** 2)
         if self.loss_weighting == "image":
@@ -367,12 +362,14 @@ class GradientDomainProcess(DDPMProcess):
 
     def edm_loss(self, z0_hat: Tensor, z0: Tensor, e: Tensor, t: Tensor) -> Tensor:
         """``reduce(DCT(x̂0 − x0)² / c_out²) + reduce((e − T image_part(e))²)``: EDM's per-mode weighting on the
-        image error (:meth:`preconditioning`), plus the uniform loss on the part of the ε error ``e`` that never
-        reaches the image (identically 0 in the ``image`` view, where that part is exact)."""
+        image error (:meth:`preconditioning`), plus, in the ``domain`` view, the uniform loss on the part of the ε
+        error ``e`` that never reaches the image (in the ``image`` view that part of ε̂ is exact and carries no
+        gradient, so the term is left out)."""
         _, _, c_out, _ = self.preconditioning(t, z0)
-        d = dct2(self.image_part(z0_hat - z0).double()) / c_out
-        rest = e - self.to_domain(self.image_part(e))
-        return self.reduce(d.to(z0.dtype) ** 2) + self.reduce(rest**2)
+        d = self.reduce((dct2(self.image_part(z0_hat - z0).double()) / c_out).to(z0.dtype) ** 2)
+        if self.network_view == "image":  # the data-free part of ε̂ is exact: nothing to train there
+            return d
+        return d + self.reduce((e - self.to_domain(self.image_part(e))) ** 2)
 
     # --- noise: i.i.d. (paper) or through the operator (exact image DDPM) ------------------------
     def _image_noise(self, z_shape: Sequence[int], generator, device, dtype) -> Tensor:
@@ -418,8 +415,7 @@ class GradientDomainProcess(DDPMProcess):
     def predict(self, model_fn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(ẑ0, ε̂)`` with ``project_every_step``, ``clip_image`` and the per-group clip (``clip_x0``)
         applied to ẑ0 in that order (ε̂ is recomputed from the modified ẑ0 so the DDIM step stays consistent)."""
-        out = model_fn(self.net_input(z_t, t), t)
-        u0, eps = self.split_prediction(out, z_t, t)
+        u0, eps = self.network_prediction(model_fn, z_t, t)
         if not (self.clip_x0 or self.project_every_step or self.clip_image):
             return u0, eps
         if self.project_every_step:
