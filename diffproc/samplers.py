@@ -26,10 +26,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffproc.processes.base import DiffusionProcess, ModelFn
+from diffproc.processes.base import ODE_SOLVERS, DiffusionProcess, ModelFn
+from diffproc.processes.gaussian import ddim_dual_step, gaussian_pf_velocity
 
-#: probability-flow ODE solvers run by :func:`sample_loop` through the ODE protocol
-ODE_SOLVERS: tuple[str, ...] = ("euler", "heun", "midpoint", "rk4")
+# ODE_SOLVERS (defined with the process API, processes/base.py): the probability-flow ODE solvers run by
+# :func:`sample_loop` through the ODE protocol. gaussian_pf_velocity / ddim_dual_step live with the Gaussian
+# core (processes/gaussian.py) and are re-exported here.
 #: network evaluations per step of each solver
 NFE_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ddim_dual": 1,
                                 "ddim": 1, "ancestral": 1}
@@ -102,26 +104,6 @@ def _velocity_fn(process: DiffusionProcess):
 def _times(t, z: Tensor) -> Tensor:
     t = torch.as_tensor(t, dtype=torch.float64, device=z.device)
     return t.expand(z.shape[0]) if t.ndim == 0 else t.to(torch.float64)
-
-
-def gaussian_pf_velocity(process, model_fn: ModelFn, z: Tensor, t: Tensor) -> Tensor:
-    """PF-ODE of a diagonal Gaussian process: ``dz/dt = Mᵀ(α'(t) û0 + σ'(t) ε̂)``.
-
-    Needs ``process.alpha_sigma_dot(t)`` (float64 ``(B,)`` or ``(B,H,W)`` each) and
-    ``process.predict(model_fn, z, t) -> (û0, ε̂)`` in basis coefficients (``GaussianProcess``).
-    """
-    from diffproc.processes.gaussian import _bcast
-    u0, eps = process.predict(model_fn, z, t)
-    da, ds = process.alpha_sigma_dot(t)
-    return process.from_basis(_bcast(da, u0) * u0 + _bcast(ds, u0) * eps)
-
-
-def ddim_dual_step(process, model_fn: ModelFn, z: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
-    """``u' = α_{t'} û0 + σ_{t'} ε̂`` with both predictions taken as they are (SIE "DDIM + x̂0, ε̂",
-    spec §5.3; exact for frozen predictions). With one ε head this is DDIM η = 0. 1 NFE."""
-    u0, eps = process.predict(model_fn, z, t)
-    a, s = process.coefficients(t_next, u0)
-    return process.from_basis(a * u0 + s * eps)
 
 
 def ode_step(process, model_fn: ModelFn, z: Tensor, t, t_next, solver: str) -> Tensor:

@@ -15,6 +15,9 @@ from torch import Tensor
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
+#: probability-flow ODE solvers (run by ``diffproc.samplers.sample_loop`` through the ODE protocol)
+ODE_SOLVERS: tuple[str, ...] = ("euler", "heun", "midpoint", "rk4")
+
 
 class DiffusionProcess(ABC):
     """Forward process q(z_t | z_0) plus its training loss and reverse steps."""

@@ -201,3 +201,22 @@ class GaussianProcess(DiffusionProcess):
         """``N(0, I)`` (the terminal law of a variance-preserving process)."""
         gen_device = generator.device if generator is not None else device
         return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def gaussian_pf_velocity(process, model_fn: ModelFn, z: Tensor, t: Tensor) -> Tensor:
+    """PF-ODE of a diagonal Gaussian process: ``dz/dt = Mᵀ(α'(t) û0 + σ'(t) ε̂)``.
+
+    Needs ``process.alpha_sigma_dot(t)`` (float64 ``(B,)`` or ``(B,H,W)`` each) and
+    ``process.predict(model_fn, z, t) -> (û0, ε̂)`` in basis coefficients (``GaussianProcess``).
+    """
+    u0, eps = process.predict(model_fn, z, t)
+    da, ds = process.alpha_sigma_dot(t)
+    return process.from_basis(_bcast(da, u0) * u0 + _bcast(ds, u0) * eps)
+
+
+def ddim_dual_step(process, model_fn: ModelFn, z: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+    """``u' = α_{t'} û0 + σ_{t'} ε̂`` with both predictions taken as they are (SIE "DDIM + x̂0, ε̂",
+    spec §5.3; exact for frozen predictions). With one ε head this is DDIM η = 0. 1 NFE."""
+    u0, eps = process.predict(model_fn, z, t)
+    a, s = process.coefficients(t_next, u0)
+    return process.from_basis(a * u0 + s * eps)

@@ -41,9 +41,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import ModelFn, batch_times, randn_like
+from diffproc.processes.base import ODE_SOLVERS, ModelFn, batch_times, randn_like
 from diffproc.processes.ddpm import beta_schedule, ddim_timesteps
-from diffproc.processes.gaussian import Basis, GaussianProcess, Variance
+from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
 
 Schedule = Literal["sin", "beta_star", "linear"]
 Heads = Literal["dual", "eps", "x0", "v"]
@@ -51,8 +51,6 @@ GradientWrt = Literal["eta", "t"]
 LossNorm = Literal["l2", "l1"]
 TimeSampling = Literal["continuous", "discrete"]
 Spacing = Literal["linspace", "ddim_uniform", "ddim_quad"]
-
-ODE_SOLVERS = ("euler", "heun", "midpoint", "rk4")
 
 
 def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) -> Tensor:
@@ -271,7 +269,6 @@ class InterpolationProcess(GaussianProcess):
 
     def ode_velocity(self, model_fn: ModelFn, z: Tensor, t: Tensor) -> Tensor:
         """``dz/dt = η'(t)·v̂ = α' x̂0 + σ' ε̂`` (eq. 11) — the ODE protocol of :mod:`diffproc.samplers`."""
-        from diffproc.samplers import gaussian_pf_velocity
         return gaussian_pf_velocity(self, model_fn, z, t)
 
     def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
@@ -283,11 +280,10 @@ class InterpolationProcess(GaussianProcess):
         tb = batch_times(torch.as_tensor(t, dtype=torch.float64), B, dev)
         sb = batch_times(torch.as_tensor(t_next, dtype=torch.float64), B, dev)
         if solver == "ddim_dual":
-            from diffproc.samplers import ddim_dual_step
             return ddim_dual_step(self, model_fn, z_t, tb, sb)
         if solver in ODE_SOLVERS:
-            from diffproc.samplers import ode_step
-            return ode_step(self, model_fn, z_t, tb, sb, solver)
+            raise ValueError(f"{solver!r} integrates the probability-flow ODE over a whole grid, not one reverse step: "
+                             "run it with diffproc.samplers.sample_loop (or ode_step for a single step).")
         return super().reverse_step(model_fn, z_t, tb, sb, solver=solver, generator=generator)
 
 
