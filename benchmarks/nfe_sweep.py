@@ -79,12 +79,12 @@ def sample_all(model, solver: str, steps: int, num: int, batch: int, seed: int, 
     out, nfe, secs = [], None, 0.0
     for b in range(math.ceil(num / batch)):
         n = min(batch, num - b * batch)
-        g = torch.Generator(device=device).manual_seed(seed + b * batch)  # same noise for every solver
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        x, res = model.sample(n, steps=steps, sampler=solver, generator=g, progress=False,
-                              use_ema=use_ema, return_result=True)
+        res = model.sample(n, steps=steps, sampler=solver, progress=False, use_ema=use_ema,
+                           seed=seed, indices=range(b * batch, b * batch + n))  # per-sample noise from (seed, i)
+        x = res.images
         if device.type == "cuda":
             torch.cuda.synchronize()
         secs += time.perf_counter() - t0

@@ -123,10 +123,10 @@ def main() -> None:
             sync(args.device)
             t0 = time.perf_counter()
             with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
-                model.sample(nb, steps=args.sample_steps, generator=g, progress=False)
+                res = model.sample(nb, steps=args.sample_steps, generator=g, progress=False)
             sync(args.device)
-            nfe[name] = model.last_nfe
-            sample_t[name].append((time.perf_counter() - t0) / model.last_nfe)
+            nfe[name] = res.nfe
+            sample_t[name].append((time.perf_counter() - t0) / res.nfe)
         print(f"repeat {r + 1}/{args.repeats} done", flush=True)
 
     ref = next((k for k in models if k.startswith("ddpm")), next(iter(models)))

@@ -51,12 +51,15 @@ class CountingModelFn:
 
 @dataclass
 class SampleResult:
-    """Output of a sampling loop: the final domain state, the NFE actually spent and the time grid."""
+    """Output of a sampling run: the final domain state ``sample``, the NFE actually spent, the time
+    grid and the solver; :meth:`DiffusionModule.sample <diffproc.methods.base.DiffusionModule.sample>`
+    also fills ``images`` (decoded, clamped to [-1, 1])."""
 
     sample: Tensor
     nfe: int
     timesteps: list = field(default_factory=list)
     solver: str = ""
+    images: Tensor | None = None
 
     @property
     def steps(self) -> int:

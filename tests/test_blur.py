@@ -342,8 +342,9 @@ def test_range_handling():
     m.process.to_domain = lambda z: (calls.__setitem__("to", calls["to"] + 1), to_d(z))[1]
     m.process.from_domain = lambda z: (calls.__setitem__("from", calls["from"] + 1), from_d(z))[1]
     m.unet = Spy()
-    out = m.sample(2, generator=torch.Generator().manual_seed(0), progress=False)
-    assert calls == {"to": 0, "from": 1} and m.last_nfe == 19
+    res = m.sample(2, generator=torch.Generator().manual_seed(0), progress=False)
+    out = res.images
+    assert calls == {"to": 0, "from": 1} and res.nfe == 19
     assert out.min() >= -1 and out.max() <= 1
 
 

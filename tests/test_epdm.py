@@ -316,11 +316,11 @@ def test_sdedit_with_module():
     torch.manual_seed(0)
     m = tiny_epdm(sampling_steps=5)
     guides = rand_image(3, (2, 3, 8, 8)).float()
-    x = sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1))
-    y = sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1))
+    res = sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1))
+    x, y = res.images, sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1)).images
     assert x.shape == guides.shape and torch.equal(x, y) and x.abs().max() <= 1
-    assert m.last_nfe == 3  # grid [10, 7, 5, 1]: 5-step chain truncated at t0 = 10
-    assert torch.equal(sdedit(m, guides, strength=0.0), guides)
+    assert res.nfe == 3  # grid [10, 7, 5, 1]: 5-step chain truncated at t0 = 10
+    assert torch.equal(sdedit(m, guides, strength=0.0).images, guides)
     with pytest.raises(ValueError, match="guides must be"):
         sdedit(m, guides[:, :, :4, :4])
 

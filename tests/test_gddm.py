@@ -316,8 +316,9 @@ def test_module_loss_sample_diagnostics(kw):
     loss.backward()
     if m.process.dc_mode == "dataset_mean":  # running mean of the training images
         assert torch.allclose(m.dc_mean, x.double().mean(dim=(0, 2, 3)), atol=1e-6)
-    imgs = m.sample(2, steps=3, generator=torch.Generator().manual_seed(0), progress=False)
-    assert imgs.shape == (2, 3, 16, 16) and imgs.abs().max() <= 1 and m.last_nfe == 3
+    res = m.sample(2, steps=3, generator=torch.Generator().manual_seed(0), progress=False)
+    imgs = res.images
+    assert imgs.shape == (2, 3, 16, 16) and imgs.abs().max() <= 1 and res.nfe == 3
     d = m.diagnostics(num=2, steps=2, x_real=x)
     assert d["gen_ls_residual"] > 0 and d["real_domain_frac"] > d["real_image_frac"]
     assert all(math.isfinite(v) for v in d.values())

@@ -279,19 +279,23 @@ from diffproc.callbacks.metrics import TestMetricsCallback
 
 class Dummy(L.LightningModule):
     """sample(): real train images blended with generator noise (deterministic per generator)."""
-    sampling_steps, sampler, last_nfe = 7, "ddim", 7
+    sampling_steps, sampler = 7, "ddim"
 
     def __init__(self, fail=False):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.fail = fail
 
-    def sample(self, num, steps=None, sampler=None, generator=None, progress=True):
+    def sample(self, num, steps=None, sampler=None, generator=None, progress=True, seed=None, indices=None):
+        from diffproc.processes.base import PerSampleGenerator, rand
+        from diffproc.samplers import SampleResult
         assert not self.fail, "sampling started before the metric set-up failed"
+        g = PerSampleGenerator(seed, indices)
         pool = self.trainer.datamodule.dataset("train").images[:64].float() / 127.5 - 1
-        idx = torch.randint(0, 64, (num,), generator=generator)
-        noise = torch.rand(num, 3, 16, 16, generator=generator) * 2 - 1
-        return (0.8 * pool[idx] + 0.2 * noise).clamp(-1, 1)
+        idx = (rand((num,), g) * 64).long()
+        noise = rand((num, 3, 16, 16), g) * 2 - 1
+        x = (0.8 * pool[idx] + 0.2 * noise).clamp(-1, 1)
+        return SampleResult(sample=x, nfe=7, images=x)
 
     def test_step(self, batch, batch_idx):
         self.log("test/loss", self.w.sum() + 1.0)

@@ -256,9 +256,9 @@ def test_sie_module_sample_and_loss():
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     loss = m.compute_loss(x, m.unet, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and loss.item() > 0
-    imgs, res = m.sample(2, progress=False, return_result=True, generator=torch.Generator().manual_seed(0))
-    assert imgs.shape == (2, 1, 8, 8) and res.nfe == 8 == m.last_nfe and res.solver == "rk4"
-    assert imgs.abs().max() <= 1
+    res = m.sample(2, progress=False, generator=torch.Generator().manual_seed(0))
+    assert res.images.shape == (2, 1, 8, 8) and res.nfe == 8 and res.solver == "rk4"
+    assert res.images.abs().max() <= 1
 
 
 def _run(args, cwd):

@@ -8,10 +8,10 @@ Lightning's weight averaging deep-copies the module, and checkpoints would carry
   logged as ``gen/<metric>``.
 
 Sampling is split disjointly across ranks: batch ``b`` covers global sample indices
-``[b*batch_size, (b+1)*batch_size)``, runs on rank ``b % world_size`` with a generator seeded
-``seed + b*batch_size``. So the samples (and, since the metric states are synced and sorted by
-index, the numbers) do not depend on the number of ranks, and ``seed=50000`` with
-``num_samples=50000`` is EDM's second seed block.
+``[b*batch_size, (b+1)*batch_size)`` and runs on rank ``b % world_size``; sample ``i`` draws all its
+noise from ``(seed, i)`` (:class:`~diffproc.processes.base.PerSampleGenerator`). So the samples (and,
+since the metric states are synced and sorted by index, the numbers) depend neither on the batch size
+nor on the number of ranks.
 """
 
 from __future__ import annotations
@@ -117,9 +117,9 @@ class _MetricsBase(L.Callback):
         self.last_nfe = None
         for s in starts:
             n = min(self.batch_size, num_samples - s)
-            g = torch.Generator(device=pl_module.device).manual_seed(self.seed + s)
-            x = pl_module.sample(n, steps=self.sampling_steps, sampler=self.sampler, generator=g, progress=False)
-            self.last_nfe = getattr(pl_module, "last_nfe", None)
+            res = pl_module.sample(n, steps=self.sampling_steps, sampler=self.sampler, progress=False,
+                                   seed=self.seed, indices=range(s, s + n))
+            x, self.last_nfe = res.images, res.nfe
             suite.update(x, torch.arange(s, s + n, device=x.device))
             if first is None:
                 first = x[:64].detach().float().cpu()
@@ -141,7 +141,8 @@ class _MetricsBase(L.Callback):
             "steps": self.sampling_steps or getattr(pl_module, "sampling_steps", None),
             "nfe": self.last_nfe,
             "seed": self.seed,
-            "sample_seeding": "batch starting at global index i uses torch.Generator seed (seed + i)",
+            "sample_seeding": "per sample: sample i draws all its noise from torch.Generator(sample_seed(seed, i)) "
+                              "(diffproc.processes.base); independent of batch size and world size",
             "batch_size": self.batch_size,
             "world_size": trainer.world_size,
             "ema": getattr(pl_module, "ema_unet", None) is not None,

@@ -46,9 +46,8 @@ class SampleGrid(L.Callback):
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it, or rank 0 hangs
         if not trainer.is_global_zero:
             return None
-        g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         t0 = time.perf_counter()
-        x = pl_module.sample(self.num_images, self.sampling_steps, self.sampler, g, progress=False)
+        x = pl_module.sample(self.num_images, self.sampling_steps, self.sampler, progress=False, seed=self.seed).images
         seconds = time.perf_counter() - t0
         x = x.float().cpu()
         if x.shape[-1] < self.min_tile:  # small images: nearest-neighbour upscale so the grid is legible

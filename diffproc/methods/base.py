@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import DiffusionProcess
+from diffproc.processes.base import DiffusionProcess, PerSampleGenerator
 from diffproc.samplers import SampleResult, sample_loop
 
 #: a small CPU-friendly default backbone (overridden by every paper config)
@@ -91,7 +91,8 @@ class DiffusionModule(L.LightningModule):
             and checkpoints use/carry the EMA weights.
         sampler, sampling_steps: default solver and number of steps for :meth:`sample`.
         predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
-        seed: base seed of sampling in predict/test.
+        seed: base seed of sampling in predict/test: sample ``i`` draws all its noise from ``(seed, i)``
+            (:class:`~diffproc.processes.base.PerSampleGenerator`), whatever the batch size or rank count.
     """
 
     def __init__(self, process: DiffusionProcess, image_size: int = 32, channels: int = 3,
@@ -117,7 +118,6 @@ class DiffusionModule(L.LightningModule):
         self.ema_unet: Optional[nn.Module] = None
         if ema_decay > 0:
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
-        self.last_nfe: Optional[int] = None
 
     # --- network as the process sees it ---------------------------------------------------------
     def model_fn(self, net: Optional[nn.Module] = None):
@@ -225,12 +225,25 @@ class DiffusionModule(L.LightningModule):
     @torch.no_grad()
     def sample(self, num: int, steps: Optional[int] = None, sampler: Optional[str] = None,
                generator: Optional[torch.Generator] = None, progress: bool = True,
-               use_ema: bool = True, return_result: bool = False) -> Tensor | tuple[Tensor, SampleResult]:
-        """Generate ``num`` images in [-1, 1] with ``steps`` reverse steps of ``sampler``.
+               use_ema: bool = True, seed: Optional[int] = None,
+               indices: Optional[Sequence[int]] = None) -> SampleResult:
+        """Generate ``num`` images with ``steps`` reverse steps of ``sampler`` (EMA weights unless
+        ``use_ema=False``).
 
-        Uses the EMA weights unless ``use_ema=False``; the network evaluations actually spent are
-        stored in ``self.last_nfe``.
+        Randomness: with ``seed``, sample ``j`` draws all its noise from ``(seed, indices[j])``
+        (``indices`` defaults to ``0..num-1``), so an image does not depend on the batch it is drawn in;
+        otherwise ``generator`` (one stream for the whole batch) or the global RNG.
+
+        Returns one :class:`~diffproc.samplers.SampleResult`: ``images`` in [-1, 1], the final domain
+        state ``sample``, the ``nfe`` actually spent, the time grid and the solver.
         """
+        if seed is not None:
+            if generator is not None:
+                raise ValueError("sample(): pass either seed (per-sample noise) or generator, not both")
+            indices = list(range(num)) if indices is None else [int(i) for i in indices]
+            if len(indices) != num:
+                raise ValueError(f"sample(): {len(indices)} indices for {num} samples")
+            generator = PerSampleGenerator(seed, indices, self.device)
         net = self.sampling_net if use_ema else self.unet
         was_training = net.training
         net.eval()
@@ -241,9 +254,8 @@ class DiffusionModule(L.LightningModule):
                               desc=f"sampling ({sampler or self.sampler})")
         finally:
             net.train(was_training)
-        self.last_nfe = res.nfe
-        x = self.decode(res.sample).clamp(-1, 1)
-        return (x, res) if return_result else x
+        res.images = self.decode(res.sample).clamp(-1, 1)
+        return res
 
     # --- predict: write PNGs --------------------------------------------------------------------
     def predict_dataloader(self) -> DataLoader:
@@ -272,8 +284,7 @@ class DiffusionModule(L.LightningModule):
             sdedit_predict_step(self, batch, batch_idx)
             return None
         idx = batch.long()
-        g = torch.Generator(device=self.device).manual_seed(self.hparams.seed * 1_000_003 + int(idx[0]))
-        x = self.sample(len(idx), generator=g, progress=True)
+        x = self.sample(len(idx), seed=self.hparams.seed, indices=idx.tolist(), progress=True).images
         out = self.predict_output_dir()
         os.makedirs(out, exist_ok=True)
         for i, img in zip(idx.tolist(), x):

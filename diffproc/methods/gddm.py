@@ -284,8 +284,7 @@ class GDDM(DiffusionModule):
 
         if p.dc_mode != "oracle":
             g = generator or torch.Generator(device=self.device).manual_seed(hp.seed)
-            (_, res), sec = timed(lambda: self.sample(num, steps or hp.diagnostics_steps, sampler, g,
-                                                      progress=False, return_result=True))
+            res, sec = timed(lambda: self.sample(num, steps or hp.diagnostics_steps, sampler, g, progress=False))
             z = res.sample
             out.update({f"gen_{k}": v for k, v in p.integrability(z).items()})
             out["gen_seconds"] = sec

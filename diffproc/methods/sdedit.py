@@ -64,13 +64,13 @@ def sdedit_loop(process: DiffusionProcess, model_fn: ModelFn, z_guide: Tensor, g
 @torch.no_grad()
 def sdedit(module, guides: Tensor, strength: Optional[float] = 0.5, t0: Any = None,
            steps: Optional[int] = None, sampler: Optional[str] = None,
-           generator: Optional[torch.Generator] = None, use_ema: bool = True,
-           return_result: bool = False) -> Tensor | tuple[Tensor, SampleResult]:
+           generator: Optional[torch.Generator] = None, use_ema: bool = True) -> SampleResult:
     """Stroke-guided generation with a :class:`~diffproc.methods.base.DiffusionModule`.
 
     ``guides``: images in [-1, 1], NCHW, at the model's resolution. ``strength``/``t0``: hijack point
     (see :func:`hijack_grid`). ``steps``: sampling steps of the full chain before truncation (default:
-    the module's ``sampling_steps``). Returns images in [-1, 1] (clamped); ``module.last_nfe`` is set.
+    the module's ``sampling_steps``). Returns the :class:`~diffproc.samplers.SampleResult` with
+    ``images`` in [-1, 1] (clamped) and the NFE spent.
     """
     if guides.ndim != 4 or guides.shape[1] != module.channels or guides.shape[-1] != module.image_size \
             or guides.shape[-2] != module.image_size:
@@ -86,9 +86,8 @@ def sdedit(module, guides: Tensor, strength: Optional[float] = 0.5, t0: Any = No
         res = sdedit_loop(process, module.model_fn(net), z_g, grid, sampler or module.sampler, generator)
     finally:
         net.train(was_training)
-    module.last_nfe = res.nfe
-    x = module.decode(res.sample).clamp(-1, 1)
-    return (x, res) if return_result else x
+    res.images = module.decode(res.sample).clamp(-1, 1)
+    return res
 
 
 def _unpack(batch: Any, batch_idx: int) -> tuple[Tensor, list[str], Optional[Tensor]]:
@@ -124,7 +123,7 @@ def sdedit_predict_step(module, batch: Any, batch_idx: int) -> Tensor:
     g = torch.Generator(device=module.device).manual_seed(int(seed) * 1_000_003 + 7919 * batch_idx
                                                           + 104729 * module.global_rank)
     x = sdedit(module, images, strength=opts.get("strength", 0.5), t0=opts.get("t0"),
-               steps=opts.get("steps"), sampler=opts.get("sampler"), generator=g)
+               steps=opts.get("steps"), sampler=opts.get("sampler"), generator=g).images
     out = module.predict_output_dir()
     os.makedirs(out, exist_ok=True)
     guides = images.to(x.device, x.dtype)

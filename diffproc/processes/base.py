@@ -83,12 +83,82 @@ class DiffusionProcess(ABC):
         """One step of the reverse process from time ``t`` to ``t_next`` (< t)."""
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``torch.randn_like`` that honours a generator (drawn on the generator's device, then moved)."""
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` in a run with base seed ``seed`` (a 64-bit mix of the pair, so
+    nearby (seed, index) pairs never share a stream)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(index) + 1) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 29)) & 0x7FFFFFFFFFFFFFFF
+
+
+class PerSampleGenerator:
+    """Per-sample randomness (EDM's per-seed generators): row ``j`` of every draw comes from its own
+    ``torch.Generator`` seeded by :func:`sample_seed` ``(seed, indices[j])``. A sample therefore gets the
+    same noise (prior and every step's noise) whatever the batch it is drawn in and whatever the number
+    of ranks. Pass it wherever a process takes ``generator``; the noise helpers below dispatch on it.
+    """
+
+    def __init__(self, seed: int, indices, device: torch.device | str = "cpu") -> None:
+        self.seed = int(seed)
+        self.indices = [int(i) for i in indices]
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(sample_seed(seed, i))
+                           for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def _draw(self, fn, shape: tuple[int, ...], **kw) -> Tensor:
+        if not shape or shape[0] != len(self.generators):
+            raise ValueError(f"PerSampleGenerator for {len(self.generators)} samples asked for a draw of shape "
+                             f"{tuple(shape)}; the first dimension must be the batch")
+        return torch.stack([fn(tuple(shape[1:]), generator=g, device=self.device, **kw) for g in self.generators])
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        return self._draw(torch.randn, shape, dtype=dtype)
+
+    def rand(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        return self._draw(torch.rand, shape, dtype=dtype)
+
+
+def randn(shape, generator=None, device: torch.device | str | None = None,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard-normal draw of ``shape`` on ``device`` from a ``torch.Generator`` (drawn on its device,
+    then moved), a :class:`PerSampleGenerator` (one stream per sample) or the global RNG (``None``)."""
+    shape = tuple(shape)
+    if isinstance(generator, PerSampleGenerator):
+        return generator.randn(shape, dtype).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def rand(shape, generator=None, device: torch.device | str | None = None,
+         dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform [0, 1) draw; same generator rules as :func:`randn`."""
+    shape = tuple(shape)
+    if isinstance(generator, PerSampleGenerator):
+        return generator.rand(shape, dtype).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def randn_like(x: Tensor, generator=None) -> Tensor:
+    """``torch.randn_like`` that honours a generator (see :func:`randn`)."""
     if generator is None:
         return torch.randn_like(x)
-    gen_device = generator.device
-    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+    return randn(x.shape, generator, x.device, x.dtype)
+
+
+def bcast(c: Tensor, ref: Tensor) -> Tensor:
+    """Broadcast a schedule coefficient against a state ``ref`` and cast it to ``ref``'s dtype/device:
+    ``(B,)`` -> ``(B,1,1,1)``; ``(B,H,W)`` -> ``(B,1,H,W)``; a ``(B,C,H,W)`` or ``(B,1,H,W)`` grid is kept."""
+    c = c.to(device=ref.device)
+    if c.ndim == 1:
+        c = c.view(-1, *([1] * (ref.ndim - 1)))
+    elif c.ndim < ref.ndim:
+        c = c.unsqueeze(1)
+    return c.to(ref.dtype)
 
 
 def batch_times(t, batch: int, device) -> Tensor:

@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 
 from diffproc.ops import SeparableBasis, kernel_spectrum
-from diffproc.processes.base import ModelFn, batch_times, randn_like
+from diffproc.processes.base import ModelFn, batch_times, bcast, randn, randn_like
 from diffproc.processes.ddpm import Spacing, ddim_timesteps
 from diffproc.processes.ddpm import beta_schedule as make_betas
-from diffproc.processes.gaussian import GaussianProcess, Prediction, Variance, _bcast
+from diffproc.processes.gaussian import GaussianProcess, Prediction, Variance
 
 FType = Literal["linear", "log", "quadratic", "cubic", "quartic", "triangular"]
 F_TYPES: tuple[str, ...] = ("linear", "log", "quadratic", "cubic", "quartic", "triangular")
@@ -257,8 +257,7 @@ class BlurProcess(GaussianProcess):
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """Official ``get_x_N``: ``Mᵀ(sqrt(1 − Ā_{N−1}) ⊙ M z)`` (the terminal law without its mean)."""
-        gen_device = generator.device if generator is not None else device
-        z = torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+        z = randn(shape, generator, device, dtype)
         t = torch.full((shape[0],), self.num_timesteps - 1, device=z.device)
         _, s = self.coefficients(t, z)
         return self.from_basis(s * self.to_basis(z))
@@ -279,7 +278,7 @@ class BlurProcess(GaussianProcess):
         _, eps_u = self.split_prediction(model_fn(z_t, tb), u, t1)
         _, sig = self.coefficients(t1, u)
         a, b = self.step_coefficients(t1)
-        a, b = _bcast(a, u), _bcast(b, u)
+        a, b = bcast(a, u), bcast(b, u)
         u = (2.0 - a.sqrt()) * u - b * eps_u / sig  # (2 − sqrt(a_i)) u + b_i s_u,  s_u = −ε̂_u/σ_i
         if i > 2:
             u = u + b.sqrt() * self.to_basis(randn_like(z_t, generator))

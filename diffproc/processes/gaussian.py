@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import DiffusionProcess, ModelFn, batch_times, randn_like
+from diffproc.processes.base import DiffusionProcess, ModelFn, batch_times, bcast, randn, randn_like
 
 Prediction = Literal["eps", "x0", "v"]
 Variance = Literal["fixedsmall", "fixedlarge"]
@@ -32,17 +32,6 @@ class Basis(Protocol):
     def forward(self, x: Tensor) -> Tensor: ...
 
     def inverse(self, u: Tensor) -> Tensor: ...
-
-
-def _bcast(c: Tensor, ref: Tensor) -> Tensor:
-    """``(B,)`` -> ``(B,1,1,1)``; ``(B,H,W)`` -> ``(B,1,H,W)``; a per-channel ``(B,C,H,W)`` grid is kept;
-    cast to ``ref``'s dtype/device."""
-    c = c.to(device=ref.device)
-    if c.ndim == 1:
-        c = c.view(-1, *([1] * (ref.ndim - 1)))
-    elif c.ndim < ref.ndim:
-        c = c.unsqueeze(1)
-    return c.to(ref.dtype)
 
 
 class GaussianProcess(DiffusionProcess):
@@ -89,7 +78,7 @@ class GaussianProcess(DiffusionProcess):
     def coefficients(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
         """``(α_t, σ_t)`` broadcastable against ``ref`` and in its dtype."""
         a, s = self.alpha_sigma(t)
-        return _bcast(a, ref), _bcast(s, ref)
+        return bcast(a, ref), bcast(s, ref)
 
     # --- basis ----------------------------------------------------------------------------------
     def to_basis(self, x: Tensor) -> Tensor:
@@ -164,9 +153,9 @@ class GaussianProcess(DiffusionProcess):
         a_ts = a_t / a_s
         var_ts = (s_t**2 - a_ts**2 * s_s**2).clamp_min(0.0)
         inv = 1.0 / (s_t**2)
-        c_t = _bcast(a_ts * s_s**2 * inv, u_t)
-        c_0 = _bcast(a_s * var_ts * inv, u_t)
-        return c_t * u_t + c_0 * u0, _bcast(var_ts * s_s**2 * inv, u_t), _bcast(var_ts, u_t)
+        c_t = bcast(a_ts * s_s**2 * inv, u_t)
+        c_0 = bcast(a_s * var_ts * inv, u_t)
+        return c_t * u_t + c_0 * u0, bcast(var_ts * s_s**2 * inv, u_t), bcast(var_ts, u_t)
 
     def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
@@ -199,8 +188,7 @@ class GaussianProcess(DiffusionProcess):
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         """``N(0, I)`` (the terminal law of a variance-preserving process)."""
-        gen_device = generator.device if generator is not None else device
-        return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+        return randn(shape, generator, device, dtype)
 
 
 def gaussian_pf_velocity(process, model_fn: ModelFn, z: Tensor, t: Tensor) -> Tensor:
@@ -211,7 +199,7 @@ def gaussian_pf_velocity(process, model_fn: ModelFn, z: Tensor, t: Tensor) -> Te
     """
     u0, eps = process.predict(model_fn, z, t)
     da, ds = process.alpha_sigma_dot(t)
-    return process.from_basis(_bcast(da, u0) * u0 + _bcast(ds, u0) * eps)
+    return process.from_basis(bcast(da, u0) * u0 + bcast(ds, u0) * eps)
 
 
 def ddim_dual_step(process, model_fn: ModelFn, z: Tensor, t: Tensor, t_next: Tensor) -> Tensor:

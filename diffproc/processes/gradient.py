@@ -40,7 +40,7 @@ from diffproc.ops import (
     screened_poisson,
 )
 from diffproc.ops.finite_diff import _check_stencil, neumann_eigenvalues
-from diffproc.processes.base import randn_like
+from diffproc.processes.base import randn, randn_like
 from diffproc.processes.ddpm import DDPMProcess, Schedule, Spacing
 from diffproc.processes.gaussian import Prediction, Variance
 
@@ -375,8 +375,7 @@ class GradientDomainProcess(DDPMProcess):
     def _image_noise(self, z_shape: Sequence[int], generator, device, dtype) -> Tensor:
         b, n, h, w = z_shape
         c = n // (self._field_factor() + int(self.has_aux))
-        gen_device = generator.device if generator is not None else device
-        return torch.randn((b, c, h, w), generator=generator, device=gen_device, dtype=dtype).to(device)
+        return randn((b, c, h, w), generator, device, dtype)
 
     def noise_like(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """i.i.d. N(0, I) on the domain, or ``to_domain(ε)`` with image noise ε for ``noise="operator"``."""

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import ODE_SOLVERS, ModelFn, batch_times, randn_like
+from diffproc.processes.base import ODE_SOLVERS, ModelFn, batch_times, bcast, randn_like
 from diffproc.processes.ddpm import beta_schedule, ddim_timesteps
 from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
 
@@ -241,7 +241,7 @@ class InterpolationProcess(GaussianProcess):
         if self.gamma > 0:
             scale = 1.0
             if self.gradient_wrt == "t":  # ẋ = η'(t_paper)·v, with t_paper = T·t
-                scale = _bcast_like(self.eta_of(t)[1] / self.num_timesteps, z0)
+                scale = bcast(self.eta_of(t)[1] / self.num_timesteps, z0)
             terms["v"] = self._err(scale * self.velocity(dx0, de, t))  # v̂ − v is linear in the errors
             loss = loss + self.gamma * terms["v"]
         terms["loss"] = loss
@@ -286,6 +286,3 @@ class InterpolationProcess(GaussianProcess):
                              "run it with diffproc.samplers.sample_loop (or ode_step for a single step).")
         return super().reverse_step(model_fn, z_t, tb, sb, solver=solver, generator=generator)
 
-
-def _bcast_like(c: Tensor, ref: Tensor) -> Tensor:
-    return c.to(device=ref.device, dtype=ref.dtype).view(-1, *([1] * (ref.ndim - 1)))
