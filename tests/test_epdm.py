@@ -114,13 +114,12 @@ def test_posterior_positive_on_grid():
         tb = torch.arange(2, T + 1)
         sb = tb - 1
         g = torch.linspace(0, 1, 41, dtype=F64).view(1, 1, 41, 1).expand(len(tb), 1, 41, 1)
-        zero = torch.zeros_like(g)
         a_ts2 = (p_ab := DDPMProcess(num_timesteps=T).alphas_bar)[tb].view(-1, 1, 1, 1) / p_ab[sb].view(-1, 1, 1, 1)
         for tr in ("linear", "linear_continuous", "cosine", "sigmoid"):
             for lfs in ("t", "s"):
                 p = EdgePreservingProcess(num_timesteps=T, lambda_min=lmin, transition=tr, lambda_for_s=lfs)
                 var_ts = p.sigma(g, tb) ** 2 - a_ts2 * p.sigma(g, sb, lam_t=tb if lfs == "t" else None) ** 2
-                _, var = p.edge_posterior(zero, zero, g, tb, sb)
+                var = p.sigma(g, sb, lam_t=tb if lfs == "t" else None) ** 2 * var_ts / p.sigma(g, tb) ** 2  # Eq. 5
                 assert var_ts.min().item() > 1e-8 and var.min().item() > 0, (T, tr, lfs)  # spec: min 4.6e-8
 
 
@@ -164,7 +163,7 @@ def test_posterior_equals_gaussian_conditioning(lambda_for_s, t):
     x0[..., :4] = 0.3  # flat region + edges
     x_t = rand_image(2)
     tb, sb = torch.tensor([t]), torch.tensor([t - 1])
-    mean, var = p.edge_posterior(x_t, x0, p.edges(x0), tb, sb)
+    mean, var, _ = p.posterior(x_t.double(), x0.double(), tb, sb)  # the core's posterior at G(x0)
     ref_mean, ref_var = _numpy_reference(x0.numpy(), x_t.numpy(), t, t - 1, T, 1e-6, 0.1, 0.5, lambda_for_s)
     np.testing.assert_allclose(mean.numpy(), ref_mean, rtol=0, atol=1e-10)
     np.testing.assert_allclose(var.expand_as(mean).numpy(), ref_var, rtol=1e-9, atol=1e-14)
@@ -198,8 +197,8 @@ def test_ddpm_limit_step_for_step(case):
         torch.testing.assert_close(a, d, rtol=0, atol=1e-9)
         # σ̃² = β_t(1-ᾱ_{t-1})/(1-ᾱ_t)
         tb = torch.tensor([t])
-        _, var = ep.edge_posterior(x[:1], x[:1], torch.rand(1, 1, 8, 8, dtype=F64) if case != "constant_image"
-                                   else torch.zeros(1, 1, 8, 8, dtype=F64), tb, tb - 1)
+        x0 = x[:1].double() if case != "constant_image" else torch.full((1, 3, 8, 8), 0.3, dtype=F64)
+        _, var, _ = ep.posterior(x[:1].double(), x0, tb, tb - 1)
         beta = ep.betas[t - 1]
         ref = beta * (1 - ep.alphas_bar[t - 1]) / (1 - ep.alphas_bar[t])
         assert torch.allclose(var, ref.expand_as(var), rtol=0, atol=1e-10)
@@ -254,6 +253,77 @@ def test_exact_denoiser_recovers_delta():
     assert (res.sample - xs).abs().max().item() <= 0.06
     strided = sample_loop(p, fn, (4, 3, 16, 16), num_steps=25, generator=torch.Generator().manual_seed(0), dtype=F64)
     assert strided.nfe == 25 and (strided.sample - xs).abs().max().item() <= 0.06
+
+
+# --- on the Gaussian core (issue: one core for every process) ----------------------------------------
+def _reference_model(z, t):
+    """The deterministic non-trivial 'denoiser' the reference file was recorded with."""
+    tt = t.to(z.dtype).view(-1, 1, 1, 1) / 50.0
+    return 0.3 * torch.tanh(z) * (0.5 + tt) + 0.05 * torch.roll(z, 1, dims=-1)
+
+
+REFERENCE_CASES = {
+    "default": {},
+    "official": dict(edge_norm="batch_max", train_transition="cosine", lambda_for_s="t"),
+    "consistent": dict(lambda_for_s="s", final="x0", clip_x0=True, edge_padding="replicate"),
+    "sigmoid_mean": dict(transition="sigmoid", loss_reduction="mean", lambda_for_s="s"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_matches_values_recorded_before_the_core_refactor(case):
+    """tests/data/epdm_ancestral_reference.pt was written by the pre-refactor EPDM (its own copy of the
+    posterior/loss): forward marginal, loss, a full and a strided ancestral chain (fixed seeds) must
+    match it to float tolerance now that EPDM runs on the Gaussian core."""
+    ref = torch.load(ROOT / "tests" / "data" / "epdm_ancestral_reference.pt")[case]
+    p = EdgePreservingProcess(num_timesteps=50, **REFERENCE_CASES[case])
+    torch.testing.assert_close(p.forward(ref["x0"], ref["t"], ref["noise"]), ref["forward"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(p.loss(_reference_model, ref["x0"], ref["t"], ref["noise"]), ref["loss"],
+                               rtol=1e-6, atol=0)
+    full = sample_loop(p, _reference_model, (3, 3, 8, 8), generator=torch.Generator().manual_seed(3))
+    strided = sample_loop(p, _reference_model, (3, 3, 8, 8), num_steps=7, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(full.sample, ref["full"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(strided.sample, ref["strided"], rtol=0, atol=1e-5)
+
+
+def test_ddim_keeps_the_noise_of_an_exact_denoiser():
+    """Point-mass data x* and the exact network f = x_t − α_t x*: DDIM(η=0) keeps ε fixed, so every
+    state is α_s x* + σ_s(x*) ε (the DDIM family's marginal q(x_s|x0), per pixel), and lands on x*."""
+    T = 100
+    p = EdgePreservingProcess(num_timesteps=T, lambda_min=1e-4, lambda_for_s="s", final="x0", default_solver="ddim")
+    xs = step_image(h=16, w=16) * 0.8
+    fn = lambda x, t: x - p.alphas_bar[t.long()].sqrt().view(-1, 1, 1, 1) * xs  # noqa: E731
+    eps = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=F64)
+    grid = p.timesteps(10)
+    x = p.forward(xs.expand(2, -1, -1, -1), torch.full((2,), grid[0]), eps)
+    for t, s in zip(grid[:-1], grid[1:]):
+        x = p.reverse_step(fn, x, t, s, solver="ddim")
+        want = p.forward(xs.expand(2, -1, -1, -1), torch.full((2,), s), eps)
+        torch.testing.assert_close(x, want, rtol=0, atol=1e-10)
+    assert s == 0 and (x - xs).abs().max() < 1e-12
+    # the per-pixel σ really differs from DDPM's: on the edge the state is less noisy at t = T/4
+    sig = p.sigma(p.edges(xs), torch.tensor([T // 4]))[0, 0]
+    assert sig.min() < 0.5 * sig.max()
+
+
+@pytest.mark.parametrize("lambda_for_s", ["t", "s"])
+def test_ddim_eta_one_is_the_ancestral_step(lambda_for_s):
+    """DDIM(η=1) with ε̂ consistent with x̂0 is the posterior step (same noise draw): the DDIM family of
+    the core and EPDM's per-pixel posterior agree, quirk flag included."""
+    p = EdgePreservingProcess(num_timesteps=200, lambda_for_s=lambda_for_s, eta=1.0)
+    x = rand_image(3, (2, 3, 8, 8))
+    for t, s in ((200, 180), (120, 119), (60, 20), (5, 1)):
+        a = p.reverse_step(_reference_model, x, t, s, solver="ancestral", generator=torch.Generator().manual_seed(t))
+        d = p.reverse_step(_reference_model, x, t, s, solver="ddim", generator=torch.Generator().manual_seed(t))
+        torch.testing.assert_close(a, d, rtol=0, atol=1e-10)
+
+
+def test_module_samples_with_ddim_and_eta():
+    m = tiny_epdm(sampler="ddim", eta=0.5, sampling_steps=4)
+    res = m.sample(3, seed=0, progress=False)
+    assert res.solver == "ddim" and res.nfe == 4 and res.images.shape == (3, 3, 8, 8)
+    again = m.sample(3, seed=0, progress=False, sampler="ancestral")
+    assert again.nfe == 4 and not torch.equal(res.images, again.images)
 
 
 # --- SDEdit (§1.12.8) ------------------------------------------------------------------------------
@@ -332,7 +402,7 @@ def test_epdm_module_config_errors():
     with pytest.raises(ConfigError, match="sampling_steps"):
         tiny_epdm(sampling_steps=20)
     with pytest.raises(ConfigError, match="sampler"):
-        tiny_epdm(sampler="ddim")
+        tiny_epdm(sampler="heun")  # no probability-flow ODE for EPDM (docs/epdm.md)
     m = tiny_epdm()
     loss = m.compute_loss(rand_image(0, (2, 3, 8, 8)).float(), m.unet)
     assert loss.ndim == 0 and torch.isfinite(loss)

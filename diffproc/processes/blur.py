@@ -243,9 +243,9 @@ class BlurProcess(GaussianProcess):
         t = torch.randint(1, self.num_timesteps, (batch,), generator=generator, device=gen_device)
         return t.to(device)
 
-    def forward(self, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def forward(self, z0: Tensor, t: Tensor, noise: Tensor, train: bool = False) -> Tensor:
         self._check_channels(z0)
-        return super().forward(z0, t, noise)
+        return super().forward(z0, t, noise, train)
 
     # --- sampling ---------------------------------------------------------------------------------------
     def timesteps(self, num_steps: int | None = None) -> list[int]:

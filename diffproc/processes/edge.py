@@ -1,4 +1,4 @@
-"""EPDM — edge-preserving noise (Vandersanden et al. 2024, arXiv 2410.01540), on the DDPM tables.
+"""EPDM — edge-preserving noise (Vandersanden et al. 2024, arXiv 2410.01540), on the Gaussian core.
 
 Spec: methods_gddm_epdm.md §1 (equations recovered from the official code). With ``G = G(x0)`` the
 normalised squared Sobel magnitude (:func:`diffproc.ops.edge_map`, §1.2)::
@@ -10,6 +10,15 @@ normalised squared Sobel magnitude (:func:`diffproc.ops.edge_map`, §1.2)::
 
 and the per-pixel Gaussian posterior (Eqs. 3, 5, 6, 13, 14, float64) with ``G = G(x̂0)`` recomputed at
 every reverse step (§1.7).
+
+The process is the Gaussian core (:class:`~diffproc.processes.gaussian.GaussianProcess`) with one
+hook: :meth:`EdgePreservingProcess.alpha_sigma_given` returns σ_t(x0) per pixel, and the network's
+target is ``prediction="sigma_eps"``. Loss, forward marginal, posterior, ancestral and DDIM(η) steps are
+the core's (``work_dtype`` float64, as the official code). DDIM is an **extension**: the DDIM family
+q(x_s | x_t, x0) = N(α_s x0 + sqrt(σ_s(x0)² − c²)(x_t − α_t x0)/σ_t(x0), c²) keeps every marginal
+q(x_s | x0) = N(α_s x0, σ_s(x0)²) for any x0-dependent σ, so the DDIM derivation holds per x0
+(docs/epdm.md). No probability-flow ODE is offered: the score of p_t needs E[ε/σ_t(x0) | x_t], which a
+network trained on σ_t(x0) ⊙ ε does not give.
 
 Time convention (same as :class:`~diffproc.processes.ddpm.DDPMProcess`, whose β/ᾱ tables, training
 time law U{1..T}, ``N(0, I)`` prior and loss reduction are reused): ``t ∈ {0, …, T}``, ``t = 0`` clean.
@@ -27,7 +36,6 @@ import torch
 from torch import Tensor
 
 from diffproc.ops import edge_map, perona_malik
-from diffproc.processes.base import ModelFn, batch_times, randn_like
 from diffproc.processes.ddpm import DDPMProcess
 
 Transition = Literal["linear", "linear_continuous", "cosine", "sigmoid", "constant"]
@@ -35,7 +43,8 @@ TRANSITIONS = ("linear", "linear_continuous", "cosine", "sigmoid", "constant")
 
 
 class EdgePreservingProcess(DDPMProcess):
-    """Hybrid edge-preserving / isotropic noise of EPDM (spec §1.3–1.7). Ancestral sampling only.
+    """Hybrid edge-preserving / isotropic noise of EPDM (spec §1.3–1.7) on the Gaussian core:
+    ancestral (paper) and DDIM(η) (extension) sampling.
 
     Args:
         num_timesteps: T (500 CelebA/Church, 750 AFHQ-Cat). ``beta_start``/``beta_end``: linear β (§1.1).
@@ -55,10 +64,14 @@ class EdgePreservingProcess(DDPMProcess):
         loss_reduction: ``sum`` over C·H·W then batch mean (official) | ``mean``.
         clip_x0: clip x̂0 to [-1, 1] before the edge map and posterior (the code does not).
         edge_eps: guard of the edge-map normalisation (constant image -> G = 0).
+        eta: DDIM stochasticity for ``solver="ddim"`` (0 = deterministic; 1 = the ancestral step).
+        default_solver: ``ancestral`` (paper) or ``ddim``.
     """
 
-    solvers = ("ancestral",)
+    solvers = ("ancestral", "ddim")
     default_solver = "ancestral"
+    data_dependent = True
+    work_dtype = torch.float64
 
     def __init__(self, num_timesteps: int = 500, beta_start: float = 1e-4, beta_end: float = 2e-2,
                  lambda_min: float = 1e-6, lambda_max: float = 1e-1, t_phi: float = 0.5,
@@ -68,10 +81,10 @@ class EdgePreservingProcess(DDPMProcess):
                  edge_padding: Literal["zeros", "replicate"] = "zeros",
                  lambda_for_s: Literal["t", "s"] = "t", final: Literal["state", "x0"] = "state",
                  loss_reduction: Literal["sum", "mean"] = "sum", clip_x0: bool = False,
-                 edge_eps: float = 1e-12) -> None:
+                 edge_eps: float = 1e-12, eta: float = 0.0, default_solver: str = "ancestral") -> None:
         super().__init__(num_timesteps=num_timesteps, schedule="linear", beta_start=beta_start,
-                         beta_end=beta_end, prediction="eps", variance="fixedsmall", clip_x0=clip_x0,
-                         loss_reduction=loss_reduction)
+                         beta_end=beta_end, prediction="sigma_eps", variance="fixedsmall", eta=eta,
+                         clip_x0=clip_x0, loss_reduction=loss_reduction, default_solver=default_solver)
         for name, value, allowed in (("transition", transition, TRANSITIONS),
                                      ("train_transition", train_transition, TRANSITIONS + (None,)),
                                      ("edge_norm", edge_norm, ("image_max", "batch_max", "none")),
@@ -91,6 +104,8 @@ class EdgePreservingProcess(DDPMProcess):
         self.train_transition = train_transition or transition
         self.edge_norm, self.edge_padding, self.edge_eps = edge_norm, edge_padding, float(edge_eps)
         self.lambda_for_s, self.final = lambda_for_s, final
+        self._g_key: Tensor | None = None
+        self._g_val: Tensor | None = None
 
     # --- schedules (§1.3), t 1-based, evaluated at k = t − 1 -------------------------------------
     def model_time(self, t: Tensor) -> Tensor:
@@ -131,67 +146,23 @@ class EdgePreservingProcess(DDPMProcess):
         b = self.alpha_sigma(t)[1].view(view)
         return b / d
 
-    # --- forward process and loss (§1.4, §1.6) ---------------------------------------------------
-    def forward(self, z0: Tensor, t: Tensor, noise: Tensor, transition: str | None = None) -> Tensor:
-        """x_t = sqrt(ᾱ_t) x0 + σ_t(x0) ⊙ ε with the *sampling* τ unless ``transition`` is given."""
-        a = self.alpha_sigma(t)[0].view(-1, 1, 1, 1)
-        s = self.sigma(self.edges(z0), t, transition=transition)
-        return (a * z0 + s * noise).to(z0.dtype)
+    # --- the Gaussian core's data-dependent hook (§1.4, Eqs. 11, 12) ----------------------------
+    def alpha_sigma_given(self, t: Tensor, x0: Tensor | None = None, *, t_from: Tensor | None = None,
+                          train: bool = False) -> tuple[Tensor, Tensor]:
+        """``(sqrt(ᾱ_t), σ_t(x0))``: σ per pixel from G(x0) (float64 ``(B, 1, H, W)``), with the training
+        τ when ``train`` and λ(t_from) in a reverse step's σ_s under ``lambda_for_s="t"`` (official).
+        Without x0 it is DDPM's isotropic pair (the prior and the end points)."""
+        if x0 is None:
+            return self.alpha_sigma(t)
+        lam_t = t_from if (t_from is not None and self.lambda_for_s == "t") else None
+        transition = self.train_transition if train else None
+        return self.alpha_sigma(t)[0], self.sigma(self._edges_cached(x0), t, lam_t=lam_t, transition=transition)
 
-    def target(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The scaled noise σ_t(x0) ⊙ ε (training τ)."""
-        return (self.sigma(self.edges(z0), t, transition=self.train_transition) * noise).to(z0.dtype)
-
-    def loss(self, model_fn: ModelFn, z0: Tensor, t: Tensor | None = None,
-             noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """‖f_θ(x_t, t) − σ_t(x0) ⊙ ε‖², reduced by ``loss_reduction`` (Eq. 15; one Sobel per batch)."""
-        if t is None:
-            t = self.sample_time(z0.shape[0], generator, z0.device)
-        if noise is None:
-            noise = randn_like(z0, generator)
-        a = self.alpha_sigma(t)[0].view(-1, 1, 1, 1).to(z0.dtype)
-        n = (self.sigma(self.edges(z0), t, transition=self.train_transition) * noise).to(z0.dtype)
-        return self.reduce((model_fn(a * z0 + n, t) - n) ** 2)
-
-    # --- reverse process (§1.5, §1.7) -------------------------------------------------------------
-    def predict_x0(self, model_fn: ModelFn, z_t: Tensor, t: Tensor) -> Tensor:
-        """x̂0 = (x_t − f_θ(x_t, t)) / sqrt(ᾱ_t) in float64 (Eq. 7)."""
-        a = self.alpha_sigma(t)[0].view(-1, 1, 1, 1)
-        x0 = (z_t.to(torch.float64) - model_fn(z_t, t).to(torch.float64)) / a
-        return x0.clamp(-1, 1) if self.clip_x0 else x0
-
-    def edge_posterior(self, x_t: Tensor, x0: Tensor, g: Tensor, t: Tensor,
-                       s: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-pixel (μ̃, σ̃²) of q(x_s | x_t, x0) for s < t, float64 (Eqs. 3, 5, 6; §1.5).
-
-        σ_s uses λ(t) under ``lambda_for_s="t"`` (official). Valid for any s < t (σ²_ts ≥
-        (1 − ᾱ_t/ᾱ_s)/d_t² > 0, since d is non-increasing in τ and λ), so strided grids work too.
-        """
-        view = (-1, 1, 1, 1)
-        ab_t = self.alpha_sigma(t)[0].view(view) ** 2
-        ab_s = self.alpha_sigma(s)[0].view(view) ** 2
-        var_t = self.sigma(g, t) ** 2
-        var_s = self.sigma(g, s, lam_t=t if self.lambda_for_s == "t" else None) ** 2
-        a_ts2 = ab_t / ab_s
-        var_ts = var_t - a_ts2 * var_s                               # Eq. 3
-        var = var_s * var_ts / var_t                                 # Eq. 5 = 1/(1/σ_s² + α_ts²/σ_ts²)
-        mean = (a_ts2.sqrt() * var_s * x_t.to(torch.float64) + ab_s.sqrt() * var_ts * x0) / var_t  # Eq. 6
-        return mean, var
-
-    def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """One ancestral step t -> t_next (§1.7): x̂0, G(x̂0), posterior mean + σ̃ z (noise also on the
-        last step, as the code). ``t_next = 0`` (clean) returns x̂0 (``final="x0"`` grids)."""
-        if (solver or "ancestral") != "ancestral":
-            raise ValueError(f"unknown solver {solver!r} for EdgePreservingProcess; choose 'ancestral'")
-        tb = batch_times(t, z_t.shape[0], z_t.device)
-        sb = batch_times(t_next, z_t.shape[0], z_t.device)
-        x0 = self.predict_x0(model_fn, z_t, tb)
-        if bool((sb == 0).all()):
-            return x0.to(z_t.dtype)
-        mean, var = self.edge_posterior(z_t, x0, self.edges(x0), tb, sb)
-        noise = randn_like(z_t, generator).to(torch.float64)
-        return (mean + var.sqrt() * noise).to(z_t.dtype)
+    def _edges_cached(self, x0: Tensor) -> Tensor:
+        """G(x0), reused while the same x̂0 tensor is asked again within a step (σ_t, σ_s, ε̂)."""
+        if self._g_key is not x0:
+            self._g_key, self._g_val = x0, self.edges(x0)
+        return self._g_val
 
     def timesteps(self, num_steps: int | None = None) -> list[int]:
         """Descending 1-based grid. ``final="state"``: ``[T, …, 1]`` (T − 1 steps, official; returns the

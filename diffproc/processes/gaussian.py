@@ -10,6 +10,12 @@ In basis coefficients ``u = M x`` (``M`` orthonormal; identity for pixel-space p
 
 ``α_t`` and ``σ_t`` are scalars per time or per-coefficient ``(H, W)`` grids. Schedule quantities are
 kept in float64 and cast at use (σ²_ts cancels catastrophically near t → 0 in float32).
+
+**Data-dependent grids** (one hook, :meth:`GaussianProcess.alpha_sigma_given`): a process whose σ_t
+depends on the clean image itself (EPDM: σ_t(x0) per pixel from x0's edges) returns its grids for a
+given x0. The core then evaluates them at the data in the forward marginal and the loss, and at the
+current estimate x̂0 in every reverse step (posterior, DDIM), so the whole algebra above is reused
+unchanged. See ``docs/core.md``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from torch import Tensor
 
 from diffproc.processes.base import DiffusionProcess, ModelFn, batch_times, bcast, randn, randn_like
 
-Prediction = Literal["eps", "x0", "v"]
+Prediction = Literal["eps", "x0", "v", "sigma_eps"]
 Variance = Literal["fixedsmall", "fixedlarge"]
 
 
@@ -39,8 +45,9 @@ class GaussianProcess(DiffusionProcess):
     time grid; this class owns the forward marginal, the loss, conversions and the reverse steps.
 
     Args:
-        prediction: what the network outputs — ``eps`` (Ho et al. 2020), ``x0`` or ``v``
-            (Salimans & Ho 2022, ``v = α ε − σ x0``).
+        prediction: what the network outputs — ``eps`` (Ho et al. 2020), ``x0``, ``v``
+            (Salimans & Ho 2022, ``v = α ε − σ x0``) or ``sigma_eps`` (the scaled noise ``σ_t ⊙ ε``:
+            EPDM Eq. 15, the natural target when σ_t depends on the unknown x0).
         basis: orthonormal basis with ``forward``/``inverse`` (``None`` = pixels).
         variance: ancestral-step variance — ``fixedsmall`` (posterior variance β̃) or ``fixedlarge``
             (σ²_ts, = β_t on the full grid); DDPM §3.2.
@@ -53,12 +60,16 @@ class GaussianProcess(DiffusionProcess):
     default_solver = "ancestral"
     #: valid range of a clean sample in the process domain (for ``clip_x0``); None disables clipping
     x0_range: tuple[float, float] | None = (-1.0, 1.0)
+    #: True when :meth:`alpha_sigma_given` depends on x0 (the core then passes x0 / x̂0 to it)
+    data_dependent: bool = False
+    #: dtype of the reverse-step algebra (None = the state's); EPDM uses float64 as its official code
+    work_dtype: torch.dtype | None = None
 
     def __init__(self, prediction: Prediction = "eps", basis: Basis | None = None,
                  variance: Variance = "fixedsmall", eta: float = 0.0, clip_x0: bool = True,
                  loss_reduction: Literal["mean", "sum"] = "mean") -> None:
-        if prediction not in ("eps", "x0", "v"):
-            raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
+        if prediction not in ("eps", "x0", "v", "sigma_eps"):
+            raise ValueError(f"prediction must be 'eps', 'x0', 'v' or 'sigma_eps', got {prediction!r}")
         if variance not in ("fixedsmall", "fixedlarge"):
             raise ValueError(f"variance must be 'fixedsmall' or 'fixedlarge', got {variance!r}")
         if loss_reduction not in ("mean", "sum"):
@@ -75,9 +86,24 @@ class GaussianProcess(DiffusionProcess):
     def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Float64 ``(α_t, σ_t)`` for times ``t`` of shape ``(B,)``: each ``(B,)`` or ``(B, H, W)``."""
 
-    def coefficients(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
-        """``(α_t, σ_t)`` broadcastable against ``ref`` and in its dtype."""
-        a, s = self.alpha_sigma(t)
+    def alpha_sigma_given(self, t: Tensor, x0: Tensor | None = None, *, t_from: Tensor | None = None,
+                          train: bool = False) -> tuple[Tensor, Tensor]:
+        """THE hook for data-dependent coefficient grids: float64 ``(α_t, σ_t)`` for the clean image
+        ``x0`` (process domain; the data in the forward marginal and the loss, the current estimate
+        x̂0 in reverse steps). ``t_from``: the start time when a reverse step t_from → t asks for σ at
+        its end time (EPDM's official λ(t) in σ_s). ``train``: the coefficients of the training
+        objective (EPDM's ``train_transition``). Grids may be ``(B,)``, ``(B,H,W)`` or ``(B,1|C,H,W)``.
+
+        Default: the data-independent :meth:`alpha_sigma`. A process overriding this sets
+        ``data_dependent = True``; :meth:`alpha_sigma` then stays its x0-free schedule (prior, end
+        points).
+        """
+        return self.alpha_sigma(t)
+
+    def coefficients(self, t: Tensor, ref: Tensor, x0: Tensor | None = None, *, t_from: Tensor | None = None,
+                     train: bool = False) -> tuple[Tensor, Tensor]:
+        """``(α_t, σ_t)`` broadcastable against ``ref`` and in its dtype (see :meth:`alpha_sigma_given`)."""
+        a, s = self.alpha_sigma_given(t, x0, t_from=t_from, train=train)
         return bcast(a, ref), bcast(s, ref)
 
     # --- basis ----------------------------------------------------------------------------------
@@ -93,20 +119,23 @@ class GaussianProcess(DiffusionProcess):
         Processes whose noise lives in a subspace of the domain (GDDM ``noise="operator"``) override it."""
         return randn_like(z, generator)
 
-    def forward(self, z0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """q(z_t | z_0): ``Mᵀ(α_t ⊙ M z0 + σ_t ⊙ M ε)`` for pixel-space ``noise`` ε."""
-        a, s = self.coefficients(t, z0)
+    def forward(self, z0: Tensor, t: Tensor, noise: Tensor, train: bool = False) -> Tensor:
+        """q(z_t | z_0): ``Mᵀ(α_t ⊙ M z0 + σ_t ⊙ M ε)`` for pixel-space ``noise`` ε (``train``: the
+        training objective's coefficients, which differ only for EPDM's ``train_transition``)."""
+        a, s = self.coefficients(t, z0, z0 if self.data_dependent else None, train=train)
         if self.basis is None:
             return a * z0 + s * noise
         return self.from_basis(a * self.to_basis(z0) + s * self.to_basis(noise))
 
     def target(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The regression target of ``prediction`` in the process domain."""
+        """The regression target of ``prediction`` in the process domain (training coefficients)."""
         if self.prediction == "eps":
             return noise
         if self.prediction == "x0":
             return z0
-        a, s = self.coefficients(t, z0)
+        a, s = self.coefficients(t, z0, z0 if self.data_dependent else None, train=True)
+        if self.prediction == "sigma_eps":
+            return self.from_basis(s * self.to_basis(noise))
         return self.from_basis(a * self.to_basis(noise) - s * self.to_basis(z0))
 
     def reduce(self, err: Tensor) -> Tensor:
@@ -122,7 +151,7 @@ class GaussianProcess(DiffusionProcess):
             t = self.sample_time(z0.shape[0], generator, z0.device)
         if noise is None:
             noise = self.noise_like(z0, generator)
-        z_t = self.forward(z0, t, noise)
+        z_t = self.forward(z0, t, noise, train=True)
         return self.reduce((model_fn(z_t, t) - self.target(z0, noise, t)) ** 2)
 
     # --- predictions ----------------------------------------------------------------------------
@@ -134,23 +163,38 @@ class GaussianProcess(DiffusionProcess):
             return (u_t - s * o) / a, o
         if self.prediction == "x0":
             return o, (u_t - a * o) / s
+        if self.prediction == "sigma_eps":  # o = σ_t(x0) ⊙ ε: û0 needs only α; ε̂ = o / σ_t(x̂0)
+            u0 = (u_t - o) / a
+            x0 = self.clip(self.from_basis(u0)) if self.data_dependent else None
+            return u0, o / self.coefficients(t, u_t, x0)[1]
         norm = a * a + s * s  # v-prediction: û0 = (α u − σ v)/(α²+σ²), ε̂ = (σ u + α v)/(α²+σ²)
         return (a * u_t - s * o) / norm, (s * u_t + a * o) / norm
 
-    def predict(self, model_fn: ModelFn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(û_0, ε̂_u)`` for state ``z_t`` at times ``t``; û_0 clipped to ``x0_range`` if asked."""
-        u_t = self.to_basis(z_t)
-        u0, eps = self.split_prediction(model_fn(z_t, t), u_t, t)
+    def clip(self, x0: Tensor) -> Tensor:
+        """x̂0 clipped to ``x0_range`` when ``clip_x0`` (process domain)."""
         if self.clip_x0 and self.x0_range is not None:
-            u0 = self.to_basis(self.from_basis(u0).clamp(*self.x0_range))
+            return x0.clamp(*self.x0_range)
+        return x0
+
+    def predict(self, model_fn: ModelFn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(û_0, ε̂_u)`` for state ``z_t`` at times ``t``; û_0 clipped to ``x0_range`` if asked. The
+        network sees ``z_t`` as given; the algebra runs in ``work_dtype`` when the process sets one."""
+        wd = self.work_dtype or z_t.dtype
+        u_t = self.to_basis(z_t.to(wd))
+        u0, eps = self.split_prediction(model_fn(z_t, t).to(wd), u_t, t)
+        if self.clip_x0 and self.x0_range is not None:
+            u0 = self.to_basis(self.clip(self.from_basis(u0)))
         return u0, eps
 
     # --- posterior and reverse steps ------------------------------------------------------------
     def posterior(self, u_t: Tensor, u0: Tensor, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Mean, fixed-small variance and fixed-large variance (σ²_ts) of q(u_s | u_t, u_0)."""
-        a_t, s_t = self.alpha_sigma(t)
-        a_s, s_s = self.alpha_sigma(s)
+        """Mean, fixed-small variance and fixed-large variance (σ²_ts) of q(u_s | u_t, u_0), with the
+        grids of a data-dependent process evaluated at ``u0`` (EPDM Eqs. 3, 5, 6)."""
+        x0 = self.from_basis(u0) if self.data_dependent else None
+        a_t, s_t = self.alpha_sigma_given(t, x0)
+        a_s, s_s = self.alpha_sigma_given(s, x0, t_from=t)
         a_ts = a_t / a_s
+        a_ts, a_s = bcast(a_ts, s_t), bcast(a_s, s_t)  # scalars per time against grids
         var_ts = (s_t**2 - a_ts**2 * s_s**2).clamp_min(0.0)
         inv = 1.0 / (s_t**2)
         c_t = bcast(a_ts * s_s**2 * inv, u_t)
@@ -159,21 +203,28 @@ class GaussianProcess(DiffusionProcess):
 
     def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
-        """Ancestral (posterior) or DDIM(η) step from ``t`` to ``t_next`` on any sub-grid."""
+        """Ancestral (posterior) or DDIM(η) step from ``t`` to ``t_next`` on any sub-grid (algebra in
+        ``work_dtype``; the result in ``z_t``'s dtype)."""
         solver = solver or self.default_solver
+        if solver not in ("ancestral", "ddim"):
+            raise ValueError(f"unknown solver {solver!r} for {type(self).__name__}; choose one of {self.solvers}")
         tb = batch_times(t, z_t.shape[0], z_t.device)
         sb = batch_times(t_next, z_t.shape[0], z_t.device)
-        u_t = self.to_basis(z_t)
+        wd = self.work_dtype or z_t.dtype
+        u_t = self.to_basis(z_t.to(wd))
         u0, eps = self.predict(model_fn, z_t, tb)
         final = bool((self.alpha_sigma(sb[:1])[1] == 0).all())
+
+        def noise() -> Tensor:  # drawn in the state's dtype: the same stream whatever work_dtype is
+            return self.to_basis(self.noise_like(z_t, generator).to(wd))
+
         if solver == "ancestral":
             mean, var_small, var_large = self.posterior(u_t, u0, tb, sb)
             var = var_small if self.variance == "fixedsmall" else var_large
-            if final:
-                return self.from_basis(mean)
-            return self.from_basis(mean + var.sqrt() * self.to_basis(self.noise_like(z_t, generator)))
-        if solver == "ddim":
-            a_s, s_s = self.coefficients(sb, u_t)
+            out = mean if final else mean + var.sqrt() * noise()
+        else:  # DDIM(η), Song et al. Eq. 12 with σ_s (and, data-dependent, σ_t in ε̂) at x̂0
+            x0 = self.from_basis(u0) if self.data_dependent else None
+            a_s, s_s = self.coefficients(sb, u_t, x0, t_from=tb)
             out = a_s * u0
             if not final:
                 _, var_small, _ = self.posterior(u_t, u0, tb, sb)
@@ -181,9 +232,8 @@ class GaussianProcess(DiffusionProcess):
                 c2 = (s_s**2 - c1**2).clamp_min(0.0).sqrt()
                 out = out + c2 * eps
                 if self.eta > 0:
-                    out = out + c1 * self.to_basis(self.noise_like(z_t, generator))
-            return self.from_basis(out)
-        raise ValueError(f"unknown solver {solver!r} for {type(self).__name__}; choose one of {self.solvers}")
+                    out = out + c1 * noise()
+        return self.from_basis(out).to(z_t.dtype)
 
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
