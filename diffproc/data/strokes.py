@@ -75,7 +75,8 @@ class StrokesDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         real = self.source[i][0]
         g = torch.Generator().manual_seed(self.seed + i)
-        return {"image": kmeans_colors(real, self.k, self.iters, g), "real": real, "name": f"{self.prefix}{i:06d}"}
+        return {"image": kmeans_colors(real, self.k, self.iters, g), "real": real, "name": f"{self.prefix}{i:06d}",
+                "index": i}
 
 
 class GuideFolderDataset(Dataset):
@@ -93,7 +94,7 @@ class GuideFolderDataset(Dataset):
         img = self.files[i][0]
         if self.quantize:
             img = kmeans_colors(img, self.k, self.iters, torch.Generator().manual_seed(self.seed + i))
-        return {"image": img, "name": self.names[i]}
+        return {"image": img, "name": self.names[i], "index": i}
 
 
 class StrokesDataModule(ImageDataModule):

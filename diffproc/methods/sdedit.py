@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import DiffusionProcess, ModelFn, batch_times, randn_like
+from diffproc.processes.base import DiffusionProcess, ModelFn, PerSampleGenerator, batch_times, randn_like
 from diffproc.samplers import SampleResult, sample_loop
 
 
@@ -113,15 +113,21 @@ def sdedit_predict_step(module, batch: Any, batch_idx: int) -> Tensor:
     ``sdedit_grid_<batch>_rank<r>.png`` (rows: [real,] guide, result) in the predict directory.
 
     Options come from the DataModule's ``sdedit_options()`` when it has one (strength, t0, steps,
-    sampler, seed), else strength 0.5 and the module's sampler/steps/seed.
+    sampler, seed), else strength 0.5 and the module's sampler/steps/seed. Guide batches that carry an
+    ``index`` (the strokes datasets do) give guide ``i`` its noise from ``(seed, i)``: the results do not
+    depend on the batch size or the number of ranks.
     """
     images, names, real = _unpack(batch, batch_idx)
     dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
     opts = dict(dm.sdedit_options()) if hasattr(dm, "sdedit_options") else {}
     seed = opts.get("seed")
     seed = module.hparams.seed if seed is None else seed
-    g = torch.Generator(device=module.device).manual_seed(int(seed) * 1_000_003 + 7919 * batch_idx
-                                                          + 104729 * module.global_rank)
+    index = batch.get("index") if isinstance(batch, dict) else None
+    if index is not None:
+        g = PerSampleGenerator(int(seed), [int(i) for i in index], module.device)
+    else:
+        g = torch.Generator(device=module.device).manual_seed(int(seed) * 1_000_003 + 7919 * batch_idx
+                                                              + 104729 * module.global_rank)
     x = sdedit(module, images, strength=opts.get("strength", 0.5), t0=opts.get("t0"),
                steps=opts.get("steps"), sampler=opts.get("sampler"), generator=g).images
     out = module.predict_output_dir()
