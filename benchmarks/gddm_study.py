@@ -19,7 +19,8 @@ samples ``--num-samples`` images with the config's sampler from seeds ``seed + i
 * the decoded images *before* the final clip: max |x|, fraction of pixels outside [−1, 1];
 * along the sampling trajectory (first ``--diag-num`` images): RMS of x̂0 in the low/mid/high bands and
   its max |x̂0| per step, before any clipping (x̂0 decoded from the network output alone);
-* GDDM: curl energy / least-squares residual of the generated fields (``process.integrability``).
+* GDDM: curl energy / least-squares residual of the generated fields
+  (``diffproc.processes.gradient_stats.integrability``).
 
 Rows go to ``OUT/rows.json`` (resumable: a finished (label, step, variant) is not recomputed). Then
 ``OUT/convergence.md``/``.png`` (FID vs training step, mean ± std over seeds per method and variant) and
@@ -98,6 +99,8 @@ def dct_mode_rms(x: torch.Tensor) -> dict[str, float]:
 def trajectory(model, num: int, seed: int, device) -> dict:
     """x̂0 of every step of the config's sampler (no clipping, decoded to images), band RMS and max |x̂0|."""
     from diffproc.metrics.frequency import band_power
+    from diffproc.processes.gradient import GradientDomainProcess
+    from diffproc.processes.gradient_stats import integrability
     from diffproc.samplers import sample_loop
 
     p, net = model.process, model.sampling_net.eval()
@@ -125,8 +128,8 @@ def trajectory(model, num: int, seed: int, device) -> dict:
     x = model.decode(res.sample)
     out = {"trajectory": rec, "final_max_abs": float(x.abs().max()), "final_frac_out": float((x.abs() > 1).double().mean()),
            "final_mode_rms_unclipped": dct_mode_rms(x)}
-    if hasattr(p, "integrability"):
-        out["integrability"] = p.integrability(res.sample)
+    if isinstance(p, GradientDomainProcess):
+        out["integrability"] = integrability(p, res.sample)
     return out
 
 

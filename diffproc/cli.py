@@ -5,6 +5,7 @@
 * ``data.image_size`` and ``data.channels`` are linked into the model (said once);
 * TensorBoard logger under ``runs/<name>/version_N`` with the resolved ``config.yaml`` saved there;
 * ``ModelCheckpoint(save_last=True)`` (also saved when fit ends) (``--checkpoint.*``), sample grids (``--sample_grid.*``);
+* GDDM / LDDM diagnostics (``--gddm_diagnostics.*``; a no-op for the other methods);
 * ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the run name and keeps logging there.
 """
 
@@ -21,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffproc.callbacks.checkpoint import Checkpoint
 from diffproc.callbacks.fault import ImageThroughputMonitor, NonFiniteGuard
+from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics
 from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
 from diffproc.callbacks.sample_grid import SampleGrid
 from diffproc.data.base import ImageDataModule
@@ -68,6 +70,7 @@ class DiffprocCLI(LightningCLI):
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite_guard")
         parser.add_lightning_class_args(TestMetricsCallback, "metrics")  # cli.py test: FID & co (docs/metrics.md)
         parser.add_lightning_class_args(FIDCallback, "fid")  # off unless --fid.every_n_train_steps/epochs
+        parser.add_lightning_class_args(GDDMDiagnostics, "gddm_diagnostics")  # acts on GDDM models only
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.channels", apply_on="instantiate")
 

@@ -13,15 +13,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
-from diffproc.data.shapes import generate_shapes
+from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics, diagnostics
+from diffproc.data.shapes import ShapesDataModule, generate_shapes
 from diffproc.methods.base import ConfigError
 from diffproc.methods.gddm import GDDM
 from diffproc.ops import curl, grad, laplacian
 from diffproc.processes.ddpm import DDPMProcess
-from diffproc.processes.gradient import GradientDomainProcess, image_snr_crossing
+from diffproc.processes.gradient import GradientDomainProcess
+from diffproc.processes.gradient_stats import image_snr_crossing, integrability, signal_energy, snr_crossing, sparsity
 from diffproc.samplers import sample_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +83,7 @@ def test_noise_scale_overrides_and_bounds():
     # the quarter stencil with its own scale gives the same normalised domain (the choice cancels, §0.5)
     assert (q.to_domain(x) - p.to_domain(x)).abs().max() < 1e-12
     # the literal √(5/2) with the 5-point stencil raises the field energy 20/2.5 = 8x
-    assert (lit.signal_energy(lit.to_domain(x)) / p.signal_energy(p.to_domain(x))).sub(8.0).abs().max() < 1e-3
+    assert (signal_energy(lit, lit.to_domain(x)) / signal_energy(p, p.to_domain(x))).sub(8.0).abs().max() < 1e-3
     g = GradientDomainProcess(domain="gradient", gradient_noise_scale=2.0, dc_mode="oracle")
     assert (g.to_domain(x) * 2.0 - grad(x)).abs().max() < 1e-12
     for domain in ("gradient", "laplacian", "hybrid"):
@@ -147,16 +150,16 @@ def test_operator_noise_equivalence(domain):
     n = p.noise_like(z_t, g)
     pr = p.prior(tuple(z_t.shape), g, dtype=torch.float64)
     for s in (n, pr):
-        ig = p.integrability(s)
+        ig = integrability(p, s)
         assert ig["ls_residual"] < 1e-12
         if domain != "laplacian":
             assert ig["curl_energy"] < 1e-12
     # i.i.d. noise is not integrable
-    assert GradientDomainProcess(domain=domain).integrability(torch.randn(3, z_t.shape[1], 16, 16))["ls_residual"] > 0.01
+    assert integrability(GradientDomainProcess(domain=domain), torch.randn(3, z_t.shape[1], 16, 16))["ls_residual"] > 0.01
     # the loss's state is integrable too (operator noise in training)
     seen = []
     p.loss(lambda z, tt: seen.append(z) or torch.zeros_like(z), p.to_domain(x0), generator=g)
-    assert p.integrability(seen[0])["ls_residual"] < 1e-6
+    assert integrability(p, seen[0])["ls_residual"] < 1e-6
 
 
 def test_forward_noise_statistics():
@@ -176,7 +179,7 @@ def test_forward_noise_statistics():
 
 # --- §2.10.10-11 sparsity and faster forward convergence -------------------------------------------
 def test_sparsity_claim_on_shapes():
-    s = GradientDomainProcess().sparsity(shapes(64, 32), delta=0.02)
+    s = sparsity(GradientDomainProcess(), shapes(64, 32), delta=0.02)
     assert s["domain_frac"] > s["image_frac"]
     assert s["domain_kurtosis"] > 3
     assert s["domain_l1_l2"] < s["image_l1_l2"]
@@ -189,8 +192,8 @@ def test_faster_forward_convergence():
     grad_p = GradientDomainProcess(domain="gradient")
     lap_p = GradientDomainProcess(domain="laplacian")
     x = shapes(16, 32)
-    assert (grad_p.snr_crossing(x) < image_snr_crossing(x, ab)).all()
-    assert (lap_p.snr_crossing(x) < grad_p.snr_crossing(x)).all()
+    assert (snr_crossing(grad_p, x) < image_snr_crossing(x, ab)).all()
+    assert (snr_crossing(lap_p, x) < snr_crossing(grad_p, x)).all()
     skimage = pytest.importorskip("skimage")
     from skimage import data, transform
 
@@ -198,7 +201,7 @@ def test_faster_forward_convergence():
     for name, (ti, tg, tl) in want.items():
         im = transform.resize(getattr(data, name)(), (64, 64), anti_aliasing=True)
         x = torch.tensor(im, dtype=torch.float64).permute(2, 0, 1)[None] * 2 - 1
-        t_img, t_grad, t_lap = int(image_snr_crossing(x, ab)), int(grad_p.snr_crossing(x)), int(lap_p.snr_crossing(x))
+        t_img, t_grad, t_lap = int(image_snr_crossing(x, ab)), int(snr_crossing(grad_p, x)), int(snr_crossing(lap_p, x))
         assert t_lap < t_grad < t_img
         assert abs(t_img - ti) <= 20 and abs(t_grad - tg) <= 10 and abs(t_lap - tl) <= 10, (name, t_img, t_grad, t_lap)
 
@@ -219,7 +222,7 @@ def test_project_every_step_and_clip():
                 assert (u0.abs() <= p._bounds(3, u0) + 1e-12).all()
                 assert (u0 - p.split_prediction(out, z, t)[0]).abs().max() > 0.1  # something was clipped
             else:
-                assert p.integrability(u0)["ls_residual"] < 1e-10
+                assert integrability(p, u0)["ls_residual"] < 1e-10
             a, s = p.coefficients(t, z)
             assert (a * u0 + s * eps - z).abs().max() < 1e-10
         assert (p.project(p.to_domain(x_star)) - p.to_domain(x_star)).abs().max() < 1e-12
@@ -266,6 +269,33 @@ def test_poisson_net_init_is_dct_and_stages():
     assert {id(p) for p in opt.param_groups[1]["params"]} == {id(p) for p in j.poisson_net.parameters()}
     # no Poisson net for the default configuration
     assert _gddm().poisson_net is None
+
+
+def test_parameter_groups_hook():
+    """GDDM overrides only DiffusionModule.parameter_groups; configure_optimizers builds AdamW from those
+    groups and the base's warm-up scales every group's own learning rate."""
+    assert "parameter_groups" in GDDM.__dict__ and "configure_optimizers" not in GDDM.__dict__
+    plain = _gddm()
+    (group,) = plain.parameter_groups()
+    assert "lr" not in group and [id(p) for p in group["params"]] == [id(p) for p in plain.parameters()
+                                                                       if p.requires_grad]
+    # poisson_lr matters only when the Poisson net trains jointly
+    for kw in (dict(poisson_net_stage="separate"), dict(poisson_net_stage="poisson_only")):
+        assert len(_gddm(reconstruction="poisson_net", poisson_lr=5e-5, **kw).parameter_groups()) == 1
+    j = _gddm(reconstruction="poisson_net", poisson_net_stage="joint", poisson_lr=5e-5, lr=1e-3, warmup_steps=4)
+    groups = j.parameter_groups()
+    net = [id(p) for p in j.poisson_net.parameters()]
+    assert len(groups) == 2 and "lr" not in groups[0] and groups[1]["lr"] == 5e-5
+    assert [id(p) for p in groups[1]["params"]] == net
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in j.parameters() if p.requires_grad and id(p) not in net]
+    cfg = j.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in g["params"]] for g in groups]
+    for step in range(6):  # linear warm-up over 4 steps, then constant: the same factor on both groups
+        f = min(1.0, (step + 1) / 4)
+        assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * f, 5e-5 * f])
+        opt.step()
+        sched.step()
 
 
 def _train_poisson(size: int, steps: int) -> tuple[float, float, float]:
@@ -319,13 +349,44 @@ def test_module_loss_sample_diagnostics(kw):
     res = m.sample(2, steps=3, generator=torch.Generator().manual_seed(0), progress=False)
     imgs = res.images
     assert imgs.shape == (2, 3, 16, 16) and imgs.abs().max() <= 1 and res.nfe == 3
-    d = m.diagnostics(num=2, steps=2, x_real=x)
+    d = diagnostics(m, num=2, steps=2, x_real=x)
     assert d["gen_ls_residual"] > 0 and d["real_domain_frac"] > d["real_image_frac"]
     assert all(math.isfinite(v) for v in d.values())
     if m.poisson_net is not None:
         assert {"dct_seconds", "poisson_net_seconds", "gen_net_vs_dct_rms", "real_dct_rms", "real_net_rms"} <= d.keys()
     if kw["domain"] != "laplacian":
         assert d["gen_curl_energy"] > 0
+
+
+def test_gddm_diagnostics_callback(tmp_path):
+    """GDDMDiagnostics driven by a real Trainer: sparsity per batch, generated-field and Poisson-net numbers
+    per validation / test run, all finite; its cadence is in the checkpoint state."""
+    torch.manual_seed(0)
+    tiny = {"block_out_channels": [8, 16], "layers_per_block": 1}
+    m = GDDM(image_size=8, channels=3, unet=tiny, poisson_net=tiny, reconstruction="poisson_net",
+             poisson_net_stage="joint", ema_decay=0.9, warmup_steps=1, sampling_steps=2)
+    dm = ShapesDataModule(image_size=8, batch_size=4, num_train=8, num_val=4, num_test=4)
+    cb = GDDMDiagnostics(every_n_val=1, num=2, steps=2)
+    trainer = L.Trainer(max_steps=2, limit_val_batches=1, limit_test_batches=1, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
+                        callbacks=[cb])
+    trainer.fit(m, dm)
+    gen = ["gen_curl_energy", "gen_ls_residual", "gen_seconds", "gen_net_vs_dct_rms", "dct_seconds",
+           "poisson_net_seconds", "real_dct_rms", "real_net_rms"]
+    sp = ["domain_frac", "image_frac", "domain_kurtosis", "image_kurtosis", "domain_l1_l2", "image_l1_l2"]
+    for stage in ("val", "test"):
+        if stage == "test":
+            trainer.test(m, dm, verbose=False)
+        got = trainer.callback_metrics
+        for key in [f"{stage}/diag_{k}" for k in gen] + [f"{stage}/sparsity_{k}" for k in sp]:
+            assert key in got and math.isfinite(float(got[key])), (key, sorted(got))
+        assert not any(k.startswith(f"{stage}/diag_real_domain") for k in got)  # sparsity: per batch only
+        assert float(got[f"{stage}/sparsity_domain_frac"]) > float(got[f"{stage}/sparsity_image_frac"])
+    assert cb.val_runs == 1 and cb.state_dict() == {"val_runs": 1}
+    # the old hparams are accepted, ignored, and say where they went
+    with pytest.warns(DeprecationWarning, match="--gddm_diagnostics.every_n_val 5"):
+        GDDM(image_size=8, channels=3, unet=tiny, ema_decay=0, diagnostics_every_n_val=5)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
@@ -343,8 +404,8 @@ def _fit(config: str, tmp: Path, extra: list[str] = ()) -> Path:
           "--data.init_args.num_val", "8", "--data.init_args.image_size", "16",
           "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "2",
           "--trainer.val_check_interval", "3", "--sample_grid.num_images", "4",
-          "--model.init_args.sampling_steps", "3", "--model.init_args.diagnostics_steps", "2",
-          "--model.init_args.diagnostics_num", "2", "--trainer.enable_progress_bar", "false", *extra], tmp)
+          "--model.init_args.sampling_steps", "3", "--gddm_diagnostics.steps", "2",
+          "--gddm_diagnostics.num", "2", "--trainer.enable_progress_bar", "false", *extra], tmp)
     runs = sorted(glob.glob(str(tmp / "*" / "version_*")))
     assert runs, "no run directory written"
     run = Path(runs[-1])
@@ -405,7 +466,7 @@ def test_cli_separate_poisson_stage_and_test(tmp_path):
           "--trainer.logger.init_args.save_dir", str(tmp_path / "t"), "--data.init_args.image_size", "16",
           "--data.init_args.num_test", "8", "--data.init_args.batch_size", "8",
           "--model.init_args.reconstruction", "poisson_net", "--model.init_args.poisson_net", str(TINY),
-          "--model.init_args.diagnostics_steps", "2", "--model.init_args.diagnostics_num", "2",
+          "--gddm_diagnostics.steps", "2", "--gddm_diagnostics.num", "2",
           "--metrics.num_samples", "0", "--trainer.enable_progress_bar", "false"], tmp_path)
     runs = glob.glob(str(tmp_path / "t" / "*" / "version_*"))
     s = _scalars(Path(runs[0]))

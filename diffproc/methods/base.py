@@ -199,10 +199,16 @@ class DiffusionModule(L.LightningModule):
         cur = [p.detach() for p in self.unet.parameters()]
         torch._foreach_lerp_(ema, cur, 1.0 - decay)
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's parameter groups, as ``torch.optim`` takes them: dicts with ``params`` and any
+        per-group option (``lr``, ``weight_decay``, …; unset ones take the module's). Default: one group
+        with every trainable parameter. Methods override this, never :meth:`configure_optimizers`."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def configure_optimizers(self) -> dict:
+        """AdamW over :meth:`parameter_groups`; the warm-up / cosine factor scales every group's own lr."""
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         warmup = max(0, int(hp.warmup_steps))
         total = None
         if hp.lr_schedule == "cosine":

@@ -4,7 +4,9 @@ Poisson reconstruction (exact DCT solve or a Poisson U-Net). Spec: methods_gddm_
 The diffusion itself is :class:`~diffproc.processes.gradient.GradientDomainProcess` (plain DDPM on the
 normalised field). This class adds what the paper adds beyond a process: the optional Poisson network
 (a second, smaller ``UNet2DModel``, a submodule so its weights are in every checkpoint), its training on
-clean fields with noise augmentation, the reconstruction used by :meth:`decode`, and diagnostics.
+clean fields with noise augmentation and the reconstruction used by :meth:`decode`. Its diagnostics (sparsity,
+integrability of generated fields, Poisson net vs DCT) are the callback
+:class:`~diffproc.callbacks.gddm_diagnostics.GDDMDiagnostics` (``--gddm_diagnostics.*`` in ``cli.py``).
 
 EMA: ``self.ema_unet`` averages the diffusion UNet only. The Poisson network has no EMA: it is a supervised
 regressor trained on clean (augmented) data, evaluated with its raw weights.
@@ -12,14 +14,14 @@ regressor trained on clean (augmented) data, evaluated with its raw weights.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.rank_zero import rank_zero_deprecation
 from torch import Tensor, nn
 
-from diffproc.methods.base import ConfigError, DiffusionModule, build_unet, images_of
+from diffproc.methods.base import ConfigError, DiffusionModule, build_unet
 from diffproc.processes.base import randn_like
 from diffproc.processes.gradient import GradientDomainProcess
 
@@ -68,9 +70,9 @@ class GDDM(DiffusionModule):
         poisson_loss_weight, poisson_lr: joint-stage weight and learning rate (None = ``lr``).
         init_from: a checkpoint whose weights initialise a fresh ``fit`` (weights only, no optimiser
             state; ignored when the fit resumes with ``--ckpt_path``). Missing Poisson-net keys are allowed.
-        diagnostics_every_n_val: generated-field diagnostics every N validation runs (0 = never).
-        diagnostics_num, diagnostics_steps: images and sampling steps of those diagnostics.
-        sparsity_delta: threshold δ of the sparsity fraction (un-normalised units, spec §2.9).
+        diagnostics_every_n_val, diagnostics_num, diagnostics_steps, sparsity_delta: deprecated and ignored
+            (a warning says so): the diagnostics are the callback ``GDDMDiagnostics`` — ``every_n_val``,
+            ``num``, ``steps``, ``sparsity_delta`` (``--gddm_diagnostics.*`` in ``cli.py``).
         **kwargs: the shared options of :class:`DiffusionModule` (backbone, optimiser, EMA, sampling).
     """
 
@@ -92,8 +94,9 @@ class GDDM(DiffusionModule):
                  poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
                  poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
                  poisson_lr: Optional[float] = None, init_from: Optional[str] = None,
-                 diagnostics_every_n_val: int = 1, diagnostics_num: int = 8, diagnostics_steps: int = 20,
-                 sparsity_delta: float = 0.02, **kwargs: Any) -> None:
+                 diagnostics_every_n_val: Optional[int] = None, diagnostics_num: Optional[int] = None,
+                 diagnostics_steps: Optional[int] = None, sparsity_delta: Optional[float] = None,
+                 **kwargs: Any) -> None:
         if reconstruction not in ("dct", "poisson_net"):
             raise ConfigError(f"reconstruction must be 'dct' or 'poisson_net', got {reconstruction!r}")
         if poisson_net_stage not in ("separate", "joint", "poisson_only"):
@@ -112,6 +115,16 @@ class GDDM(DiffusionModule):
             raise ConfigError(str(err)) from err
         super().__init__(process=process, **kwargs)
         self.process: GradientDomainProcess
+        moved = {"every_n_val": diagnostics_every_n_val, "num": diagnostics_num, "steps": diagnostics_steps,
+                 "sparsity_delta": sparsity_delta}
+        moved = {k: v for k, v in moved.items() if v is not None}
+        if moved:  # deprecated: the diagnostics are a callback now
+            rank_zero_deprecation(
+                "GDDM's diagnostics_every_n_val / diagnostics_num / diagnostics_steps / sparsity_delta are deprecated "
+                "and ignored: the diagnostics are the callback diffproc.callbacks.gddm_diagnostics.GDDMDiagnostics, "
+                "which cli.py registers. Use " + " ".join(f"--gddm_diagnostics.{k} {v}" for k, v in moved.items())
+                + " (in a config: a top-level `gddm_diagnostics:` section); with your own Trainer: "
+                "callbacks=[GDDMDiagnostics(" + ", ".join(f"{k}={v}" for k, v in moved.items()) + ")].")
         self.reconstruction = reconstruction
         needs_net = reconstruction == "poisson_net" or dc_mode == "poisson_net"
         if poisson_net_stage == "poisson_only" and not needs_net:
@@ -137,8 +150,6 @@ class GDDM(DiffusionModule):
             raise ConfigError(f"dataset_mean has {init.numel()} values but the images have {self.channels} channels")
         self.register_buffer("dc_mean", init.clone())
         self.register_buffer("dc_count", torch.tensor(0.0, dtype=torch.float64))
-        self._val_runs = 0
-        self._val_real: Optional[Tensor] = None
 
     # --- stages ---------------------------------------------------------------------------------
     @property
@@ -159,18 +170,16 @@ class GDDM(DiffusionModule):
         if self.hparams.poisson_net_stage != "poisson_only":  # frozen UNet: keep its EMA as loaded
             super().update_ema()
 
-    def configure_optimizers(self) -> dict:
-        cfg = super().configure_optimizers()
+    def parameter_groups(self) -> list[dict]:
+        """Joint stage with ``poisson_lr``: the Poisson network in a second group at that learning rate
+        (the base's warm-up / cosine factor scales both); otherwise the base's single group."""
         lr = self.hparams.poisson_lr
         if lr is None or self.hparams.poisson_net_stage != "joint" or self.poisson_net is None:
-            return cfg
-        opt = cfg["optimizer"]
-        pn = {id(p) for p in self.poisson_net.parameters()}
-        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if id(p) not in pn]
-        opt.add_param_group({"params": list(self.poisson_net.parameters()), "lr": lr, "initial_lr": lr})
-        fn = cfg["lr_scheduler"]["scheduler"].lr_lambdas[0]
-        cfg["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        return cfg
+            return super().parameter_groups()
+        net = {id(p) for p in self.poisson_net.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": [p for p in trainable if id(p) not in net]},
+                {"params": [p for p in trainable if id(p) in net], "lr": lr}]
 
     # --- reconstruction -------------------------------------------------------------------------
     def _dc(self, z: Tensor, x: Optional[Tensor] = None) -> Optional[Tensor]:
@@ -206,16 +215,26 @@ class GDDM(DiffusionModule):
             return x_dct + out if self.hparams.poisson_residual else out
         return x_dct + out.mean(dim=(-2, -1), keepdim=True)  # dct shape, DC from the net
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, x: Optional[Tensor] = None) -> Tensor:
+        """:meth:`reconstruct` with the DC of ``dc_mode`` and the Poisson net in eval mode; ``x`` (the true
+        images) is needed only by ``dc_mode="oracle"``."""
         net = self.poisson_net
         was = net.training if net is not None else False
         if net is not None:
             net.eval()
         try:
-            return self.reconstruct(z, self._dc(z))
+            return self.reconstruct(z, self._dc(z, x))
         finally:
             if net is not None:
                 net.train(was)
+
+    def dct_reconstruct(self, z: Tensor, x: Optional[Tensor] = None) -> Tensor:
+        """The exact DCT Poisson solve alone, without the Poisson net (what the net is measured against):
+        DC as in :meth:`decode`, 0 for ``dc_mode="poisson_net"``."""
+        dc = self._dc(z, x)
+        if dc is None and self.process.dc_mode == "poisson_net":
+            dc = 0.0
+        return self.process.from_domain(z, dc)
 
     # --- training -------------------------------------------------------------------------------
     def poisson_loss(self, x: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -253,86 +272,3 @@ class GDDM(DiffusionModule):
                 self.log(f"{self._stage_prefix()}/poisson_loss", lp, sync_dist=not self.training)
             loss = lp if loss is None else loss + self.hparams.poisson_loss_weight * lp
         return loss
-
-    # --- diagnostics (§2.9) ---------------------------------------------------------------------
-    @torch.no_grad()
-    def diagnostics(self, num: Optional[int] = None, steps: Optional[int] = None, sampler: Optional[str] = None,
-                    generator: Optional[torch.Generator] = None, x_real: Optional[Tensor] = None) -> dict[str, float]:
-        """Cheap GDDM diagnostics as a flat dict of floats.
-
-        Generated (``num`` samples, ``steps`` steps; EMA weights): ``gen_curl_energy`` = ‖curl ĝ‖/‖ĝ‖ and
-        ``gen_ls_residual`` = ‖D poisson(ĝ) − ĝ‖/‖ĝ‖ (Laplacian: mean part only), ``gen_seconds``; with a
-        Poisson net also ``gen_net_vs_dct_rms`` and the per-batch times ``dct_seconds``/``poisson_net_seconds``.
-        Real images ``x_real`` (optional): ``real_domain_frac``/``real_image_frac``/kurtosis/L1-L2 sparsity,
-        and with a Poisson net ``real_dct_rms`` / ``real_net_rms`` reconstruction errors of clean fields.
-        ``dc_mode="oracle"`` cannot generate, so only the real-image entries are returned then.
-        """
-        hp, p = self.hparams, self.process
-        num = num or hp.diagnostics_num
-        out: dict[str, float] = {}
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
-
-        def timed(fn):
-            sync()
-            t0 = time.perf_counter()
-            r = fn()
-            sync()
-            return r, time.perf_counter() - t0
-
-        def rms(a: Tensor, b: Tensor) -> float:
-            return float((a.double() - b.double()).pow(2).mean().sqrt())
-
-        if p.dc_mode != "oracle":
-            g = generator or torch.Generator(device=self.device).manual_seed(hp.seed)
-            res, sec = timed(lambda: self.sample(num, steps or hp.diagnostics_steps, sampler, g, progress=False))
-            z = res.sample
-            out.update({f"gen_{k}": v for k, v in p.integrability(z).items()})
-            out["gen_seconds"] = sec
-            if self.poisson_net is not None:
-                dc = self._dc(z)
-                x_dct, t_dct = timed(lambda: p.from_domain(z, dc if dc is not None else
-                                                            (0.0 if p.dc_mode == "poisson_net" else None)))
-                x_net, t_net = timed(lambda: self.decode(z))
-                out.update(gen_net_vs_dct_rms=rms(x_net, x_dct), dct_seconds=t_dct, poisson_net_seconds=t_net)
-        if x_real is not None:
-            x_real = x_real[:num].to(self.device)
-            out.update({f"real_{k}": v for k, v in p.sparsity(x_real, hp.sparsity_delta).items()})
-            if self.poisson_net is not None:
-                z0 = p.to_domain(x_real)
-                dc = self._dc(z0, x_real)
-                out["real_dct_rms"] = rms(p.from_domain(z0, dc if dc is not None else
-                                                        (0.0 if p.dc_mode == "poisson_net" else None)), x_real)
-                net = self.poisson_net
-                was = net.training
-                net.eval()
-                out["real_net_rms"] = rms(self.reconstruct(z0, dc), x_real)
-                net.train(was)
-        return out
-
-    def _eval_loss(self, batch: Any, batch_idx: int, stage: str) -> Tensor:
-        """Validation/test loss plus the sparsity of the real batch; keeps a few real images for
-        :meth:`_log_diagnostics`."""
-        loss = super()._eval_loss(batch, batch_idx, stage)
-        x = images_of(batch)
-        s = self.process.sparsity(x, self.hparams.sparsity_delta)
-        self.log_dict({f"{stage}/sparsity_{k}": v for k, v in s.items()}, sync_dist=True)
-        if batch_idx == 0:
-            self._val_real = x[: self.hparams.diagnostics_num].detach()
-        return loss
-
-    def _log_diagnostics(self, stage: str) -> None:
-        d = self.diagnostics(x_real=self._val_real)
-        d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}  # sparsity: per batch above
-        self.log_dict({f"{stage}/diag_{k}": v for k, v in d.items()}, sync_dist=True)  # same seed on every rank
-
-    def on_validation_epoch_end(self) -> None:
-        n = self.hparams.diagnostics_every_n_val
-        if self.trainer.sanity_checking or n <= 0:
-            return
-        self._val_runs += 1
-        if (self._val_runs - 1) % n:
-            return
-        self._log_diagnostics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_diagnostics("test")
