@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from diffproc.processes.blur import F_TYPES, BlurProcess, blur_schedule, official_layout_quirk
-from diffproc.processes.ddpm import DDPMProcess, beta_schedule
+from diffproc.processes.ddpm import DDPMProcess, make_betas
 from diffproc.samplers import sample_loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,7 +175,7 @@ def official_moments(d, s: float, mu, f_type: str = "quartic"):
     from the spec §4.4 formula, independent of BlurProcess)."""
     d = torch.as_tensor(d, dtype=F64)
     mu = torch.as_tensor(mu, dtype=F64)
-    betas = beta_schedule("linear", N)
+    betas = make_betas("linear", N)
     f = blur_schedule(f_type, N, 0.0, FN)
     ab = torch.cat([torch.ones(1, dtype=F64), torch.cumprod(1 - betas, 0)])
     F = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(f[1:], 0)])

@@ -169,7 +169,10 @@ def test_nfe_accounting_and_grid():
         assert res.steps == 5 and res.timesteps == [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
         assert torch.isfinite(res.sample).all()
     # DDIM grids divided by T
-    assert InterpolationProcess(spacing="ddim_uniform").timesteps(10)[:2] == [0.901, 0.801]
+    assert InterpolationProcess(spacing="uniform").timesteps(10)[:2] == [0.901, 0.801]
+    with pytest.warns(FutureWarning, match="spacing: ddim_uniform.*deprecated.*spacing: uniform"):
+        old = InterpolationProcess(spacing="ddim_uniform")
+    assert old.spacing == "uniform" and old.timesteps(10) == InterpolationProcess(spacing="uniform").timesteps(10)
 
 
 def test_ode_solvers_for_any_gaussian_process():

@@ -9,7 +9,7 @@ this class only names the knobs.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from diffproc.methods.base import DiffusionModule
 from diffproc.processes.blur import BlurProcess
@@ -19,7 +19,8 @@ class BlurDiffusion(DiffusionModule):
     """Blur diffusion.
 
     Args:
-        num_timesteps: N (1000). beta_schedule/beta_start/beta_end: β_i (linear 1e-4..0.02).
+        num_timesteps: N (1000). schedule/beta_start/beta_end: β_i (linear 1e-4..0.02).
+        beta_schedule: former name of ``schedule`` (deprecated, still accepted for one release).
         f_type: blur schedule f(i): ``quartic`` (paper's best), linear, log, quadratic, cubic, triangular.
         sig: unit blur σ in px (0.4). sig_min, sig_max: f(1) = (sig_min/sig)², f(N) = (sig_max/sig)²
             (paper Table 1 "f(N)=0.14" = sig_max 0.15; sig_max = 0 is plain DDPM).
@@ -34,7 +35,7 @@ class BlurDiffusion(DiffusionModule):
         **kwargs: the shared options of :class:`DiffusionModule` (backbone, optimiser, EMA, sampling).
     """
 
-    def __init__(self, num_timesteps: int = 1000, beta_schedule: Literal["linear", "cosine"] = "linear",
+    def __init__(self, num_timesteps: int = 1000, schedule: Literal["linear", "cosine"] = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02,
                  f_type: Literal["linear", "log", "quadratic", "cubic", "quartic", "triangular"] = "quartic",
                  sig: float = 0.4, sig_min: float = 0.0, sig_max: float = 0.15,
@@ -43,9 +44,11 @@ class BlurDiffusion(DiffusionModule):
                  official_layout_quirk: bool = False, prediction: Literal["eps", "x0", "v"] = "eps",
                  variance: Literal["fixedsmall", "fixedlarge"] = "fixedsmall", eta: float = 0.0,
                  spacing: Literal["uniform", "quad"] = "uniform", clip_x0: bool = True,
-                 image_size: int = 32, channels: int = 3, **kwargs: Any) -> None:
+                 image_size: int = 32, channels: int = 3,
+                 beta_schedule: Optional[Literal["linear", "cosine"]] = None, **kwargs: Any) -> None:
         process = BlurProcess(image_size=image_size, channels=channels, num_timesteps=num_timesteps,
-                              beta_schedule=beta_schedule, beta_start=beta_start, beta_end=beta_end,
+                              schedule=schedule, beta_start=beta_start, beta_end=beta_end,
+                              beta_schedule=beta_schedule,
                               f_type=f_type, sig=sig, sig_min=sig_min, sig_max=sig_max, basis=basis,
                               kernel=kernel, invert_spectrum=invert_spectrum, data_range=data_range,
                               official_layout_quirk=official_layout_quirk, prediction=prediction,

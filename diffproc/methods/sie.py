@@ -31,8 +31,9 @@ class SIE(DiffusionModule):
         loss_norm: ``l2`` (default, DDIM-code MSE) or ``l1``.
         time_sampling: ``continuous`` t ~ U[0,1] (default; RK stages need fractional and t=0 times) or
             ``discrete`` t ~ U{1..T}/T (DDIM's law, for the DDIM-grid ablation rows).
-        spacing: sampling grid ``linspace`` (S uniform steps in η; default) or DDIM's
-            ``ddim_uniform``/``ddim_quad`` sub-sequences (needed by single ε-head rows).
+        spacing: sampling grid ``linspace`` (S uniform steps in η; default) or DDIM's ``uniform``/``quad``
+            sub-sequences (needed by single ε-head rows; ``ddim_uniform``/``ddim_quad`` are their former,
+            deprecated names).
         clip_x0: clip x̂0 inside steps (default False: DDIM code does not; keeps the ODE smooth).
         eps_min_cos: floor on cos η when converting a single ε head to x̂0.
         max_beta: β* clipping (0.999). beta_start, beta_end: the ``linear`` schedule.
@@ -46,7 +47,7 @@ class SIE(DiffusionModule):
                  heads: Literal["dual", "eps", "x0", "v"] = "dual", gamma: float = 1.0,
                  gradient_wrt: Literal["eta", "t"] = "eta", loss_norm: Literal["l2", "l1"] = "l2",
                  time_sampling: Literal["continuous", "discrete"] = "continuous",
-                 spacing: Literal["linspace", "ddim_uniform", "ddim_quad"] = "linspace",
+                 spacing: Literal["linspace", "uniform", "quad", "ddim_uniform", "ddim_quad"] = "linspace",
                  clip_x0: bool = False, eps_min_cos: float = 1e-4, max_beta: float = 0.999,
                  beta_start: float = 1e-4, beta_end: float = 0.02, **kwargs: Any) -> None:
         process = InterpolationProcess(

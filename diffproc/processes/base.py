@@ -7,6 +7,7 @@ convention. That is what lets tests drive a process with an analytic denoiser.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from typing import Callable
 
@@ -81,6 +82,14 @@ class DiffusionProcess(ABC):
     def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         """One step of the reverse process from time ``t`` to ``t_next`` (< t)."""
+
+
+def deprecated(old: str, new: str) -> None:
+    """Warn once per call site that a spelling was renamed (kept working for one release): one name per
+    concept across layers — ``solver``, ``num_steps``, ``schedule``, ``spacing`` values
+    ``linspace``/``uniform``/``quad``."""
+    warnings.warn(f"`{old}` is deprecated and will be removed in the next release: use `{new}`.",
+                  FutureWarning, stacklevel=3)
 
 
 def sample_seed(seed: int, index: int) -> int:

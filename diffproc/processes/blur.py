@@ -38,9 +38,9 @@ import torch
 from torch import Tensor
 
 from diffproc.ops import SeparableBasis, kernel_spectrum
-from diffproc.processes.base import ModelFn, batch_times, bcast, randn, randn_like
+from diffproc.processes.base import ModelFn, batch_times, bcast, deprecated, randn, randn_like
 from diffproc.processes.ddpm import Spacing, ddim_timesteps
-from diffproc.processes.ddpm import beta_schedule as make_betas
+from diffproc.processes.ddpm import make_betas
 from diffproc.processes.gaussian import GaussianProcess, Prediction, Variance
 
 FType = Literal["linear", "log", "quadratic", "cubic", "quartic", "triangular"]
@@ -104,7 +104,8 @@ class BlurProcess(GaussianProcess):
     Args:
         image_size: H = W (or ``(H, W)``) — the basis and spectrum are built for it.
         channels: image channels (used only by ``official_layout_quirk``).
-        num_timesteps: N (1000). beta_schedule, beta_start, beta_end: β_i (linear 1e-4..0.02; §4.1).
+        num_timesteps: N (1000). schedule, beta_start, beta_end: β_i (linear 1e-4..0.02; §4.1).
+            ``beta_schedule``: the former name of ``schedule`` (deprecated).
         f_type: blur schedule f(i) (§4.2): linear, log, quadratic, cubic, quartic (paper), triangular.
         sig: σ of the unit blur in px (0.4). sig_min, sig_max: ``f(1) = (sig_min/sig)²``,
             ``f(N) = (sig_max/sig)²`` (paper: 0, 0.15 → f(N) = 0.140625 "0.14"); ``sig_max = 0`` is DDPM.
@@ -125,7 +126,7 @@ class BlurProcess(GaussianProcess):
     solvers = ("official", "ancestral", "ddim")
 
     def __init__(self, image_size: int | tuple[int, int] = 64, channels: int = 3, num_timesteps: int = 1000,
-                 beta_schedule: Literal["linear", "cosine"] = "linear", beta_start: float = 1e-4,
+                 schedule: Literal["linear", "cosine"] = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, f_type: FType = "quartic", sig: float = 0.4, sig_min: float = 0.0,
                  sig_max: float = 0.15, basis: Literal["dct", "toeplitz_eig"] = "dct",
                  kernel: Literal["sampled", "heat"] = "sampled", invert_spectrum: bool = False,
@@ -133,7 +134,7 @@ class BlurProcess(GaussianProcess):
                  official_layout_quirk: bool = False, prediction: Prediction = "eps",
                  variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
                  clip_x0: bool = True, loss_reduction: Literal["mean", "sum"] = "mean",
-                 default_solver: str = "official") -> None:
+                 default_solver: str = "official", beta_schedule: str | None = None) -> None:
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if basis == "dct":
             sb = SeparableBasis.dct(h, w)
@@ -159,7 +160,10 @@ class BlurProcess(GaussianProcess):
         self.data_range, self.spacing = data_range, spacing
         self.x0_range = (0.0, 1.0) if data_range == "zero_one" else (-1.0, 1.0)
 
-        self.betas = make_betas(beta_schedule, self.num_timesteps, beta_start, beta_end)
+        if beta_schedule is not None:
+            deprecated("beta_schedule", "schedule")
+            schedule = beta_schedule
+        self.betas = make_betas(schedule, self.num_timesteps, beta_start, beta_end)
         #: f(i), i = 0..N (float64); F(i) = Σ_{1≤j≤i} f(j), F(0) = 0
         self.f = blur_schedule(f_type, self.num_timesteps, (sig_min / sig) ** 2, (sig_max / sig) ** 2)
         self.F = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.f[1:], 0)])

@@ -20,7 +20,7 @@ Schedule = Literal["linear", "cosine"]
 Spacing = Literal["uniform", "quad"]
 
 
-def beta_schedule(kind: Schedule, num_timesteps: int, beta_start: float = 1e-4,
+def make_betas(kind: Schedule, num_timesteps: int, beta_start: float = 1e-4,
                   beta_end: float = 0.02, cosine_s: float = 0.008) -> Tensor:
     """β_1..β_T in float64: ``linear`` (DDPM §4) or ``cosine`` (Nichol & Dhariwal 2021, Eq. 17,
     β clipped at 0.999)."""
@@ -61,7 +61,8 @@ class DDPMProcess(GaussianProcess):
     Args:
         num_timesteps: T (1000 in DDPM/DDIM).
         schedule: ``linear`` β from ``beta_start`` to ``beta_end`` (1e-4..0.02) or ``cosine``.
-        spacing: DDIM sub-sequence for fewer sampling steps (``uniform`` or ``quad``).
+        spacing: sub-sequence for fewer sampling steps: ``uniform`` or ``quad`` (DDIM's; the same
+            values every process uses, plus ``linspace`` for continuous-time processes).
         prediction, variance, eta, clip_x0, loss_reduction, basis: see :class:`GaussianProcess`.
     """
 
@@ -77,7 +78,7 @@ class DDPMProcess(GaussianProcess):
         self.default_solver = default_solver
         self.num_timesteps = int(num_timesteps)
         self.spacing = spacing
-        self.betas = beta_schedule(schedule, self.num_timesteps, beta_start, beta_end)
+        self.betas = make_betas(schedule, self.num_timesteps, beta_start, beta_end)
         ab = torch.cumprod(1.0 - self.betas, 0)
         #: ᾱ_t for t = 0..T (index 0 = clean, ᾱ_0 = 1), float64
         self.alphas_bar = torch.cat([torch.ones(1, dtype=torch.float64), ab])

@@ -41,8 +41,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import ODE_SOLVERS, ModelFn, batch_times, bcast, randn_like
-from diffproc.processes.ddpm import beta_schedule, ddim_timesteps
+from diffproc.processes.base import ODE_SOLVERS, ModelFn, batch_times, bcast, deprecated, randn_like
+from diffproc.processes.ddpm import ddim_timesteps, make_betas
 from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
 
 Schedule = Literal["sin", "beta_star", "linear"]
@@ -50,7 +50,9 @@ Heads = Literal["dual", "eps", "x0", "v"]
 GradientWrt = Literal["eta", "t"]
 LossNorm = Literal["l2", "l1"]
 TimeSampling = Literal["continuous", "discrete"]
-Spacing = Literal["linspace", "ddim_uniform", "ddim_quad"]
+Spacing = Literal["linspace", "uniform", "quad"]
+#: former spellings of the DDIM grids (deprecated; one ``spacing`` vocabulary for every process)
+_OLD_SPACING = {"ddim_uniform": "uniform", "ddim_quad": "quad"}
 
 
 def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) -> Tensor:
@@ -85,7 +87,8 @@ class InterpolationProcess(GaussianProcess):
             network at fractional times and at t = 0, so training must cover them (spec §5.1).
             ``discrete``: t ~ U{1..T}/T (DDIM's training law; use with the DDIM grids).
         spacing: the sampling grid. ``linspace`` (default): S uniform steps 1 → 0 in t (= in η), the
-            ODE grid of §5.3. ``ddim_uniform``/``ddim_quad``: DDIM's sub-sequences divided by T
+            ODE grid of §5.3. ``uniform``/``quad``: DDIM's sub-sequences divided by T (formerly
+            ``ddim_uniform``/``ddim_quad``, still accepted with a deprecation warning)
             (never start at t = 1; required by single ε-head models, whose x̂0 = (x − sin η ε̂)/cos η
             is singular at η = π/2).
         clip_x0: clip x̂0 to [-1, 1] inside every step. Default False: the paper builds on DDIM's code,
@@ -114,11 +117,14 @@ class InterpolationProcess(GaussianProcess):
                  clip_x0: bool = False, eps_min_cos: float = 1e-4, max_beta: float = 0.999,
                  beta_start: float = 1e-4, beta_end: float = 0.02, variance: Variance = "fixedsmall",
                  eta: float = 0.0, default_solver: str = "euler", basis: Basis | None = None) -> None:
+        if spacing in _OLD_SPACING:
+            deprecated(f"spacing: {spacing}", f"spacing: {_OLD_SPACING[spacing]}")
+            spacing = _OLD_SPACING[spacing]
         checks = {"schedule": (schedule, ("sin", "beta_star", "linear")),
                   "heads": (heads, ("dual", "eps", "x0", "v")),
                   "gradient_wrt": (gradient_wrt, ("eta", "t")), "loss_norm": (loss_norm, ("l2", "l1")),
                   "time_sampling": (time_sampling, ("continuous", "discrete")),
-                  "spacing": (spacing, ("linspace", "ddim_uniform", "ddim_quad"))}
+                  "spacing": (spacing, ("linspace", "uniform", "quad"))}
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -143,7 +149,7 @@ class InterpolationProcess(GaussianProcess):
             if schedule == "beta_star":
                 betas = betas_for_alpha_bar(T, lambda s: torch.cos(s * math.pi / 2) ** 2, max_beta)
             else:
-                betas = beta_schedule("linear", T, beta_start, beta_end)
+                betas = make_betas("linear", T, beta_start, beta_end)
             ab = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, 0)])
             self.eta_table = torch.arccos(ab.sqrt().clamp(0.0, 1.0))
         self._tables: dict[str, Tensor] = {}
@@ -260,7 +266,7 @@ class InterpolationProcess(GaussianProcess):
             raise ValueError(f"num_steps must be >= 1, got {S}")
         if self.spacing == "linspace":
             return [(S - i) / S for i in range(S + 1)]
-        kind = "uniform" if self.spacing == "ddim_uniform" else "quad"
+        kind = self.spacing
         return [k / self.num_timesteps for k in ddim_timesteps(self.num_timesteps, S, kind)]
 
     def ode_timesteps(self, num_steps: int | None = None) -> list[float]:
