@@ -238,7 +238,7 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
             log(f"reference statistics: {ref_id}")
         combos = plan(model.process, args.nfe, args.solvers)
         evaluated = [c for c in combos if c["skip"] is None]
-        preferred = getattr(model, "sampler", None) or model.process.default_solver  # the config's sampler
+        preferred = getattr(model, "solver", None) or model.process.default_solver  # the config's solver
         default = preferred if any(c["solver"] == preferred for c in evaluated) else (
             evaluated[0]["solver"] if evaluated else None)
         top_nfe = max((c["target_nfe"] for c in evaluated if c["solver"] == default), default=None)

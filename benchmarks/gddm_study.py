@@ -10,7 +10,7 @@ results in docs/gddm.md and docs/results/gddm_shapes/).
 For every run (``LABEL=RUN_DIR``; the label's part before ``/`` names the method, the part after it the
 training seed), every checkpoint step in ``--ckpt-steps`` and every sampling variant (``default`` = the
 run's own config; each ``--variant NAME ARGS...`` adds CLI overrides, applied to GDDM runs only), it
-samples ``--num-samples`` images with the config's sampler from seeds ``seed + i`` blocks (the
+samples ``--num-samples`` images with the config's solver from seeds ``seed + i`` blocks (the
 ``benchmarks/compare.py`` protocol, EMA weights) and records
 
 * FID / KID / precision / recall on the features of ``--extractor`` against the train split;
@@ -97,7 +97,7 @@ def dct_mode_rms(x: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def trajectory(model, num: int, seed: int, device) -> dict:
-    """x̂0 of every step of the config's sampler (no clipping, decoded to images), band RMS and max |x̂0|."""
+    """x̂0 of every step of the config's solver (no clipping, decoded to images), band RMS and max |x̂0|."""
     from diffproc.metrics.frequency import band_power
     from diffproc.processes.gradient import GradientDomainProcess
     from diffproc.processes.gradient_stats import integrability
@@ -122,7 +122,7 @@ def trajectory(model, num: int, seed: int, device) -> dict:
     g = torch.Generator(device=device).manual_seed(seed)
     setattr(p, name, recording)
     try:
-        res = sample_loop(p, model.model_fn(net), shape, model.sampling_steps, model.sampler, g, device)
+        res = sample_loop(p, model.model_fn(net), shape, model.num_steps, model.solver, g, device)
     finally:
         delattr(p, name)
     x = model.decode(res.sample)
@@ -153,7 +153,7 @@ def evaluate(args, extractor, ref, ref_id, real, label: str, run_dir: Path, step
     seed = args.seed if args.seed is not None else int(model.hparams.get("seed", 0) or 0)
     train_seed = label.split("/")[-1]
     t0 = time.perf_counter()
-    images, _, nfe = sample_all(model, model.sampler, model.sampling_steps, args.num_samples, args.eval_batch_size,
+    images, _, nfe = sample_all(model, model.solver, model.num_steps, args.num_samples, args.eval_batch_size,
                                 seed, True, device)
     secs = time.perf_counter() - t0
     suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"])
@@ -164,8 +164,8 @@ def evaluate(args, extractor, ref, ref_id, real, label: str, run_dir: Path, step
     bands = compare_bands(real, {"gen": images}, remove_dc=True)["gen"]
     diag = trajectory(model, args.diag_num, seed, device)
     row = {"label": label, "method": label.split("/")[0], "train_seed": train_seed, "step": checkpoint_step(ckpt),
-           "variant": variant, "overrides": args.variants[variant] if is_gddm else [], "sampler": model.sampler,
-           "sampling_steps": model.sampling_steps, "nfe": nfe, "num_samples": args.num_samples, "sample_seed": seed,
+           "variant": variant, "overrides": args.variants[variant] if is_gddm else [], "solver": model.solver,
+           "num_steps": model.num_steps, "nfe": nfe, "num_samples": args.num_samples, "sample_seed": seed,
            "reference": ref_id, "seconds": secs, **m, "band_power_ratio": bands["power_ratio"],
            "mode_rms_gen": dct_mode_rms(images), "mode_rms_real": dct_mode_rms(real), **diag}
     grid_dir = args.out / "grids"

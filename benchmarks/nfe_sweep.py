@@ -1,4 +1,4 @@
-"""Quality vs. network evaluations for every sampler of a trained checkpoint (SIE spec §5.3: compare
+"""Quality vs. network evaluations for every solver of a trained checkpoint (SIE spec §5.3: compare
 solvers at equal NFE, since "steps" is ambiguous for RK methods).
 
     python benchmarks/nfe_sweep.py --config configs/sie_shapes.yaml --ckpt runs/sie_shapes/version_0/checkpoints/last.ckpt \
@@ -8,7 +8,7 @@ For each solver and target NFE the script takes ``steps = NFE // (NFE per step)`
 Heun/midpoint 2, RK4 4, DDIM 1; skipped when < 1), samples ``--num-samples`` images from the same
 seeded noise, and prints FID (``diffproc.metrics``; ``shapes`` features for the embedded dataset,
 Inception otherwise, ``--extractor`` to force) and seconds per image. NFE in the table is the count
-the sampler actually spent. ``--json`` also writes the rows. Extra ``--key value`` pairs after ``--``
+the solver actually spent. ``--json`` also writes the rows. Extra ``--key value`` pairs after ``--``
 go to the config parser (e.g. ``-- --data.init_args.num_test 500``).
 """
 
@@ -82,7 +82,7 @@ def sample_all(model, solver: str, steps: int, num: int, batch: int, seed: int, 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = model.sample(n, steps=steps, sampler=solver, progress=False, use_ema=use_ema,
+        res = model.sample(n, num_steps=steps, solver=solver, progress=False, use_ema=use_ema,
                            seed=seed, indices=range(b * batch, b * batch + n))  # per-sample noise from (seed, i)
         x = res.images
         if device.type == "cuda":

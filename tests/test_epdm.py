@@ -319,10 +319,10 @@ def test_ddim_eta_one_is_the_ancestral_step(lambda_for_s):
 
 
 def test_module_samples_with_ddim_and_eta():
-    m = tiny_epdm(sampler="ddim", eta=0.5, sampling_steps=4)
+    m = tiny_epdm(solver="ddim", eta=0.5, num_steps=4)
     res = m.sample(3, seed=0, progress=False)
     assert res.solver == "ddim" and res.nfe == 4 and res.images.shape == (3, 3, 8, 8)
-    again = m.sample(3, seed=0, progress=False, sampler="ancestral")
+    again = m.sample(3, seed=0, progress=False, solver="ancestral")
     assert again.nfe == 4 and not torch.equal(res.images, again.images)
 
 
@@ -384,7 +384,7 @@ def tiny_epdm(**kw):
 
 def test_sdedit_with_module():
     torch.manual_seed(0)
-    m = tiny_epdm(sampling_steps=5)
+    m = tiny_epdm(num_steps=5)
     guides = rand_image(3, (2, 3, 8, 8)).float()
     res = sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1))
     x, y = res.images, sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1)).images
@@ -399,10 +399,10 @@ def test_epdm_module_config_errors():
     from diffproc.methods.base import ConfigError
     with pytest.raises(ConfigError, match="transition"):
         tiny_epdm(transition="quadratic")
-    with pytest.raises(ConfigError, match="sampling_steps"):
-        tiny_epdm(sampling_steps=20)
-    with pytest.raises(ConfigError, match="sampler"):
-        tiny_epdm(sampler="heun")  # no probability-flow ODE for EPDM (docs/epdm.md)
+    with pytest.raises(ConfigError, match="num_steps"):
+        tiny_epdm(num_steps=20)
+    with pytest.raises(ConfigError, match="solver"):
+        tiny_epdm(solver="heun")  # no probability-flow ODE for EPDM (docs/epdm.md)
     m = tiny_epdm()
     loss = m.compute_loss(rand_image(0, (2, 3, 8, 8)).float(), m.unet)
     assert loss.ndim == 0 and torch.isfinite(loss)
@@ -463,7 +463,7 @@ def _fit(tmp, config="configs/epdm_shapes.yaml", extra=()):
     _cli(["fit", "--config", config, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
           "--trainer.logger.init_args.save_dir", str(tmp), "--data.init_args.num_train", "32",
           "--data.init_args.image_size", "8", "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1",
-          "--sample_grid.num_images", "2", "--model.init_args.sampling_steps", "3",
+          "--sample_grid.num_images", "2", "--model.init_args.num_steps", "3",
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--trainer.enable_progress_bar", "false", *extra], tmp)
     ckpts = list(Path(tmp).glob("*/version_0/checkpoints/last.ckpt"))
@@ -478,7 +478,7 @@ def _sdedit_predict(tmp, ckpt, config, out, extra=()):
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--data", "diffproc.data.strokes.StrokesDataModule", "--data.image_size", "8", "--data.strokes_from",
           "shapes", "--data.num", "3", "--data.batch_size", "2", "--data.strength", "0.4",
-          "--model.init_args.sampling_steps", "3", "--model.init_args.predict_dir", str(out),
+          "--model.init_args.num_steps", "3", "--model.init_args.predict_dir", str(out),
           "--trainer.enable_progress_bar", "false", *extra], tmp)
 
 
@@ -502,7 +502,7 @@ def test_cli_unconditional_guide_dir_and_ddpm_baseline(tmp_path):
     _cli(["predict", "--config", "configs/epdm_shapes.yaml", "--ckpt_path", str(ckpt),
           "--trainer.logger.init_args.save_dir", str(tmp_path / "e"), "--data.init_args.image_size", "8",
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
-          "--model.init_args.predict_num_samples", "3", "--model.init_args.sampling_steps", "3",
+          "--model.init_args.predict_num_samples", "3", "--model.init_args.num_steps", "3",
           "--model.init_args.predict_dir", str(tmp_path / "unc"), "--trainer.enable_progress_bar", "false"], tmp_path)
     assert sorted(p.name for p in (tmp_path / "unc").glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
     paint = tmp_path / "paintings"
@@ -512,11 +512,11 @@ def test_cli_unconditional_guide_dir_and_ddpm_baseline(tmp_path):
           "--trainer.logger.init_args.save_dir", str(tmp_path / "e"),
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--data", "diffproc.data.strokes.StrokesDataModule", "--data.image_size", "8", "--data.guide_dir", str(paint),
-          "--model.init_args.predict_dir", str(tmp_path / "gd"), "--model.init_args.sampling_steps", "3",
+          "--model.init_args.predict_dir", str(tmp_path / "gd"), "--model.init_args.num_steps", "3",
           "--trainer.enable_progress_bar", "false"], tmp_path)
     assert (tmp_path / "gd" / "sky_result.png").is_file() and (tmp_path / "gd" / "sky_guide.png").is_file()
     # the DDPM baseline: same data and SDEdit command, only the model class differs
-    dckpt = _fit(tmp_path / "d", extra=("--model", "diffproc.methods.ddpm.DDPM", "--model.init_args.sampler", "ddim"))
+    dckpt = _fit(tmp_path / "d", extra=("--model", "diffproc.methods.ddpm.DDPM", "--model.init_args.solver", "ddim"))
     _sdedit_predict(tmp_path / "d", dckpt, "configs/epdm_shapes.yaml", tmp_path / "dd",
-                    extra=("--model", "diffproc.methods.ddpm.DDPM", "--model.init_args.sampler", "ddim"))
+                    extra=("--model", "diffproc.methods.ddpm.DDPM", "--model.init_args.solver", "ddim"))
     assert (tmp_path / "dd" / "test_000002_result.png").is_file()

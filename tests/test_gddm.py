@@ -349,7 +349,7 @@ def test_module_loss_sample_diagnostics(kw):
     res = m.sample(2, steps=3, generator=torch.Generator().manual_seed(0), progress=False)
     imgs = res.images
     assert imgs.shape == (2, 3, 16, 16) and imgs.abs().max() <= 1 and res.nfe == 3
-    d = diagnostics(m, num=2, steps=2, x_real=x)
+    d = diagnostics(m, num=2, num_steps=2, x_real=x)
     assert d["gen_ls_residual"] > 0 and d["real_domain_frac"] > d["real_image_frac"]
     assert all(math.isfinite(v) for v in d.values())
     if m.poisson_net is not None:
@@ -364,9 +364,9 @@ def test_gddm_diagnostics_callback(tmp_path):
     torch.manual_seed(0)
     tiny = {"block_out_channels": [8, 16], "layers_per_block": 1}
     m = GDDM(image_size=8, channels=3, unet=tiny, poisson_net=tiny, reconstruction="poisson_net",
-             poisson_net_stage="joint", ema_decay=0.9, warmup_steps=1, sampling_steps=2)
+             poisson_net_stage="joint", ema_decay=0.9, warmup_steps=1, num_steps=2)
     dm = ShapesDataModule(image_size=8, batch_size=4, num_train=8, num_val=4, num_test=4)
-    cb = GDDMDiagnostics(every_n_val=1, num=2, steps=2)
+    cb = GDDMDiagnostics(every_n_val=1, num=2, num_steps=2)
     trainer = L.Trainer(max_steps=2, limit_val_batches=1, limit_test_batches=1, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
@@ -404,7 +404,7 @@ def _fit(config: str, tmp: Path, extra: list[str] = ()) -> Path:
           "--data.init_args.num_val", "8", "--data.init_args.image_size", "16",
           "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "2",
           "--trainer.val_check_interval", "3", "--sample_grid.num_images", "4",
-          "--model.init_args.sampling_steps", "3", "--gddm_diagnostics.steps", "2",
+          "--model.init_args.num_steps", "3", "--gddm_diagnostics.num_steps", "2",
           "--gddm_diagnostics.num", "2", "--trainer.enable_progress_bar", "false", *extra], tmp)
     runs = sorted(glob.glob(str(tmp / "*" / "version_*")))
     assert runs, "no run directory written"
@@ -466,7 +466,7 @@ def test_cli_separate_poisson_stage_and_test(tmp_path):
           "--trainer.logger.init_args.save_dir", str(tmp_path / "t"), "--data.init_args.image_size", "16",
           "--data.init_args.num_test", "8", "--data.init_args.batch_size", "8",
           "--model.init_args.reconstruction", "poisson_net", "--model.init_args.poisson_net", str(TINY),
-          "--gddm_diagnostics.steps", "2", "--gddm_diagnostics.num", "2",
+          "--gddm_diagnostics.num_steps", "2", "--gddm_diagnostics.num", "2",
           "--metrics.num_samples", "0", "--trainer.enable_progress_bar", "false"], tmp_path)
     runs = glob.glob(str(tmp_path / "t" / "*" / "version_*"))
     s = _scalars(Path(runs[0]))

@@ -279,7 +279,7 @@ from diffproc.callbacks.metrics import TestMetricsCallback
 
 class Dummy(L.LightningModule):
     """sample(): real train images blended with generator noise (deterministic per generator)."""
-    sampling_steps, sampler = 7, "ddim"
+    num_steps, solver = 7, "ddim"
 
     def __init__(self, fail=False):
         super().__init__()
@@ -336,7 +336,7 @@ def test_test_callback_ddp_matches_single_process(tmp_path):
         # order, amplified by sqrt of the ~0 eigenvalues of a rank-deficient covariance (90 samples < 128 d)
         assert two["metrics"][k] == pytest.approx(v, rel=1e-6 if k == "shapes_fid" else 1e-12, abs=1e-12), k
     p = one["protocol"]
-    assert (p["extractor"], p["num_samples"], p["sampler"], p["steps"], p["nfe"], p["seed"]) == ("shapes", 90, "ddim", 7, 7, 0)
+    assert (p["extractor"], p["num_samples"], p["solver"], p["steps"], p["nfe"], p["seed"]) == ("shapes", 90, "ddim", 7, 7, 0)
     assert p["reference"].startswith("shapes_train_16px_shapes-") and p["headline_protocol"] is False
     assert two["protocol"]["world_size"] == 2
 
@@ -384,7 +384,7 @@ def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
     ckpt = run0 / "checkpoints" / "last.ckpt"
     run_cli("test", *common, "--ckpt_path", str(ckpt), "--metrics.num_samples", "40",
             "--metrics.batch_size", "16", "--metrics.cache_dir", str(cache), "--metrics.progress", "false",
-            "--model.init_args.sampling_steps", "2")
+            "--model.init_args.num_steps", "2")
     files = list((tmp_path / "quickstart").glob("version_*/metrics.json"))
     assert len(files) == 1, files
     row = json.loads(files[0].read_text())
@@ -392,7 +392,7 @@ def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
                                    "shapes_is_std", "shapes_precision", "shapes_recall"}
     assert all(np.isfinite(v) for v in row["metrics"].values())
     p = row["protocol"]
-    assert p["num_samples"] == 40 and p["steps"] == 2 and p["sampler"] == "ddim" and p["ema"] is True
+    assert p["num_samples"] == 40 and p["steps"] == 2 and p["solver"] == "ddim" and p["ema"] is True
     assert p["checkpoint"] == str(ckpt) and p["dataset"] == "shapes" and p["image_size"] == 16
     assert (files[0].parent / "samples.png").is_file()
 

@@ -26,13 +26,13 @@ def test_per_sample_generator_rows_do_not_depend_on_the_batch():
         randn((4, 3), PerSampleGenerator(7, range(5)))
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
-def test_module_sample_is_batch_independent(sampler):
+@pytest.mark.parametrize("solver", ["ancestral", "ddim"])
+def test_module_sample_is_batch_independent(solver):
     """Every step's noise (ancestral) and the prior come from (seed, index): splitting 9 samples into
     batches of 1 + 7 + 1 gives the same images as one batch of 9."""
     torch.manual_seed(0)
     m = DDPM(num_timesteps=50, image_size=8, channels=3, ema_decay=0, eta=0.5,
-             unet={"block_out_channels": [8, 16], "layers_per_block": 1}, sampler=sampler, sampling_steps=6)
+             unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6)
     whole = m.sample(9, seed=11, progress=False).images
     parts = torch.cat([m.sample(len(ix), seed=11, indices=ix, progress=False).images
                        for ix in ([0], list(range(1, 8)), [8])])
@@ -50,7 +50,7 @@ def test_predict_same_images_for_batch_sizes_and_ranks(tmp_path):
     """``cli.py predict`` writes the same PNGs for predict_batch_size 1, 7 and 64 and for 1 vs 2 DDP
     ranks (CPU gloo)."""
     base = ["--config", "configs/quickstart.yaml", *TINY, "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--model.init_args.sampler", "ancestral"]
+            "--model.init_args.solver", "ancestral"]
     run_cli("fit", *base, "--trainer.max_steps", "2", timeout=600)
     ckpt = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     n, got = 9, {}
@@ -95,3 +95,28 @@ def test_processes_import_no_samplers_lightning_or_nn():
     assert not {k: v for k, v in bad.items() if v}, bad
     # the walk sees imports hidden inside functions too
     assert "diffproc.samplers.sample_loop" in _imports("def f():\n    from diffproc.samplers import sample_loop\n")
+
+
+def test_former_spellings_still_work_with_a_deprecation_warning(tmp_path):
+    """One name per concept (solver, num_steps, schedule, spacing values); the former spellings keep
+    working for one release, with a FutureWarning that names the replacement."""
+    from diffproc.callbacks.sample_grid import SampleGrid
+    from diffproc.methods.base import ConfigError
+    from diffproc.methods.blur import BlurDiffusion
+
+    tiny = dict(image_size=8, channels=3, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1})
+    with pytest.warns(FutureWarning, match="`sampler` is deprecated.*use `solver`"):
+        m = DDPM(sampler="ddim", sampling_steps=3, **tiny)
+    assert (m.solver, m.num_steps) == ("ddim", 3)
+    assert (m.hparams.solver, m.hparams.num_steps, m.hparams.sampler) == ("ddim", 3, None)  # saved as the new names
+    with pytest.raises(ConfigError, match="disagree"):
+        DDPM(sampler="ddim", solver="ancestral", **tiny)
+    with pytest.warns(FutureWarning, match="`sampling_steps` is deprecated.*use `num_steps`"):
+        assert SampleGrid(sampling_steps=4).num_steps == 4
+    with pytest.warns(FutureWarning, match="`beta_schedule` is deprecated.*use `schedule`"):
+        b = BlurDiffusion(beta_schedule="cosine", num_timesteps=20, **tiny)
+    assert torch.equal(b.process.betas, BlurDiffusion(schedule="cosine", num_timesteps=20, **tiny).process.betas)
+    # a config written with the former keys still parses in the CLI
+    p = run_cli("fit", "--config", "configs/quickstart.yaml", "--model.init_args.sampler", "ancestral",
+                "--model.init_args.sampling_steps", "5", "--print_config")
+    assert "sampler: ancestral" in p.stdout and "sampling_steps: 5" in p.stdout

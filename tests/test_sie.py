@@ -254,7 +254,7 @@ def test_sie_module_sample_and_loss():
 
     torch.manual_seed(0)
     m = SIE(image_size=8, channels=1, unet={"block_out_channels": [8, 16], "layers_per_block": 1},
-            sampler="rk4", sampling_steps=2, ema_decay=0.0)
+            solver="rk4", num_steps=2, ema_decay=0.0)
     assert m.unet.config.out_channels == 2
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     loss = m.compute_loss(x, m.unet, generator=torch.Generator().manual_seed(0))
@@ -278,8 +278,8 @@ def fitted_run(tmp_path_factory):
               "--trainer.val_check_interval", "3", "--trainer.logger.init_args.save_dir", str(tmp),
               "--data.init_args.num_train", "32", "--data.init_args.image_size", "8",
               "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1",
-              "--sample_grid.num_images", "2", "--model.init_args.sampling_steps", "2",
-              "--model.init_args.sampler", "heun", "--trainer.enable_progress_bar", "false",
+              "--sample_grid.num_images", "2", "--model.init_args.num_steps", "2",
+              "--model.init_args.solver", "heun", "--trainer.enable_progress_bar", "false",
               "--model.init_args.unet", '{"block_out_channels": [8, 16], "layers_per_block": 1}'], ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list(tmp.glob("*/version_*"))
@@ -345,4 +345,4 @@ def test_configs_parse_and_build(capsys):
         m = getattr(importlib.import_module(module), cls)(**args)
         dual = args.get("heads", "dual") == "dual" and cls == "SIE"
         assert m.unet.config.out_channels == (6 if dual else 3), config
-        assert m.sampler in m.process.solvers
+        assert m.solver in m.process.solvers

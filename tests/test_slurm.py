@@ -61,7 +61,7 @@ def test_sbatch_sigusr1_requeue_resume(cluster, tmp_path):
          "docker/slurm/train.sbatch",
          "--trainer.accelerator", "cpu", "--data.init_args.image_size", "16", "--data.init_args.num_train", "64",
          "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1", "--sample_grid.num_images", "4",
-         "--model.init_args.sampling_steps", "3", "--trainer.enable_model_summary", "false",
+         "--model.init_args.num_steps", "3", "--trainer.enable_model_summary", "false",
          "--trainer.max_steps", str(MAX_STEPS), "--checkpoint.every_n_train_steps", "5",
          "--sample_grid.every_n_steps", "0", "--trainer.val_check_interval", "1000"],
         cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=60).stdout.strip().split(";")[0]

@@ -2,7 +2,7 @@
 Lightning's weight averaging deep-copies the module, and checkpoints would carry Inception).
 
 - :class:`TestMetricsCallback`: ``cli.py test`` generates ``num_samples`` images (EMA weights, the
-  model's sampler/steps), computes FID/KID/IS/precision/recall/sFID against cached reference stats,
+  model's solver/steps), computes FID/KID/IS/precision/recall/sFID against cached reference stats,
   logs ``test/<metric>`` and writes ``metrics.json`` + ``samples.png`` in the run's log dir.
 - :class:`FIDCallback`: during ``fit``, every N steps/epochs, a few thousand samples on all ranks,
   logged as ``gen/<metric>``.
@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from diffproc.methods.base import resolve_renamed
 from diffproc.metrics.features import build_extractor
 from diffproc.metrics.reference import ReferenceStats, load_or_compute_reference
 from diffproc.metrics.suite import METRICS, MetricSuite
@@ -55,7 +56,7 @@ class _MetricsBase(L.Callback):
     def __init__(self, num_samples: Optional[int], extractor: str, feature_extractor_weights_path: Optional[str],
                  reference: str, metrics: Optional[list[str]], seed: int, batch_size: int,
                  num_reference: Optional[int], num_reference_features: int, cache_dir: Optional[str],
-                 sampling_steps: Optional[int], sampler: Optional[str], progress: bool) -> None:
+                 num_steps: Optional[int], solver: Optional[str], progress: bool) -> None:
         if metrics is not None:
             bad = [m for m in metrics if m not in METRICS]
             if bad:
@@ -72,8 +73,8 @@ class _MetricsBase(L.Callback):
         self.num_reference = num_reference
         self.num_reference_features = int(num_reference_features)
         self.cache_dir = cache_dir
-        self.sampling_steps = sampling_steps
-        self.sampler = sampler
+        self.num_steps = num_steps
+        self.solver = solver
         self.progress = progress
         self.suite: Optional[MetricSuite] = None
         self.reference_id = ""
@@ -117,7 +118,7 @@ class _MetricsBase(L.Callback):
         self.last_nfe = None
         for s in starts:
             n = min(self.batch_size, num_samples - s)
-            res = pl_module.sample(n, steps=self.sampling_steps, sampler=self.sampler, progress=False,
+            res = pl_module.sample(n, num_steps=self.num_steps, solver=self.solver, progress=False,
                                    seed=self.seed, indices=range(s, s + n))
             x, self.last_nfe = res.images, res.nfe
             suite.update(x, torch.arange(s, s + n, device=x.device))
@@ -137,8 +138,8 @@ class _MetricsBase(L.Callback):
             "reference_num_images": self._reference_meta.get("num_images"),
             "dataset": getattr(trainer.datamodule, "name", None),
             "image_size": getattr(trainer.datamodule, "image_size", None),
-            "sampler": self.sampler or getattr(pl_module, "sampler", None),
-            "steps": self.sampling_steps or getattr(pl_module, "sampling_steps", None),
+            "solver": self.solver or getattr(pl_module, "solver", None),
+            "steps": self.num_steps or getattr(pl_module, "num_steps", None),
             "nfe": self.last_nfe,
             "seed": self.seed,
             "sample_seeding": "per sample: sample i draws all its noise from torch.Generator(sample_seed(seed, i)) "
@@ -166,13 +167,14 @@ class TestMetricsCallback(_MetricsBase):
         reference: split whose real images give the reference stats (``train`` = the published
             protocol), or a precomputed ``.npz`` (``mu``/``sigma`` only -> ``fid`` and ``is``).
         metrics: subset of ``fid, kid, is, precision, recall, sfid`` (default: all the extractor has).
-        seed: base seed; sample ``i``'s batch uses ``seed + i`` (seed 50000 = EDM's 2nd block).
+        seed: base seed; sample ``i`` draws all its noise from ``(seed, i)`` (any batch size, any rank count).
         batch_size: samples per ``sample()`` call (per rank).
         num_reference: real images for the reference stats (default: the whole split).
         num_reference_features: real features kept for KID / precision / recall.
         cache_dir: reference stats cache (default ``$DIFFPROC_CACHE/ref_stats`` or
             ``~/.cache/diffproc/ref_stats``).
-        sampling_steps, sampler: override the model's (``--model.init_args.sampling_steps`` works too).
+        num_steps, solver: override the model's (``--model.init_args.num_steps`` works too);
+            ``sampling_steps``/``sampler``: their former, deprecated names.
         output: file name written in the run's log dir.
     """
 
@@ -180,10 +182,13 @@ class TestMetricsCallback(_MetricsBase):
                  feature_extractor_weights_path: Optional[str] = None, reference: str = "train",
                  metrics: Optional[list[str]] = None, seed: int = 0, batch_size: int = 250,
                  num_reference: Optional[int] = None, num_reference_features: int = 10_000,
-                 cache_dir: Optional[str] = None, sampling_steps: Optional[int] = None,
-                 sampler: Optional[str] = None, progress: bool = True, output: str = "metrics.json") -> None:
+                 cache_dir: Optional[str] = None, num_steps: Optional[int] = None,
+                 solver: Optional[str] = None, progress: bool = True, output: str = "metrics.json",
+                 sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
+        solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
+                                            sampling_steps=sampling_steps)
         super().__init__(num_samples, extractor, feature_extractor_weights_path, reference, metrics, seed, batch_size,
-                         num_reference, num_reference_features, cache_dir, sampling_steps, sampler, progress)
+                         num_reference, num_reference_features, cache_dir, num_steps, solver, progress)
         self.output = output
         self.results: dict = {}
 
@@ -231,11 +236,14 @@ class FIDCallback(_MetricsBase):
                  num_samples: int = 2000, extractor: str = "auto", feature_extractor_weights_path: Optional[str] = None,
                  reference: str = "train", metrics: Optional[list[str]] = None, seed: int = 0, batch_size: int = 250,
                  num_reference: Optional[int] = None, num_reference_features: int = 10_000,
-                 cache_dir: Optional[str] = None, sampling_steps: Optional[int] = None,
-                 sampler: Optional[str] = None, progress: bool = False) -> None:
+                 cache_dir: Optional[str] = None, num_steps: Optional[int] = None,
+                 solver: Optional[str] = None, progress: bool = False,
+                 sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
+        solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
+                                            sampling_steps=sampling_steps)
         super().__init__(num_samples, extractor, feature_extractor_weights_path, reference,
                          metrics if metrics is not None else ["fid"], seed, batch_size, num_reference,
-                         num_reference_features, cache_dir, sampling_steps, sampler, progress)
+                         num_reference_features, cache_dir, num_steps, solver, progress)
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self._last_step = -1

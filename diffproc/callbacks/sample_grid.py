@@ -12,21 +12,25 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
+from diffproc.methods.base import resolve_renamed
+
 
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimiser steps (and at the end of fit) rank 0 samples ``num_images``
     with the EMA weights from a fixed seed, logs the grid to TensorBoard (``samples``) and writes
     ``<log_dir>/samples/step_XXXXXXX.png``. ``every_n_steps=0`` disables it. Images smaller than
     ``min_tile`` pixels are upscaled (nearest neighbour) in the grid so they stay legible.
+    ``num_steps``/``solver`` override the model's; ``sampling_steps``/``sampler`` are their former,
+    deprecated names. Sample ``i`` of the grid draws its noise from ``(seed, i)``.
     """
 
-    def __init__(self, every_n_steps: int = 500, num_images: int = 16, sampling_steps: Optional[int] = None,
-                 sampler: Optional[str] = None, seed: int = 0, at_train_end: bool = True,
-                 min_tile: int = 64) -> None:
+    def __init__(self, every_n_steps: int = 500, num_images: int = 16, num_steps: Optional[int] = None,
+                 solver: Optional[str] = None, seed: int = 0, at_train_end: bool = True,
+                 min_tile: int = 64, sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
         self.every_n_steps = every_n_steps
         self.num_images = num_images
-        self.sampling_steps = sampling_steps
-        self.sampler = sampler
+        self.solver, self.num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
+                                                      sampling_steps=sampling_steps)
         self.seed = seed
         self.at_train_end = at_train_end
         self.min_tile = min_tile
@@ -47,7 +51,7 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return None
         t0 = time.perf_counter()
-        x = pl_module.sample(self.num_images, self.sampling_steps, self.sampler, progress=False, seed=self.seed).images
+        x = pl_module.sample(self.num_images, self.num_steps, self.solver, progress=False, seed=self.seed).images
         seconds = time.perf_counter() - t0
         x = x.float().cpu()
         if x.shape[-1] < self.min_tile:  # small images: nearest-neighbour upscale so the grid is legible

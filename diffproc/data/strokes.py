@@ -13,6 +13,7 @@ of sample indices; :class:`~diffproc.methods.base.DiffusionModule` then runs
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Any, Literal, Optional
 
 import torch
@@ -112,8 +113,9 @@ class StrokesDataModule(ImageDataModule):
         quantize_guides: also k-means the ``guide_dir`` images (default: use them as painted).
         strength: SDEdit hijack point as a fraction of the chain ([recon] 0.5). t0: explicit hijack
             time in the process's units (overrides ``strength``).
-        sdedit_steps, sdedit_sampler: steps of the full chain (before truncation at the hijack time)
-            and solver for SDEdit (``null`` = the model's ``sampling_steps``/``sampler``).
+        sdedit_num_steps, sdedit_solver: steps of the full chain (before truncation at the hijack time)
+            and solver for SDEdit (``null`` = the model's ``num_steps``/``solver``). ``sdedit_steps`` /
+            ``sdedit_sampler``: their former, deprecated names.
         sdedit_seed: SDEdit noise seed (``null`` = the model's ``seed``) and base seed of the k-means.
         root, image_size, batch_size, num_workers, ...: as :class:`ImageDataModule` (``batch_size``
             is the predict batch size; ``image_size`` must match the checkpoint).
@@ -128,8 +130,9 @@ class StrokesDataModule(ImageDataModule):
                  strokes_init_args: Optional[dict] = None,
                  split: Literal["train", "val", "test"] = "test", num: Optional[int] = 1000,
                  k: int = 6, kmeans_iters: int = 20, quantize_guides: bool = False,
-                 strength: float = 0.5, t0: Optional[float] = None, sdedit_steps: Optional[int] = None,
-                 sdedit_sampler: Optional[str] = None, sdedit_seed: Optional[int] = None) -> None:
+                 strength: float = 0.5, t0: Optional[float] = None, sdedit_num_steps: Optional[int] = None,
+                 sdedit_solver: Optional[str] = None, sdedit_seed: Optional[int] = None,
+                 sdedit_steps: Optional[int] = None, sdedit_sampler: Optional[str] = None) -> None:
         super().__init__(root, image_size, batch_size, eval_batch_size, num_workers, random_flip,
                          pin_memory, persistent_workers)
         if (guide_dir is None) == (strokes_from is None):
@@ -144,13 +147,20 @@ class StrokesDataModule(ImageDataModule):
         self.split, self.num, self.k, self.kmeans_iters = split, num, int(k), int(kmeans_iters)
         self.quantize_guides = bool(quantize_guides)
         self.strength, self.t0 = strength, t0
-        self.sdedit_steps, self.sdedit_sampler, self.sdedit_seed = sdedit_steps, sdedit_sampler, sdedit_seed
+        for old, new, value in (("sdedit_steps", "sdedit_num_steps", sdedit_steps),
+                                ("sdedit_sampler", "sdedit_solver", sdedit_sampler)):
+            if value is not None:  # former spellings, kept for one release
+                warnings.warn(f"`{old}` is deprecated and will be removed in the next release: use `{new}`.",
+                              FutureWarning, stacklevel=2)
+        sdedit_num_steps = sdedit_steps if sdedit_num_steps is None else sdedit_num_steps
+        sdedit_solver = sdedit_sampler if sdedit_solver is None else sdedit_solver
+        self.sdedit_num_steps, self.sdedit_solver, self.sdedit_seed = sdedit_num_steps, sdedit_solver, sdedit_seed
         self._guides: Optional[Dataset] = None
 
     def sdedit_options(self) -> dict[str, Any]:
         """Read by :func:`~diffproc.methods.sdedit.sdedit_predict_step`."""
-        return {"strength": self.strength, "t0": self.t0, "steps": self.sdedit_steps,
-                "sampler": self.sdedit_sampler, "seed": self.sdedit_seed}
+        return {"strength": self.strength, "t0": self.t0, "num_steps": self.sdedit_num_steps,
+                "solver": self.sdedit_solver, "seed": self.sdedit_seed}
 
     def source_datamodule(self) -> ImageDataModule:
         """The ``strokes_from`` DataModule, built at this module's root and image size."""

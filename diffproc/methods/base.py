@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import DiffusionProcess, PerSampleGenerator
+from diffproc.processes.base import DiffusionProcess, PerSampleGenerator, deprecated
 from diffproc.samplers import SampleResult, sample_loop
 
 #: a small CPU-friendly default backbone (overridden by every paper config)
@@ -32,6 +32,23 @@ DEFAULT_UNET: dict[str, Any] = {
 
 class ConfigError(ValueError):
     """A configuration the user must change; the CLI prints its message without a traceback."""
+
+
+def resolve_renamed(*, solver: Optional[str], sampler: Optional[str], num_steps: Optional[int],
+                    sampling_steps: Optional[int]) -> tuple[Optional[str], Optional[int]]:
+    """``(solver, num_steps)`` from the current names and their former spellings ``sampler`` /
+    ``sampling_steps`` (deprecated for one release: a warning, and an error when both are given and differ)."""
+    out = []
+    for new, new_v, old, old_v in (("solver", solver, "sampler", sampler),
+                                   ("num_steps", num_steps, "sampling_steps", sampling_steps)):
+        if old_v is not None:
+            deprecated(old, new)
+            if new_v is not None and new_v != old_v:
+                raise ConfigError(f"{old}={old_v!r} and {new}={new_v!r} disagree: {old} is the former name "
+                                  f"of {new}; keep only {new}")
+            new_v = old_v
+        out.append(new_v)
+    return out[0], out[1]
 
 
 def build_unet(config: Optional[dict], image_size: int, in_channels: int, out_channels: int) -> UNet2DModel:
@@ -89,7 +106,9 @@ class DiffusionModule(L.LightningModule):
             ``min(decay, (1+n)/(10+n))`` so that short runs get a useful average;
             ``ema_start_step``/``ema_every_n_steps`` as in the papers' code. Sampling, validation
             and checkpoints use/carry the EMA weights.
-        sampler, sampling_steps: default solver and number of steps for :meth:`sample`.
+        solver, num_steps: default solver (one of the process's ``solvers``) and number of reverse steps
+            for :meth:`sample`. ``sampler``/``sampling_steps``: their former names (deprecated, still
+            accepted for one release).
         predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
         seed: base seed of sampling in predict/test: sample ``i`` draws all its noise from ``(seed, i)``
             (:class:`~diffproc.processes.base.PerSampleGenerator`), whatever the batch size or rank count.
@@ -99,20 +118,24 @@ class DiffusionModule(L.LightningModule):
                  unet: Optional[dict] = None, lr: float = 2e-4, weight_decay: float = 0.0,
                  betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 1000,
                  lr_schedule: str = "constant", ema_decay: float = 0.9999, ema_warmup: bool = True,
-                 ema_start_step: int = 0, ema_every_n_steps: int = 1, sampler: Optional[str] = None,
-                 sampling_steps: Optional[int] = None, predict_num_samples: int = 64,
-                 predict_batch_size: int = 64, predict_dir: Optional[str] = None, seed: int = 0) -> None:
+                 ema_start_step: int = 0, ema_every_n_steps: int = 1, solver: Optional[str] = None,
+                 num_steps: Optional[int] = None, predict_num_samples: int = 64,
+                 predict_batch_size: int = 64, predict_dir: Optional[str] = None, seed: int = 0,
+                 sampler: Optional[str] = None, sampling_steps: Optional[int] = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["process"])
+        solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
+                                            sampling_steps=sampling_steps)
+        self.hparams.update(solver=solver, num_steps=num_steps, sampler=None, sampling_steps=None)
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        if sampler is not None and sampler not in process.solvers:
-            raise ConfigError(f"sampler {sampler!r} is not available for {type(process).__name__}; "
+        if solver is not None and solver not in process.solvers:
+            raise ConfigError(f"solver {solver!r} is not available for {type(process).__name__}; "
                               f"choose one of {list(process.solvers)}")
         self.process = process
         self.image_size, self.channels = int(image_size), int(channels)
-        self.sampler = sampler or process.default_solver
-        self.sampling_steps = sampling_steps
+        self.solver = solver or process.default_solver
+        self.num_steps = num_steps
         self.unet = build_unet(unet, self.image_size, process.input_channels(self.channels),
                                process.output_channels(self.channels))
         self.ema_unet: Optional[nn.Module] = None
@@ -229,11 +252,11 @@ class DiffusionModule(L.LightningModule):
         return self.process.from_domain(z)
 
     @torch.no_grad()
-    def sample(self, num: int, steps: Optional[int] = None, sampler: Optional[str] = None,
+    def sample(self, num: int, num_steps: Optional[int] = None, solver: Optional[str] = None,
                generator: Optional[torch.Generator] = None, progress: bool = True,
                use_ema: bool = True, seed: Optional[int] = None,
                indices: Optional[Sequence[int]] = None) -> SampleResult:
-        """Generate ``num`` images with ``steps`` reverse steps of ``sampler`` (EMA weights unless
+        """Generate ``num`` images with ``num_steps`` reverse steps of ``solver`` (EMA weights unless
         ``use_ema=False``).
 
         Randomness: with ``seed``, sample ``j`` draws all its noise from ``(seed, indices[j])``
@@ -255,9 +278,9 @@ class DiffusionModule(L.LightningModule):
         net.eval()
         try:
             shape = (num, self.process.domain_channels(self.channels), self.image_size, self.image_size)
-            res = sample_loop(self.process, self.model_fn(net), shape, steps or self.sampling_steps,
-                              sampler or self.sampler, generator, self.device, progress=progress,
-                              desc=f"sampling ({sampler or self.sampler})")
+            res = sample_loop(self.process, self.model_fn(net), shape, num_steps or self.num_steps,
+                              solver or self.solver, generator, self.device, progress=progress,
+                              desc=f"sampling ({solver or self.solver})")
         finally:
             net.train(was_training)
         res.images = self.decode(res.sample).clamp(-1, 1)

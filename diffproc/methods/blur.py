@@ -2,7 +2,7 @@
 
 Algorithm box: train the ε-network with ``eps_simple`` (pixel-space ε, paper eq. 18) on
 ``x_i = Mᵀ[sqrt(Ā_i) ⊙ M x0 + sqrt(1 − Ā_i) ⊙ M ε]``; sample with the paper's reverse-diffusion sampler
-(``sampler: official``, N−1 steps) or, as our extension, strided ``ddim``/``ancestral`` steps.
+(``solver: official``, N−1 steps) or, as our extension, strided ``ddim``/``ancestral`` steps.
 All of it lives in :class:`~diffproc.processes.blur.BlurProcess` (spec methods_blur_sie_baselines.md §4);
 this class only names the knobs.
 """

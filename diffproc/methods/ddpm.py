@@ -1,7 +1,7 @@
 """DDPM / DDIM baseline (Ho et al. 2020; Song et al. 2021): image-space Gaussian diffusion.
 
 Algorithm box: train with ``L_simple`` on ``x_t = sqrt(ᾱ_t) x0 + sqrt(1−ᾱ_t) ε`` (Alg. 1); sample
-ancestrally over all T steps (Alg. 2) or with DDIM(η) on a sub-sequence of ``sampling_steps``.
+ancestrally over all T steps (Alg. 2) or with DDIM(η) on a sub-sequence of ``num_steps``.
 All of it lives in :class:`~diffproc.processes.ddpm.DDPMProcess`; this class only names the knobs.
 """
 

@@ -3,7 +3,7 @@
 Algorithm box (spec methods_gddm_epdm.md §1): the forward noise is suppressed on the edges of x0
 (``σ_t(x0) = sqrt(1−ᾱ_t)/d_t(x0)``) until the transition point t_Φ, then isotropic (DDPM); the network
 predicts the scaled noise ``σ_t ⊙ ε``; sampling is ancestral with the edge map recomputed from x̂0 at
-every step (paper), or DDIM(η) on the same per-pixel grids (extension, ``sampler: ddim``). Stroke-guided generation (SDEdit) is :mod:`diffproc.methods.sdedit`, used by
+every step (paper), or DDIM(η) on the same per-pixel grids (extension, ``solver: ddim``). Stroke-guided generation (SDEdit) is :mod:`diffproc.methods.sdedit`, used by
 ``cli.py predict`` with a guide DataModule (:mod:`diffproc.data.strokes`). All the math lives in
 :class:`~diffproc.processes.edge.EdgePreservingProcess`; this class names the knobs.
 """
@@ -33,7 +33,7 @@ class EPDM(DiffusionModule):
         final: ``state`` (official, noisy state at index 0) | ``x0`` (x̂0 of the last step).
         loss_reduction: ``sum`` (official) | ``mean``.
         clip_x0: clip x̂0 to [-1, 1] during sampling (official: no).
-        eta: DDIM η for ``sampler: ddim`` (extension; 0 = deterministic, 1 = the ancestral step).
+        eta: DDIM η for ``solver: ddim`` (extension; 0 = deterministic, 1 = the ancestral step).
         **kwargs: the shared options of :class:`DiffusionModule` (backbone, optimiser, EMA, sampling).
     """
 
@@ -57,8 +57,8 @@ class EPDM(DiffusionModule):
                 loss_reduction=loss_reduction, clip_x0=clip_x0, eta=eta)
         except ValueError as err:
             raise ConfigError(f"EPDM: {err}") from err
-        steps = kwargs.get("sampling_steps")
+        steps = kwargs.get("num_steps") or kwargs.get("sampling_steps")
         if steps is not None and not 1 <= int(steps) <= int(num_timesteps) - 1:
-            raise ConfigError(f"EPDM: sampling_steps={steps} must lie in 1..{int(num_timesteps) - 1} "
+            raise ConfigError(f"EPDM: num_steps={steps} must lie in 1..{int(num_timesteps) - 1} "
                               f"(T - 1 = the full chain; null = full)")
         super().__init__(process=process, **kwargs)

@@ -72,7 +72,7 @@ class GDDM(DiffusionModule):
             state; ignored when the fit resumes with ``--ckpt_path``). Missing Poisson-net keys are allowed.
         diagnostics_every_n_val, diagnostics_num, diagnostics_steps, sparsity_delta: deprecated and ignored
             (a warning says so): the diagnostics are the callback ``GDDMDiagnostics`` — ``every_n_val``,
-            ``num``, ``steps``, ``sparsity_delta`` (``--gddm_diagnostics.*`` in ``cli.py``).
+            ``num``, ``num_steps``, ``sparsity_delta`` (``--gddm_diagnostics.*`` in ``cli.py``).
         **kwargs: the shared options of :class:`DiffusionModule` (backbone, optimiser, EMA, sampling).
     """
 
@@ -115,7 +115,7 @@ class GDDM(DiffusionModule):
             raise ConfigError(str(err)) from err
         super().__init__(process=process, **kwargs)
         self.process: GradientDomainProcess
-        moved = {"every_n_val": diagnostics_every_n_val, "num": diagnostics_num, "steps": diagnostics_steps,
+        moved = {"every_n_val": diagnostics_every_n_val, "num": diagnostics_num, "num_steps": diagnostics_steps,
                  "sparsity_delta": sparsity_delta}
         moved = {k: v for k, v in moved.items() if v is not None}
         if moved:  # deprecated: the diagnostics are a callback now

@@ -63,13 +63,13 @@ def sdedit_loop(process: DiffusionProcess, model_fn: ModelFn, z_guide: Tensor, g
 
 @torch.no_grad()
 def sdedit(module, guides: Tensor, strength: Optional[float] = 0.5, t0: Any = None,
-           steps: Optional[int] = None, sampler: Optional[str] = None,
+           num_steps: Optional[int] = None, solver: Optional[str] = None,
            generator: Optional[torch.Generator] = None, use_ema: bool = True) -> SampleResult:
     """Stroke-guided generation with a :class:`~diffproc.methods.base.DiffusionModule`.
 
     ``guides``: images in [-1, 1], NCHW, at the model's resolution. ``strength``/``t0``: hijack point
-    (see :func:`hijack_grid`). ``steps``: sampling steps of the full chain before truncation (default:
-    the module's ``sampling_steps``). Returns the :class:`~diffproc.samplers.SampleResult` with
+    (see :func:`hijack_grid`). ``num_steps``: sampling steps of the full chain before truncation
+    (default: the module's ``num_steps``). Returns the :class:`~diffproc.samplers.SampleResult` with
     ``images`` in [-1, 1] (clamped) and the NFE spent.
     """
     if guides.ndim != 4 or guides.shape[1] != module.channels or guides.shape[-1] != module.image_size \
@@ -77,13 +77,13 @@ def sdedit(module, guides: Tensor, strength: Optional[float] = 0.5, t0: Any = No
         raise ValueError(f"SDEdit guides must be (N, {module.channels}, {module.image_size}, {module.image_size}) "
                          f"to match the model, got {tuple(guides.shape)}")
     process = module.process
-    grid = hijack_grid(process, strength, t0, steps if steps is not None else module.sampling_steps)
+    grid = hijack_grid(process, strength, t0, num_steps if num_steps is not None else module.num_steps)
     net = module.sampling_net if use_ema else module.unet
     was_training = net.training
     net.eval()
     try:
         z_g = process.to_domain(guides.to(module.device, torch.float32))
-        res = sdedit_loop(process, module.model_fn(net), z_g, grid, sampler or module.sampler, generator)
+        res = sdedit_loop(process, module.model_fn(net), z_g, grid, solver or module.solver, generator)
     finally:
         net.train(was_training)
     res.images = module.decode(res.sample).clamp(-1, 1)
@@ -112,8 +112,8 @@ def sdedit_predict_step(module, batch: Any, batch_idx: int) -> Tensor:
     (and ``<name>_real.png`` when the guide was made from a real image) plus a side-by-side grid
     ``sdedit_grid_<batch>_rank<r>.png`` (rows: [real,] guide, result) in the predict directory.
 
-    Options come from the DataModule's ``sdedit_options()`` when it has one (strength, t0, steps,
-    sampler, seed), else strength 0.5 and the module's sampler/steps/seed. Guide batches that carry an
+    Options come from the DataModule's ``sdedit_options()`` when it has one (strength, t0, num_steps,
+    solver, seed), else strength 0.5 and the module's solver/num_steps/seed. Guide batches that carry an
     ``index`` (the strokes datasets do) give guide ``i`` its noise from ``(seed, i)``: the results do not
     depend on the batch size or the number of ranks.
     """
@@ -129,7 +129,7 @@ def sdedit_predict_step(module, batch: Any, batch_idx: int) -> Tensor:
         g = torch.Generator(device=module.device).manual_seed(int(seed) * 1_000_003 + 7919 * batch_idx
                                                               + 104729 * module.global_rank)
     x = sdedit(module, images, strength=opts.get("strength", 0.5), t0=opts.get("t0"),
-               steps=opts.get("steps"), sampler=opts.get("sampler"), generator=g).images
+               num_steps=opts.get("num_steps"), solver=opts.get("solver"), generator=g).images
     out = module.predict_output_dir()
     os.makedirs(out, exist_ok=True)
     guides = images.to(x.device, x.dtype)

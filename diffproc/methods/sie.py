@@ -37,9 +37,9 @@ class SIE(DiffusionModule):
         clip_x0: clip x̂0 inside steps (default False: DDIM code does not; keeps the ODE smooth).
         eps_min_cos: floor on cos η when converting a single ε head to x̂0.
         max_beta: β* clipping (0.999). beta_start, beta_end: the ``linear`` schedule.
-        **kwargs: shared options of :class:`DiffusionModule`; ``sampler`` is one of ``euler``
+        **kwargs: shared options of :class:`DiffusionModule`; ``solver`` is one of ``euler``
             (default, eq. 13), ``heun``, ``midpoint``, ``rk4``, ``ddim_dual``, ``ddim``, ``ancestral``;
-            ``sampling_steps`` counts steps (NFE = steps × 1/2/2/4 for euler/heun/midpoint/rk4).
+            ``num_steps`` counts steps (NFE = steps × 1/2/2/4 for euler/heun/midpoint/rk4).
     """
 
     def __init__(self, num_timesteps: int = 1000,
