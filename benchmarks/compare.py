@@ -195,6 +195,8 @@ def plan(process, nfe_targets: list[int], solvers: list[str] | None = None) -> l
                 row["skip"] = f"full chain only ({full} steps = {full} NFE)"
             elif steps > full:
                 row["skip"] = f"more steps than the chain has ({full})"
+            elif type(process).__name__ == "EdgePreservingProcess" and solver != "ancestral":
+                row["note"] = f"{solver} (extension; paper: ancestral, full chain)"
             elif type(process).__name__ == "EdgePreservingProcess" and steps < full:
                 row["note"] = "strided chain (extension; paper: full chain)"
             out.append(row)

@@ -92,8 +92,9 @@ def test_plan_equal_nfe_and_skips():
     assert all(r["skip"] == f"more steps than the chain has (99)" for r in blur if r["target_nfe"] == 100
                and r["solver"] != "official")
     epdm = plan(EdgePreservingProcess(num_timesteps=50), [10, 49])
-    assert [r["solver"] for r in epdm] == ["ancestral", "ancestral"]
+    assert [r["solver"] for r in epdm] == ["ancestral", "ancestral", "ddim", "ddim"]  # DDIM on the core (issue 15)
     assert "strided" in epdm[0]["note"] and epdm[1]["note"] == "" and epdm[1]["skip"] is None
+    assert all("ddim (extension" in r["note"] and r["skip"] is None for r in epdm[2:])
     assert [r["solver"] for r in plan(DDPMProcess(), [10], solvers=["ddim", "heun"])] == ["ddim"]
 
 
