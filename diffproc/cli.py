@@ -25,7 +25,7 @@ from diffproc.callbacks.fault import ImageThroughputMonitor, NonFiniteGuard
 from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics
 from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
 from diffproc.callbacks.sample_grid import SampleGrid
-from diffproc.data.base import ImageDataModule
+from diffproc.data.base import CorruptImageError, DatasetNotFoundError, ImageDataModule
 from diffproc.methods.base import ConfigError, DiffusionModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -134,8 +134,23 @@ class DiffprocCLI(LightningCLI):
             logger["init_args"]["version"] = version
 
 
+#: errors that are the user's to fix (config, missing or corrupt data): ``error: <message>``, exit code 2
+USER_ERRORS = (ConfigError, DatasetNotFoundError, CorruptImageError)
+
+
+def user_error_message(err: BaseException) -> str:
+    """The message of a user error without what wrappers added: a DataLoader worker re-raises
+    ``Caught X in DataLoader worker process N. Original Traceback ...``; keep the original message."""
+    msg = str(err.args[0]) if err.args else str(err)
+    marker = f"{type(err).__name__}: "
+    if "Original Traceback" in msg and marker in msg:
+        msg = msg.rsplit(marker, 1)[1]
+    return msg.strip()
+
+
 def main(args: Any = None) -> None:
-    """Console entry point; configuration mistakes end with one ``error:`` line, not a traceback."""
+    """Console entry point; configuration mistakes and missing/corrupt data end with one ``error:``
+    block and exit code 2, not a traceback."""
     try:
         DiffprocCLI(args=args)
     except FloatingPointError as err:  # NaN/inf loss or weights (methods/base.py, callbacks/fault.py)
@@ -145,9 +160,11 @@ def main(args: Any = None) -> None:
         sys.exit(1)
     except Exception as err:  # jsonargparse wraps errors raised while instantiating classes
         cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, ConfigError):
+        while cause is not None and not isinstance(cause, USER_ERRORS):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
+        if rank_zero_only.rank == 0:
+            print(f"error: {user_error_message(cause)}", file=sys.stderr)
         sys.exit(2)

@@ -58,3 +58,31 @@ def test_bad_inputs_give_one_clear_error(tmp_path):
     p = run_cli("test", *base, "--ckpt_path", str(tmp_path / "nope.ckpt"), check=False)
     assert p.returncode == 2 and "checkpoint not found" in p.stderr and "nope.ckpt" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_missing_or_corrupt_data_end_like_a_config_error(tmp_path):
+    """Missing or corrupt data: the actionable ``error:`` block alone (no traceback), exit code 2 — also
+    when the corrupt file is read in a DataLoader worker process."""
+    import numpy as np
+    from PIL import Image
+
+    base = ["--trainer.max_steps", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    p = run_cli("fit", "--config", "configs/ddpm_cifar10.yaml", "--data.init_args.root", str(tmp_path / "nope"),
+                *base, check=False)
+    err = p.stderr[p.stderr.find("error:"):]
+    assert p.returncode == 2 and err.startswith("error: CIFAR-10 not found") and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "cifar-10-batches-py" in err and "--data.init_args.root" in err
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"ok{i}.png")
+    (folder / "bad.png").write_bytes(b"not an image")
+    p = run_cli("fit", "--config", "configs/quickstart.yaml", "--data", "diffproc.data.folder.ImageFolderDataModule",
+                "--data.init_args.root", str(folder), "--data.init_args.image_size", "16",
+                "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "1", *base, check=False)
+    err = p.stderr[p.stderr.find("error:"):]
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "Original Traceback" not in err, p.stderr[-3000:]
+    assert err.startswith("error: cannot decode image") and "bad.png" in err and "on_corrupt: skip" in err
