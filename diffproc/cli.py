@@ -6,6 +6,7 @@
 * TensorBoard logger under ``runs/<name>/version_N`` with the resolved ``config.yaml`` saved there;
 * ``ModelCheckpoint(save_last=True)`` (also saved when fit ends) (``--checkpoint.*``), sample grids (``--sample_grid.*``);
 * GDDM / LDDM diagnostics (``--gddm_diagnostics.*``; a no-op for the other methods);
+* post-hoc EMA profiles and snapshots (``--posthoc_ema.every_n_steps N``; off by default);
 * ``--ckpt_path last`` resumes the newest ``last.ckpt`` of the run name and keeps logging there.
 """
 
@@ -24,6 +25,7 @@ from diffproc.callbacks.checkpoint import Checkpoint
 from diffproc.callbacks.fault import ImageThroughputMonitor, NonFiniteGuard
 from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics
 from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
+from diffproc.callbacks.posthoc_ema import PostHocEMA
 from diffproc.callbacks.sample_grid import SampleGrid
 from diffproc.data.base import CorruptImageError, DatasetNotFoundError, ImageDataModule
 from diffproc.methods.base import ConfigError, DiffusionModule
@@ -71,6 +73,7 @@ class DiffprocCLI(LightningCLI):
         parser.add_lightning_class_args(TestMetricsCallback, "metrics")  # cli.py test: FID & co (docs/metrics.md)
         parser.add_lightning_class_args(FIDCallback, "fid")  # off unless --fid.every_n_train_steps/epochs
         parser.add_lightning_class_args(GDDMDiagnostics, "gddm_diagnostics")  # acts on GDDM models only
+        parser.add_lightning_class_args(PostHocEMA, "posthoc_ema")  # EDM2 post-hoc EMA snapshots; off by default
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.init_args.channels", apply_on="instantiate")
 

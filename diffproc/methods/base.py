@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from diffproc.processes.base import DiffusionProcess, PerSampleGenerator, deprecated
+from diffproc.processes.ddpm import DDPMProcess
 from diffproc.samplers import SampleResult, sample_loop
 
 #: a small CPU-friendly default backbone (overridden by every paper config)
@@ -84,6 +85,67 @@ def build_unet(config: Optional[dict], image_size: int, in_channels: int, out_ch
                        up_block_types=tuple(up), norm_num_groups=groups, **cfg)
 
 
+def diffusers_timestep_shift(process: DiffusionProcess) -> int:
+    """Steps by which diffusers' timestep index trails this process's network time: 1 for DDPM/DDIM (diffusers'
+    ``DDPMScheduler``/``DDIMScheduler`` call the UNet with the 0-based ``t - 1`` for diffproc's ``t`` in 1..T, at
+    the same alpha-bar), 0 for every other process (no diffusers scheduler; diffproc's pipeline feeds ``model_time``
+    itself). :func:`shift_time_input` moves a UNet between the two conventions (export and ``init_from``)."""
+    return 1 if type(process) is DDPMProcess else 0
+
+
+@torch.no_grad()
+def shift_time_input(unet: UNet2DModel, shift: float) -> UNet2DModel:
+    """Make ``unet(x, t)`` compute what it computed at ``t + shift`` (in place; returns ``unet``).
+
+    The sinusoidal embedding of ``t + d`` is the embedding of ``t`` rotated by ``d * w_k`` in each (sin, cos) pair,
+    a linear map R(d), so it folds into the first layer of the time MLP: ``W <- W R(d)`` (exact up to rounding).
+    """
+    if shift == 0:
+        return unet
+    if unet.config.time_embedding_type != "positional":
+        raise ConfigError(f"cannot shift the time input of a UNet with time_embedding_type="
+                          f"{unet.config.time_embedding_type!r}; only 'positional' (sinusoidal) embeddings fold a shift")
+    proj, lin = unet.time_proj, unet.time_embedding.linear_1
+    half = proj.num_channels // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64)
+                      / (half - proj.downscale_freq_shift)) * proj.scale
+    c, s = torch.diag(torch.cos(shift * freqs)), torch.diag(torch.sin(shift * freqs))
+    sin_i, cos_i = slice(0, half), slice(half, 2 * half)
+    if proj.flip_sin_to_cos:
+        sin_i, cos_i = cos_i, sin_i
+    rot = torch.eye(proj.num_channels, dtype=torch.float64)  # an odd width's zero pad stays as it is
+    rot[sin_i, sin_i], rot[sin_i, cos_i], rot[cos_i, cos_i], rot[cos_i, sin_i] = c, s, c, -s
+    lin.weight.copy_((lin.weight.double() @ rot).to(lin.weight.dtype))
+    return unet
+
+
+def load_diffusers_unet(path: str, image_size: int, in_channels: int, out_channels: int) -> UNet2DModel:
+    """The ``UNet2DModel`` of a diffusers folder: a model's ``save_pretrained`` folder (``config.json`` + weights)
+    or a pipeline folder with ``unet/`` (e.g. from ``python -m diffproc.export``), checked against the geometry the
+    process needs."""
+    root = os.path.expanduser(str(path))
+    sub = next((d for d in ("", "unet") if os.path.isfile(os.path.join(root, d, "config.json"))), None)
+    if sub is None:
+        what = "does not exist" if not os.path.exists(root) else "has no config.json (nor unet/config.json)"
+        raise ConfigError(f"init_from={path} {what}: pass a diffusers model folder, as written by "
+                          "UNet2DModel.save_pretrained (config.json + diffusion_pytorch_model.safetensors), or a "
+                          "pipeline folder with a unet/ subfolder (python -m diffproc.export).")
+    cfg = UNet2DModel.load_config(root, subfolder=sub or None)
+    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        raise ConfigError(f"init_from={path}: the folder holds a {cfg['_class_name']}, diffproc's backbone is a "
+                          "UNet2DModel")
+    bad = [f"{k}={cfg.get(k, 3)} (this model needs {want})"
+           for k, want in (("in_channels", in_channels), ("out_channels", out_channels)) if cfg.get(k, 3) != want]
+    size = cfg.get("sample_size")  # None: a fully convolutional UNet of any size
+    if size is not None and list([size] * 2 if isinstance(size, int) else size) != [image_size] * 2:
+        bad.append(f"sample_size={size} (this model needs {image_size})")
+    if bad:
+        raise ConfigError(f"init_from={path}: the UNet does not fit this model: {', '.join(bad)}. Set data.image_size "
+                          "/ data.channels (and the method options that set the channel counts) to the folder's, or "
+                          "export a UNet of this geometry.")
+    return UNet2DModel.from_pretrained(root, subfolder=sub or None).float()
+
+
 def images_of(batch: Any) -> Tensor:
     """Image tensor of a batch that is a tensor, an ``(images, labels)`` pair or a dict."""
     if isinstance(batch, Tensor):
@@ -112,6 +174,11 @@ class DiffusionModule(L.LightningModule):
         predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
         seed: base seed of sampling in predict/test: sample ``i`` draws all its noise from ``(seed, i)``
             (:class:`~diffproc.processes.base.PerSampleGenerator`), whatever the batch size or rank count.
+        init_from: a diffusers model folder (``UNet2DModel.save_pretrained``, or a pipeline folder with ``unet/``
+            such as ``python -m diffproc.export`` writes): its UNet, architecture and weights, replaces the one
+            ``unet`` describes, and starts the EMA. Channels and sample size must fit the process. DDPM/DDIM take
+            diffusers' 0-based timesteps into account (:func:`diffusers_timestep_shift`). Keep it in the config
+            of later ``test``/``predict`` runs: it fixes the architecture that the checkpoint's weights load into.
     """
 
     def __init__(self, process: DiffusionProcess, image_size: int = 32, channels: int = 3,
@@ -121,7 +188,8 @@ class DiffusionModule(L.LightningModule):
                  ema_start_step: int = 0, ema_every_n_steps: int = 1, solver: Optional[str] = None,
                  num_steps: Optional[int] = None, predict_num_samples: int = 64,
                  predict_batch_size: int = 64, predict_dir: Optional[str] = None, seed: int = 0,
-                 sampler: Optional[str] = None, sampling_steps: Optional[int] = None) -> None:
+                 sampler: Optional[str] = None, sampling_steps: Optional[int] = None,
+                 init_from: Optional[str] = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["process"])
         solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
@@ -138,6 +206,10 @@ class DiffusionModule(L.LightningModule):
         self.num_steps = num_steps
         self.unet = build_unet(unet, self.image_size, process.input_channels(self.channels),
                                process.output_channels(self.channels))
+        if init_from is not None:  # a diffusers folder: its UNet (architecture and weights) is the backbone
+            self.unet = shift_time_input(
+                load_diffusers_unet(init_from, self.image_size, process.input_channels(self.channels),
+                                    process.output_channels(self.channels)), -diffusers_timestep_shift(process))
         self.ema_unet: Optional[nn.Module] = None
         if ema_decay > 0:
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
