@@ -19,10 +19,12 @@ from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffproc.callbacks.checkpoint import Checkpoint
-from diffproc.callbacks.fault import ImageThroughputMonitor, NonFiniteGuard
+from diffproc.callbacks.fault import (ImageThroughputMonitor, NonFiniteGuard, cancel_stop_deadline,
+                                     install_stop_deadline)
 from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics
 from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
 from diffproc.callbacks.posthoc_ema import PostHocEMA
@@ -153,9 +155,20 @@ def user_error_message(err: BaseException) -> str:
 
 def main(args: Any = None) -> None:
     """Console entry point; configuration mistakes and missing/corrupt data end with one ``error:``
-    block and exit code 2, not a traceback."""
+    block and exit code 2, not a traceback; a SIGTERM ends every phase with exit code 143."""
+    install_stop_deadline()  # SIGTERM ends every phase, not only Lightning's loops
+    try:
+        _main(args)
+    finally:
+        cancel_stop_deadline()
+
+
+def _main(args: Any) -> None:
     try:
         DiffprocCLI(args=args)
+    except SIGTERMException:  # Lightning's SystemExit subclass carries no exit code: 143 = 128 + SIGTERM
+        print("error: stopped by SIGTERM (the last consistent state of a fit is in last.ckpt)", file=sys.stderr)
+        sys.exit(143)
     except FloatingPointError as err:  # NaN/inf loss or weights (methods/base.py, callbacks/fault.py)
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
         if rank_zero_only.rank == 0:

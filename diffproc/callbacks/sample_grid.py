@@ -10,6 +10,7 @@ from typing import Optional
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.utils import make_grid, save_image
 
 from diffproc.methods.base import resolve_renamed
@@ -22,13 +23,22 @@ class SampleGrid(L.Callback):
     ``min_tile`` pixels are upscaled (nearest neighbour) in the grid so they stay legible.
     ``num_steps``/``solver`` override the model's; ``sampling_steps``/``sampler`` are their former,
     deprecated names. Sample ``i`` of the grid draws its noise from ``(seed, i)``.
+
+    Every grid is announced (images × steps × NFE, estimated seconds) and shows a progress bar. On the
+    CPU a grid is sized to ``cpu_budget_seconds`` (estimated from one timed network evaluation): fewer
+    images (down to 4), then fewer steps, with a message saying so — a paper-size UNet would otherwise
+    sample a 64-image grid for many minutes at the end of a 1-step smoke test. ``cpu_budget_seconds: 0``
+    keeps the full grid; ``every_n_steps: 0`` switches grids off.
     """
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 16, num_steps: Optional[int] = None,
                  solver: Optional[str] = None, seed: int = 0, at_train_end: bool = True,
-                 min_tile: int = 64, sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
+                 min_tile: int = 64, cpu_budget_seconds: float = 60.0, progress: bool = True,
+                 sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
         self.every_n_steps = every_n_steps
         self.num_images = num_images
+        self.cpu_budget_seconds = float(cpu_budget_seconds)
+        self.progress = progress
         self.solver, self.num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
                                                       sampling_steps=sampling_steps)
         self.seed = seed
@@ -50,8 +60,13 @@ class SampleGrid(L.Callback):
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it, or rank 0 hangs
         if not trainer.is_global_zero:
             return None
+        num, steps = self.size(pl_module)
+        nfe = pl_module.planned_nfe(steps, self.solver)
+        rank_zero_info(f"sample grid at step {step}: {num} images, {nfe} network evaluations each "
+                       f"({self.solver or pl_module.solver})")
         t0 = time.perf_counter()
-        x = pl_module.sample(self.num_images, self.num_steps, self.solver, progress=False, seed=self.seed).images
+        x = pl_module.sample(num, steps, self.solver, progress=self.progress, seed=self.seed,
+                             desc=f"sample grid (step {step})").images
         seconds = time.perf_counter() - t0
         x = x.float().cpu()
         if x.shape[-1] < self.min_tile:  # small images: nearest-neighbour upscale so the grid is legible
@@ -67,3 +82,30 @@ class SampleGrid(L.Callback):
             path = os.path.join(log_dir, "samples", f"step_{step:07d}.png")
             save_image(grid, path)
         return path
+
+    def size(self, pl_module: L.LightningModule) -> tuple[int, Optional[int]]:
+        """(images, steps) of the next grid: as configured, or shrunk to ``cpu_budget_seconds`` on the CPU."""
+        num, steps = self.num_images, self.num_steps
+        if pl_module.device.type != "cpu" or self.cpu_budget_seconds <= 0:
+            return num, steps
+        per_image = pl_module.seconds_per_evaluation(min(num, 4)) / min(num, 4)
+        nfe = pl_module.planned_nfe(steps, self.solver)
+        estimate = per_image * num * nfe
+        if estimate <= self.cpu_budget_seconds:
+            return num, steps
+        fit = int(self.cpu_budget_seconds / (per_image * nfe))
+        new_num = max(min(4, num), min(num, fit))
+        new_steps = steps
+        solver = self.solver or pl_module.solver
+        if (per_image * new_num * nfe > self.cpu_budget_seconds  # 4 images are still too slow: fewer steps
+                and solver not in pl_module.process.full_chain_solvers):
+            grid_steps = len(pl_module.process.timesteps(steps)) - 1
+            nfe_per_step = nfe / max(1, grid_steps)
+            new_steps = min(grid_steps, max(1, int(self.cpu_budget_seconds / (per_image * new_num * nfe_per_step))))
+        rank_zero_info(
+            f"sample grid on the CPU: {num} images x {nfe} evaluations would take ~{estimate:.0f} s "
+            f"(> cpu_budget_seconds={self.cpu_budget_seconds:g}); drawing {new_num} images"
+            + (f" with {new_steps} steps" if new_steps != steps else "")
+            + ". Set --sample_grid.cpu_budget_seconds 0 for the full grid, or --sample_grid.every_n_steps 0 "
+              "to switch grids off.")
+        return new_num, new_steps

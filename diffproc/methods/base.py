@@ -14,13 +14,14 @@ from typing import Any, Optional, Sequence
 import lightning as L
 import torch
 from diffusers import UNet2DModel
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import DiffusionProcess, PerSampleGenerator, deprecated
+from diffproc.processes.base import ODE_SOLVERS, DiffusionProcess, PerSampleGenerator, deprecated
 from diffproc.processes.ddpm import DDPMProcess
-from diffproc.samplers import SampleResult, sample_loop
+from diffproc.samplers import NFE_PER_STEP, SampleResult, sample_loop
 
 #: a small CPU-friendly default backbone (overridden by every paper config)
 DEFAULT_UNET: dict[str, Any] = {
@@ -327,7 +328,7 @@ class DiffusionModule(L.LightningModule):
     def sample(self, num: int, num_steps: Optional[int] = None, solver: Optional[str] = None,
                generator: Optional[torch.Generator] = None, progress: bool = True,
                use_ema: bool = True, seed: Optional[int] = None,
-               indices: Optional[Sequence[int]] = None) -> SampleResult:
+               indices: Optional[Sequence[int]] = None, desc: Optional[str] = None) -> SampleResult:
         """Generate ``num`` images with ``num_steps`` reverse steps of ``solver`` (EMA weights unless
         ``use_ema=False``).
 
@@ -337,6 +338,10 @@ class DiffusionModule(L.LightningModule):
 
         Returns one :class:`~diffproc.samplers.SampleResult`: ``images`` in [-1, 1], the final domain
         state ``sample``, the ``nfe`` actually spent, the time grid and the solver.
+
+        Under a Trainer, a SIGTERM (Lightning's ``received_sigterm``) stops sampling before the next
+        network evaluation with ``SIGTERMException``, in whatever phase it runs (end-of-fit grid,
+        test metrics, predict).
         """
         if seed is not None:
             if generator is not None:
@@ -350,13 +355,50 @@ class DiffusionModule(L.LightningModule):
         net.eval()
         try:
             shape = (num, self.process.domain_channels(self.channels), self.image_size, self.image_size)
-            res = sample_loop(self.process, self.model_fn(net), shape, num_steps or self.num_steps,
+            fn = self.model_fn(net)
+
+            def guarded(z: Tensor, t: Tensor) -> Tensor:
+                if self._trainer is not None and self.trainer.received_sigterm:
+                    raise SIGTERMException()
+                return fn(z, t)
+
+            res = sample_loop(self.process, guarded, shape, num_steps or self.num_steps,
                               solver or self.solver, generator, self.device, progress=progress,
-                              desc=f"sampling ({solver or self.solver})")
+                              desc=desc or f"sampling ({solver or self.solver})")
         finally:
             net.train(was_training)
         res.images = self.decode(res.sample).clamp(-1, 1)
         return res
+
+    def planned_nfe(self, num_steps: Optional[int] = None, solver: Optional[str] = None) -> int:
+        """Network evaluations :meth:`sample` will spend per image with these settings."""
+        solver = solver or self.solver
+        grid_fn = self.process.timesteps
+        if solver in ODE_SOLVERS:
+            grid_fn = getattr(self.process, "ode_timesteps", grid_fn)
+        return (len(grid_fn(num_steps or self.num_steps)) - 1) * NFE_PER_STEP.get(solver, 1)
+
+    @torch.no_grad()
+    def seconds_per_evaluation(self, num: int) -> float:
+        """Wall time of one network evaluation on ``num`` images (the EMA weights, at the first time of
+        the sampling grid), measured once: what sizing a sampling job against a time budget needs."""
+        import time
+
+        net = self.sampling_net
+        was_training = net.training
+        net.eval()
+        try:
+            z = torch.randn(num, self.process.input_channels(self.channels), self.image_size, self.image_size,
+                            device=self.device)
+            t = torch.full((num,), float(self.process.timesteps(self.num_steps)[0]), device=self.device)
+            fn = self.model_fn(net)
+            start = time.perf_counter()
+            fn(z, t)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return time.perf_counter() - start
+        finally:
+            net.train(was_training)
 
     # --- predict: write PNGs --------------------------------------------------------------------
     def predict_dataloader(self) -> DataLoader:

@@ -27,6 +27,8 @@ class DiffusionProcess(ABC):
     solvers: tuple[str, ...] = ()
     #: solver used when the caller does not name one
     default_solver: str = ""
+    #: solvers that only run the full chain (no strided grids), e.g. blur diffusion's ``official``
+    full_chain_solvers: tuple[str, ...] = ()
 
     # --- domain -------------------------------------------------------------------------------
     def domain_channels(self, channels: int) -> int:

@@ -124,6 +124,7 @@ class BlurProcess(GaussianProcess):
     """
 
     solvers = ("official", "ancestral", "ddim")
+    full_chain_solvers = ("official",)
 
     def __init__(self, image_size: int | tuple[int, int] = 64, channels: int = 3, num_timesteps: int = 1000,
                  schedule: Literal["linear", "cosine"] = "linear", beta_start: float = 1e-4,
