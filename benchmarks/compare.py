@@ -12,7 +12,9 @@
 2. Evaluate (in this process, :mod:`diffproc.metrics`): for each method, solver in
    ``process.solvers`` and target NFE, ``steps = NFE // NFE_PER_STEP[solver]`` (equal NFE across
    solvers), ``--num-samples`` images with the EMA weights from fixed seeds, FID/KID/precision/recall
-   against cached reference statistics of the train split, seconds per image. Combinations that make
+   against cached reference statistics of the train split, seconds per image. With ``--seeds 0 1000 2000``
+   (EDM's seed blocks) every row is measured on each block of ``--num-samples`` samples (block ``s`` = samples
+   ``s .. s + num_samples - 1`` of ``--seed``) and reported as mean ± std (ddof=1) and min over the blocks. Combinations that make
    no sense are listed as skipped with the reason (blur ``official`` = full chain only).
    Finished rows are cached in ``results.json`` and not recomputed.
 3. Write ``results.md``, ``results.json``, ``fid_vs_nfe.png``, ``loss_vs_step.png``,
@@ -67,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="training batch, forced on every method")
     ap.add_argument("--num-train", type=int, default=None, help="--data.init_args.num_train (shapes only)")
     ap.add_argument("--seed", type=int, default=0, help="--seed_everything of every fit and the sampling seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="seed blocks for sampling (EDM convention, e.g. --seeds 0 1000 2000 with --num-samples 1000): "
+                         "block s = samples s .. s+num_samples-1 of --seed, each measured separately; the tables "
+                         "show mean ± std over the blocks. Default: one block [0] (the samples of --seed)")
     ap.add_argument("--freq-real", type=int, default=None, help="real test images for freq_bands (default: num-samples)")
     ap.add_argument("--grid-images", type=int, default=64)
     ap.add_argument("--fit-args", nargs=argparse.REMAINDER, default=[],
@@ -75,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    args.seeds = list(args.seeds) if args.seeds else [0]
+    starts = sorted(args.seeds)
+    if starts[0] < 0 or len(set(starts)) != len(starts) or any(b - a < args.num_samples for a, b in zip(starts, starts[1:])):
+        ap.error(f"--seeds {args.seeds}: seed blocks must be distinct, >= 0 and at least --num-samples "
+                 f"({args.num_samples}) apart (a block is samples s .. s+num_samples-1)")
     return args
 
 
@@ -203,11 +214,37 @@ def plan(process, nfe_targets: list[int], solvers: list[str] | None = None) -> l
     return out
 
 
-def sample_all(model, solver: str, steps: int, num: int, batch: int, seed: int, device: torch.device):
-    """Images in [-1, 1], seconds (synchronised) and NFE actually spent per image."""
-    from benchmarks.nfe_sweep import sample_all as _sample_all
+@torch.no_grad()
+def sample_all(model, solver: str, steps: int, num: int, batch: int, seed: int, device: torch.device, offset: int = 0):
+    """Images in [-1, 1], seconds (synchronised) and NFE actually spent per image: the samples
+    ``offset .. offset + num - 1`` of ``seed`` (sample i draws its noise from (seed, i); EMA weights)."""
+    out, nfe, secs = [], None, 0.0
+    for b in range(math.ceil(num / batch)):
+        lo = offset + b * batch
+        n = min(batch, num - b * batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        res = model.sample(n, num_steps=steps, solver=solver, progress=False, use_ema=True, seed=seed,
+                           indices=range(lo, lo + n))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        secs += time.perf_counter() - t0
+        nfe = res.nfe
+        out.append(res.images)
+    return torch.cat(out), secs, nfe
 
-    return _sample_all(model, solver, steps, num, batch, seed, True, device)
+
+METRIC_KEYS = ("fid", "kid_mean", "kid_std", "precision", "recall")
+
+
+def aggregate_blocks(blocks: list[dict]) -> dict:
+    """Row fields from per-block metrics: the mean of each metric at the top level (what tables and plots
+    read), and with >= 2 blocks ``std`` (ddof=1) and ``min`` dicts (``diffproc.callbacks.metrics``' rule)."""
+    from diffproc.callbacks.metrics import aggregate_blocks as _agg
+
+    agg = _agg([{k: b[k] for k in METRIC_KEYS} for b in blocks])
+    return {**agg["metrics"], **{k: agg[k] for k in ("std", "min") if k in agg}}
 
 
 def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[list[dict], dict]:
@@ -249,7 +286,7 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
             key = (name, c["solver"], c["target_nfe"])
             base = {"method": name, "solver": c["solver"], "target_nfe": c["target_nfe"], "steps": c["steps"],
                     "note": c["note"], "train_step": step, "num_samples": args.num_samples, "seed": args.seed,
-                    "unet_params": n_params, "reference": ref_id}
+                    "seeds": args.seeds, "unet_params": n_params, "reference": ref_id}
             is_top = c["solver"] == default and c["target_nfe"] == top_nfe
             spath = samples_dir / f"{name}.pt"
             old = cached.get(key)
@@ -257,26 +294,35 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
                 rows.append({**base, "skip": c["skip"]})
                 continue
             if (old and old.get("skip") is None and old.get("train_step") == step and old.get("num_samples") == args.num_samples
-                    and old.get("seed") == args.seed and old.get("reference") == ref_id and (not is_top or spath.is_file())):
+                    and old.get("seed") == args.seed and old.get("seeds", [0]) == args.seeds
+                    and old.get("reference") == ref_id and (not is_top or spath.is_file())):
                 log(f"{name} {c['solver']:>9} NFE {c['target_nfe']:>4}: cached")
                 rows.append(old)
                 if is_top:
                     keep[name] = torch.load(spath).float() / 127.5 - 1
                 continue
-            log(f"{name} {c['solver']:>9} NFE {c['target_nfe']:>4} ({c['steps']} steps) "
-                f"[{i + 1}/{len(combos)}]: sampling {args.num_samples} images")
-            images, secs, nfe = sample_all(model, c["solver"], c["steps"], args.num_samples, args.eval_batch_size,
-                                           args.seed, device)
-            suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"]).to(device)
-            suite.set_reference(ref)
-            for chunk in images.split(args.eval_batch_size):
-                suite.update(chunk.to(device))
-            m = {k.removeprefix(extractor.name + "_"): v for k, v in suite.compute().items()}
-            row = {**base, "skip": None, "nfe": nfe, "sec_per_image": secs / args.num_samples,
-                   "extractor": extractor.name, **m}
-            log(f"  -> FID {m['fid']:.3f}  KID {m['kid_mean']:.4f}  P {m['precision']:.3f}  R {m['recall']:.3f}  "
+            blocks, secs_total, top_images = [], 0.0, None
+            for b in args.seeds:
+                log(f"{name} {c['solver']:>9} NFE {c['target_nfe']:>4} ({c['steps']} steps) "
+                    f"[{i + 1}/{len(combos)}]: sampling {args.num_samples} images"
+                    + (f" (seed block {b})" if len(args.seeds) > 1 else ""))
+                images, secs, nfe = sample_all(model, c["solver"], c["steps"], args.num_samples, args.eval_batch_size,
+                                               args.seed, device, offset=b)
+                secs_total += secs
+                suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"]).to(device)
+                suite.set_reference(ref)
+                for chunk in images.split(args.eval_batch_size):
+                    suite.update(chunk.to(device))
+                m = {k.removeprefix(extractor.name + "_"): v for k, v in suite.compute().items()}
+                blocks.append({"seed": b, **m})
+                top_images = images if top_images is None else top_images
+            row = {**base, "skip": None, "nfe": nfe, "sec_per_image": secs_total / (args.num_samples * len(blocks)),
+                   "extractor": extractor.name, **aggregate_blocks(blocks), "blocks": blocks}
+            log(f"  -> FID {fmt_pm(row, 'fid', '.3f')}  KID {fmt_pm(row, 'kid_mean', '.4f')}  "
+                f"P {fmt_pm(row, 'precision', '.3f')}  R {fmt_pm(row, 'recall', '.3f')}  "
                 f"{row['sec_per_image'] * 1e3:.2f} ms/image")
             rows.append(row)
+            images = top_images  # block 0 (the first of --seeds) for the grids and frequency bands
             if is_top:
                 u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
                 torch.save(u8, spath)
@@ -301,15 +347,37 @@ def fmt(v, spec: str) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def fmt_pm(row: dict, key: str, spec: str) -> str:
+    """``mean ± std`` over seed blocks when the row has several, else the value."""
+    std = row.get("std", {}).get(key)
+    return fmt(row.get(key), spec) + (f" ± {fmt(std, spec)}" if std is not None else "")
+
+
 def results_table(rows: list[dict], train: dict[str, dict]) -> str:
-    lines = ["| method | solver | NFE | steps | FID | KID | precision | recall | s / train step | s / image | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per (method, solver, NFE). Rows measured on several seed blocks show mean ± std (ddof=1) over
+    the blocks and the minimum FID; single-block rows show the value (and KID ± its std over subsets)."""
+    multi = any("std" in r for r in rows if not r.get("skip"))
+    if multi:
+        nb = max(len(r.get("blocks", [])) for r in rows if not r.get("skip"))
+        lines = [f"| method | solver | NFE | steps | FID (mean ± std, {nb} seed blocks) | FID min | KID (mean ± std) | "
+                 f"precision | recall | s / train step | s / image | note |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines = ["| method | solver | NFE | steps | FID | KID | precision | recall | s / train step | s / image | note |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = train.get(r["method"], {})
         sps = fmt(t.get("sec_per_step"), ".4f") + ("*" if t.get("sec_per_step_source") == "wall" else "")
         if r.get("skip"):
-            lines.append(f"| {r['method']} | {r['solver']} | {r['target_nfe']} | — | skipped | — | — | — | {sps} | — | "
+            dashes = "— | — | — | — |" if multi else "— | — | — |"
+            lines.append(f"| {r['method']} | {r['solver']} | {r['target_nfe']} | — | skipped | {dashes} {sps} | — | "
                          f"{r['skip']} |")
+            continue
+        if multi:
+            lines.append(f"| {r['method']} | {r['solver']} | {r['nfe']} | {r['steps']} | {fmt_pm(r, 'fid', '.3f')} | "
+                         f"{fmt(r.get('min', {}).get('fid', r['fid']), '.3f')} | {fmt_pm(r, 'kid_mean', '.4f')} | "
+                         f"{fmt_pm(r, 'precision', '.3f')} | {fmt_pm(r, 'recall', '.3f')} | {sps} | "
+                         f"{fmt(r['sec_per_image'], '.5f')} | {r['note']} |")
             continue
         lines.append(f"| {r['method']} | {r['solver']} | {r['nfe']} | {r['steps']} | {fmt(r['fid'], '.3f')} | "
                      f"{fmt(r['kid_mean'], '.4f')} ± {fmt(r['kid_std'], '.4f')} | {fmt(r['precision'], '.3f')} | "
@@ -328,8 +396,10 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     for ax, (key, label) in zip(axes, [("fid", "FID"), ("kid_mean", "KID"), ("precision", "precision"),
                                        ("recall", "recall")]):
         for (m, s) in dict.fromkeys((r["method"], r["solver"]) for r in ok):
-            pts = sorted((r["nfe"], r[key]) for r in ok if r["method"] == m and r["solver"] == s)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{m} / {s}")
+            pts = sorted((r["nfe"], r[key], r.get("std", {}).get(key, 0.0)) for r in ok
+                         if r["method"] == m and r["solver"] == s)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        label=f"{m} / {s}")
         ax.set_xscale("log")
         ax.set_xlabel("NFE")
         ax.set_title(f"{label} vs NFE ({ok[0]['extractor'] if ok else ''} features)")
@@ -457,7 +527,10 @@ def main(argv=None) -> dict:
     extractor = next((r["extractor"] for r in rows if not r.get("skip")), args.extractor)
     header = (f"# Method comparison\n\n`{' '.join(['python', 'benchmarks/compare.py', *sys.argv[1:]]) if argv is None else 'compare.main(' + repr(argv) + ')'}`\n\n"
               f"{args.steps} training steps per method (seed {args.seed}); {args.num_samples} samples per row from "
-              f"fixed seeds with the EMA weights; metrics on `{extractor}` features against `{rows[0]['reference'] if rows else '?'}`. "
+              f"fixed seeds with the EMA weights"
+              + (f", measured on each of {len(args.seeds)} seed blocks {args.seeds} (block s = samples s .. "
+                 f"s+{args.num_samples - 1}); values are mean ± std (ddof=1) over the blocks" if len(args.seeds) > 1 else "")
+              + f"; metrics on `{extractor}` features against `{rows[0]['reference'] if rows else '?'}`. "
               f"NFE = network evaluations actually spent; steps = NFE // NFE-per-step of the solver. "
               f"s / train step from the logged throughput (`*`: fit wall time / steps, start-up included). "
               f"Manual: docs/compare.md.\n")

@@ -286,7 +286,7 @@ class Dummy(L.LightningModule):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.fail = fail
 
-    def sample(self, num, steps=None, sampler=None, generator=None, progress=True, seed=None, indices=None):
+    def sample(self, num, num_steps=None, solver=None, generator=None, progress=True, seed=None, indices=None):
         from diffproc.processes.base import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
         assert not self.fail, "sampling started before the metric set-up failed"
@@ -300,45 +300,93 @@ class Dummy(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self.log("test/loss", self.w.sum() + 1.0)
 
-if __name__ == "__main__":
-    devices, out, extractor = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def run(devices, out, extractor, seeds, output="metrics.json"):
     cb = TestMetricsCallback(num_samples=90, batch_size=16, extractor=extractor, cache_dir=out + "/cache",
-                             num_reference_features=80, progress=False)
+                             num_reference_features=80, progress=False, seeds=seeds, output=output)
     dm = ShapesDataModule(image_size=16, num_train=160, num_val=8, num_test=16, batch_size=8)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", callbacks=[cb],
                         default_root_dir=out, logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.test(Dummy(fail=extractor == "inception"), datamodule=dm)
+
+if __name__ == "__main__":
+    devices, out, extractor = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    seeds = sys.argv[4] if len(sys.argv) > 4 else None
+    run(devices, out, extractor, seeds)
+    if devices == 1 and seeds is not None:  # the same samples as one block each: single-block runs
+        for s in seeds.split(","):
+            run(devices, out, extractor, None if s == "0" else s, output=f"metrics_single{s}.json")
 '''
 
 
-def _run_dummy(tmp_path: Path, devices: int, extractor: str = "shapes") -> subprocess.CompletedProcess:
+def _run_dummy(tmp_path: Path, devices: int, extractor: str = "shapes", seeds: str | None = None) -> subprocess.CompletedProcess:
     script = tmp_path / "dummy_test.py"
     script.write_text(_DUMMY)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_HOME=str(tmp_path / "torch_home"))
     out = tmp_path / f"run{devices}"
-    return subprocess.run([PY, str(script), str(devices), str(out), extractor], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run([PY, str(script), str(devices), str(out), extractor, *([seeds] if seeds else [])], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
-def test_test_callback_ddp_matches_single_process(tmp_path):
+SHAPES_KEYS = {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean", "shapes_is_std", "shapes_precision",
+               "shapes_recall"}
+
+
+def test_test_callback_ddp_matches_single_process_with_seed_blocks(tmp_path):
+    """``cli.py test``'s callback on 2 gloo CPU ranks gives the metrics of 1 rank, for every seed block (2 blocks
+    of 90 samples at seeds 0 and 100, batches of 16 dealt to the ranks round-robin); each block equals a
+    single-block run at that seed; metrics.json carries the blocks, mean, std (ddof=1) and min. ~30 s."""
     rows = {}
     for devices in (1, 2):
-        proc = _run_dummy(tmp_path, devices)
+        proc = _run_dummy(tmp_path, devices, seeds="0,100")
         assert proc.returncode == 0, proc.stderr[-3000:]
         rows[devices] = json.loads((tmp_path / f"run{devices}" / "metrics.json").read_text())
         assert (tmp_path / f"run{devices}" / "samples.png").is_file()
     one, two = rows[1], rows[2]
-    assert set(one["metrics"]) == {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean",
-                                   "shapes_is_std", "shapes_precision", "shapes_recall"}
-    for k, v in one["metrics"].items():
-        # features are bitwise equal (KID/IS/PR exactly equal); FID differs only by the float64 summation
-        # order, amplified by sqrt of the ~0 eigenvalues of a rank-deficient covariance (90 samples < 128 d)
-        assert two["metrics"][k] == pytest.approx(v, rel=1e-6 if k == "shapes_fid" else 1e-12, abs=1e-12), k
+    assert [b["seed"] for b in one["blocks"]] == [b["seed"] for b in two["blocks"]] == [0, 100]
+    worst = {"fid": 0.0, "others": 0.0}
+    for b1, b2 in zip(one["blocks"], two["blocks"]):
+        assert set(b1["metrics"]) == SHAPES_KEYS
+        for k, v in b1["metrics"].items():
+            # features are bitwise equal (KID/IS/PR exactly equal); FID differs only by the float64 summation order
+            w = "fid" if k == "shapes_fid" else "others"
+            worst[w] = max(worst[w], abs(b2["metrics"][k] - v) / max(abs(v), 1e-12))
+            assert b2["metrics"][k] == pytest.approx(v, rel=1e-9 if k == "shapes_fid" else 1e-12, abs=1e-12), k
+    print(f"2 ranks vs 1 rank: max relative difference FID {worst['fid']:.2e} (tolerance 1e-9), "
+          f"others {worst['others']:.2e} (tolerance 1e-12)")
+    a, b = (blk["metrics"] for blk in one["blocks"])
+    assert a != b, "two seed blocks are different samples"
+    for k in SHAPES_KEYS:
+        assert one["metrics"][k] == pytest.approx((a[k] + b[k]) / 2, rel=1e-12)
+        assert one["std"][k] == pytest.approx(abs(a[k] - b[k]) / 2 ** 0.5, rel=1e-9, abs=1e-15)
+        assert one["min"][k] == min(a[k], b[k])
+    for s, blk in zip((0, 100), one["blocks"]):  # block s == a single-block run of the samples s..s+89
+        single = json.loads((tmp_path / "run1" / f"metrics_single{s}.json").read_text())
+        assert single["metrics"] == pytest.approx(blk["metrics"], rel=1e-12)
+        assert "std" not in single and [x["seed"] for x in single["blocks"]] == [s]
     p = one["protocol"]
-    assert (p["extractor"], p["num_samples"], p["solver"], p["steps"], p["nfe"], p["seed"]) == ("shapes", 90, "ddim", 7, 7, 0)
+    assert (p["extractor"], p["num_samples"], p["solver"], p["steps"], p["nfe"], p["seed"], p["seeds"]) == (
+        "shapes", 90, "ddim", 7, 7, 0, [0, 100])
     assert p["reference"].startswith("shapes_train_16px_shapes-") and p["headline_protocol"] is False
     assert two["protocol"]["world_size"] == 2
+
+
+def test_seed_blocks_parse_and_must_not_overlap():
+    from types import SimpleNamespace
+
+    from diffproc.callbacks.metrics import TestMetricsCallback, aggregate_blocks
+
+    assert TestMetricsCallback(seeds="0,50000 100000").block_seeds == [0, 50000, 100000]
+    assert TestMetricsCallback(seeds=[5]).block_seeds == [5] and TestMetricsCallback().block_seeds == [0]
+    for bad in ([], [0, 0], [-1], "a,b"):
+        with pytest.raises(ValueError, match="seeds"):
+            TestMetricsCallback(seeds=bad)
+    cb = TestMetricsCallback(num_samples=100, seeds=[0, 50], extractor="shapes")
+    cb._build = lambda trainer: setattr(cb, "suite", SimpleNamespace(extractor=SimpleNamespace(name="shapes")))
+    with pytest.raises(ValueError, match="overlap"):
+        cb.setup(SimpleNamespace(), None, "test")
+    agg = aggregate_blocks([{"fid": 1.0}, {"fid": 3.0}, {"fid": 2.0}])
+    assert agg == {"metrics": {"fid": 2.0}, "std": {"fid": 1.0}, "min": {"fid": 1.0}}
+    assert aggregate_blocks([{"fid": 1.5}]) == {"metrics": {"fid": 1.5}}
 
 
 @pytest.mark.slow
@@ -367,7 +415,7 @@ def test_callback_setup_fails_fast_offline(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
-    """``cli.py fit`` with the in-training FID, then ``cli.py test`` on the checkpoint -> metrics.json."""
+    """``cli.py fit`` with the in-training FID, then ``cli.py test`` on the checkpoint (2 seed blocks) -> metrics.json."""
     sys.path.insert(0, str(REPO / "tests"))
     from clitools import TINY, run_cli
 
@@ -384,13 +432,14 @@ def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
     ckpt = run0 / "checkpoints" / "last.ckpt"
     run_cli("test", *common, "--ckpt_path", str(ckpt), "--metrics.num_samples", "40",
             "--metrics.batch_size", "16", "--metrics.cache_dir", str(cache), "--metrics.progress", "false",
-            "--model.init_args.num_steps", "2")
+            "--model.init_args.num_steps", "2", "--metrics.seeds", "0,40")
     files = list((tmp_path / "quickstart").glob("version_*/metrics.json"))
     assert len(files) == 1, files
     row = json.loads(files[0].read_text())
     assert set(row["metrics"]) == {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean",
                                    "shapes_is_std", "shapes_precision", "shapes_recall"}
     assert all(np.isfinite(v) for v in row["metrics"].values())
+    assert [b["seed"] for b in row["blocks"]] == [0, 40] and set(row["std"]) == set(row["min"]) == set(row["metrics"])
     p = row["protocol"]
     assert p["num_samples"] == 40 and p["steps"] == 2 and p["solver"] == "ddim" and p["ema"] is True
     assert p["checkpoint"] == str(ckpt) and p["dataset"] == "shapes" and p["image_size"] == 16
@@ -429,3 +478,72 @@ def test_inception_extractor_plumbing_with_random_weights(tmp_path, monkeypatch)
     suite.update_features(out)
     res = suite.compute()
     assert set(res) == {"fid", "sfid", "is_mean", "is_std"} and abs(res["fid"]) < 1e-4 and abs(res["sfid"]) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/compare.py: seed blocks (the evaluation path, with a stand-in model; no training)
+# ------------------------------------------------------------------------------------------------
+class _BlendModel(torch.nn.Module):
+    """Stand-in for a trained DiffusionModule: sample i = train image blended with noise drawn from (seed, i)."""
+
+    solver, num_steps = "ddim", 2
+
+    def __init__(self, dm):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.unet = torch.nn.Linear(1, 1)
+        self.process = SimpleNamespace(solvers=("ddim",), default_solver="ddim", timesteps=lambda n: torch.arange(11))
+        self.pool = dm.dataset("train").images[:64].float() / 127.5 - 1
+
+    def sample(self, num, num_steps=None, solver=None, progress=True, use_ema=True, seed=None, indices=None, **kw):
+        from diffproc.processes.base import PerSampleGenerator, rand
+        from diffproc.samplers import SampleResult
+
+        g = PerSampleGenerator(seed, indices)
+        idx = (rand((num,), g) * 64).long()
+        x = (0.7 * self.pool[idx] + 0.3 * (rand((num, 3, 16, 16), g) * 2 - 1)).clamp(-1, 1)
+        return SampleResult(sample=x, nfe=num_steps, images=x)
+
+
+def test_compare_seed_blocks_rows_and_table(tmp_path, monkeypatch):
+    """``compare.py --seeds 0 24``: each row is measured on both blocks (block s = samples s..s+23 of --seed),
+    carries them, their mean (top level), std (ddof=1) and min; a block equals a one-block run at that seed;
+    results.md shows mean ± std and the minimum FID."""
+    import benchmarks.compare as compare
+    import benchmarks.nfe_sweep as nfe_sweep
+    from diffproc.data.shapes import ShapesDataModule
+
+    monkeypatch.setenv("DIFFPROC_CACHE", str(tmp_path / "cache"))
+    dm = ShapesDataModule(image_size=16, num_train=96, num_val=8, num_test=8)
+    monkeypatch.setattr(nfe_sweep, "load", lambda config, ckpt, overrides: (_BlendModel(dm), dm))
+    monkeypatch.setattr(compare, "checkpoint_step", lambda ckpt: 5)
+
+    def rows_for(*seeds):
+        argv = ["--steps", "5", "--out", str(tmp_path / "out"), "--nfe", "2", "--num-samples", "24",
+                "--eval-batch-size", "10", "--device", "cpu", "--extractor", "shapes", "--reference-num", "96"]
+        args = compare.parse_args(argv + (["--seeds", *map(str, seeds)] if seeds else []))
+        rows, _ = compare.evaluate(args, ["blend"], {})
+        return args, rows
+
+    args, (multi,) = rows_for(0, 24)
+    assert args.seeds == [0, 24] and [b["seed"] for b in multi["blocks"]] == [0, 24] and multi["seeds"] == [0, 24]
+    a, b = multi["blocks"]
+    assert a["fid"] != b["fid"]
+    assert multi["fid"] == pytest.approx((a["fid"] + b["fid"]) / 2)
+    assert multi["std"]["fid"] == pytest.approx(abs(a["fid"] - b["fid"]) / 2 ** 0.5)
+    assert multi["min"]["fid"] == min(a["fid"], b["fid"])
+    _, (one,) = rows_for()  # default: one block [0], the rows compare.py wrote before --seeds existed
+    _, (second,) = rows_for(24)
+    assert "std" not in one and one["seeds"] == [0] and one["fid"] == pytest.approx(a["fid"], rel=1e-12)
+    assert second["fid"] == pytest.approx(b["fid"], rel=1e-12) and second["precision"] == b["precision"]
+    table = compare.results_table([multi], {}).splitlines()
+    assert "FID (mean ± std, 2 seed blocks)" in table[0] and "FID min" in table[0]
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[4] == f"{multi['fid']:.3f} ± {multi['std']['fid']:.3f}" and cells[5] == f"{multi['min']['fid']:.3f}"
+    single = [c.strip() for c in compare.results_table([one], {}).splitlines()[2].split("|")[1:-1]]
+    assert single[4] == f"{one['fid']:.3f}"
+    compare.plot_metrics([multi, one], tmp_path / "fid_vs_nfe.png")  # error bars from the blocks' std
+    assert (tmp_path / "fid_vs_nfe.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # overlapping blocks
+        compare.parse_args(["--steps", "1", "--out", str(tmp_path), "--num-samples", "24", "--seeds", "0", "10"])

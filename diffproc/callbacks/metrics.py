@@ -12,6 +12,13 @@ Sampling is split disjointly across ranks: batch ``b`` covers global sample indi
 noise from ``(seed, i)`` (:class:`~diffproc.processes.base.PerSampleGenerator`). So the samples (and,
 since the metric states are synced and sorted by index, the numbers) depend neither on the batch size
 nor on the number of ranks.
+
+Seed blocks (EDM's protocol: report the mean, spread and minimum over seeds 0-49999, 50000-99999,
+100000-149999): with ``seeds=[s_1, s_2, ...]`` block ``b`` generates ``num_samples`` images with the global
+sample indices ``s_b .. s_b + num_samples - 1``, i.e. sample ``j`` of the block draws its noise from
+``(seed, s_b + j)``. Block 0 (``seeds=[0]``, the default) is exactly the single-block run. Every metric is
+computed per block; ``test/<metric>`` is the mean over blocks, ``test/<metric>_std`` the sample std (ddof=1)
+and ``test/<metric>_min`` the minimum.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import lightning as L
 import torch
@@ -48,6 +55,40 @@ def resolve_extractor_name(extractor: str, datamodule) -> str:
 def default_metrics(extractor: str) -> list[str]:
     base = ["fid", "kid", "is", "precision", "recall"]
     return base + ["sfid"] if extractor == "inception" else base
+
+
+def parse_seeds(seeds: Union[list[int], str, int]) -> list[int]:
+    """Seed blocks from a list, or a string ``"0,50000,100000"`` / ``"0 50000 100000"`` (command line)."""
+    if isinstance(seeds, str):
+        seeds = seeds.replace(",", " ").replace("[", " ").replace("]", " ").split()
+    elif isinstance(seeds, int):
+        seeds = [seeds]
+    try:
+        out = [int(b) for b in seeds]
+    except (TypeError, ValueError):
+        raise ValueError(f"seeds must be integers, e.g. [0, 50000, 100000] or '0,50000,100000'; got {seeds!r}") from None
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise ValueError(f"seeds must be a non-empty list of distinct sample offsets >= 0, got {out}")
+    return out
+
+
+def aggregate_blocks(rows: list[dict[str, float]]) -> dict:
+    """Mean over seed blocks (``metrics``) and, with 2 or more blocks, the sample std (ddof=1, ``std``) and
+    the minimum (``min``) of every key. One block: ``metrics`` is that block's values, no ``std``/``min``."""
+    keys = list(rows[0])
+    out: dict = {"metrics": {k: sum(r[k] for r in rows) / len(rows) for k in keys}}
+    if len(rows) > 1:
+        out["std"] = {k: math.sqrt(sum((r[k] - out["metrics"][k]) ** 2 for r in rows) / (len(rows) - 1)) for k in keys}
+        out["min"] = {k: min(r[k] for r in rows) for k in keys}
+    return out
+
+
+def format_blocks(agg: dict, num_blocks: int) -> str:
+    """``fid=12.3`` (one block) or ``fid=12.3 ± 0.1 (min 12.2, 3 seed blocks)``."""
+    if num_blocks < 2:
+        return ", ".join(f"{k}={v:.4g}" for k, v in agg["metrics"].items())
+    return ", ".join(f"{k}={v:.4g} ± {agg['std'][k]:.2g} (min {agg['min'][k]:.4g})" for k, v in agg["metrics"].items()) \
+        + f" over {num_blocks} seed blocks"
 
 
 class _MetricsBase(L.Callback):
@@ -78,6 +119,7 @@ class _MetricsBase(L.Callback):
         self.progress = progress
         self.suite: Optional[MetricSuite] = None
         self.reference_id = ""
+        self.block_seeds: list[int] = [0]
 
     # -- set-up ---------------------------------------------------------------------------------
     def _build(self, trainer: L.Trainer) -> None:
@@ -104,8 +146,10 @@ class _MetricsBase(L.Callback):
 
     # -- generation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule, num_samples: int, desc: str) -> Optional[Tensor]:
-        """Generate this rank's share of ``num_samples`` into the suite; returns rank 0's first batch."""
+    def _generate(self, trainer: L.Trainer, pl_module: L.LightningModule, num_samples: int, desc: str,
+                  offset: int = 0) -> Optional[Tensor]:
+        """Generate this rank's share of ``num_samples`` into the suite (global sample indices
+        ``offset .. offset + num_samples - 1``); returns this rank's first batch."""
         suite = self.suite.to(pl_module.device)
         suite.reset()
         world, rank = trainer.world_size, trainer.global_rank
@@ -119,9 +163,9 @@ class _MetricsBase(L.Callback):
         for s in starts:
             n = min(self.batch_size, num_samples - s)
             res = pl_module.sample(n, num_steps=self.num_steps, solver=self.solver, progress=False,
-                                   seed=self.seed, indices=range(s, s + n))
+                                   seed=self.seed, indices=range(offset + s, offset + s + n))
             x, self.last_nfe = res.images, res.nfe
-            suite.update(x, torch.arange(s, s + n, device=x.device))
+            suite.update(x, torch.arange(offset + s, offset + s + n, device=x.device))
             if first is None:
                 first = x[:64].detach().float().cpu()
             bar.update(n)
@@ -136,14 +180,18 @@ class _MetricsBase(L.Callback):
             "num_samples": num_samples,
             "reference": self.reference_id,
             "reference_num_images": self._reference_meta.get("num_images"),
+            "reference_num_features": self._reference_meta.get("num_features_kept"),
+            "metric_params": self.suite.protocol(),
             "dataset": getattr(trainer.datamodule, "name", None),
             "image_size": getattr(trainer.datamodule, "image_size", None),
             "solver": self.solver or getattr(pl_module, "solver", None),
             "steps": self.num_steps or getattr(pl_module, "num_steps", None),
             "nfe": self.last_nfe,
             "seed": self.seed,
+            "seeds": list(self.block_seeds),
             "sample_seeding": "per sample: sample i draws all its noise from torch.Generator(sample_seed(seed, i)) "
-                              "(diffproc.processes.base); independent of batch size and world size",
+                              "(diffproc.processes.base); independent of batch size and world size. Seed block s "
+                              "(EDM convention) = samples i = s .. s + num_samples - 1; num_samples is per block",
             "batch_size": self.batch_size,
             "world_size": trainer.world_size,
             "ema": getattr(pl_module, "ema_unet", None) is not None,
@@ -168,6 +216,10 @@ class TestMetricsCallback(_MetricsBase):
             protocol), or a precomputed ``.npz`` (``mu``/``sigma`` only -> ``fid`` and ``is``).
         metrics: subset of ``fid, kid, is, precision, recall, sfid`` (default: all the extractor has).
         seed: base seed; sample ``i`` draws all its noise from ``(seed, i)`` (any batch size, any rank count).
+        seeds: seed blocks (EDM's convention, e.g. ``[0, 50000, 100000]``): block ``s`` generates
+            ``num_samples`` images, the samples ``i = s .. s + num_samples - 1`` of ``seed``; every metric
+            is computed per block and reported per block and as mean, std (ddof=1) and min. Default: one
+            block ``[0]``. Blocks must not overlap.
         batch_size: samples per ``sample()`` call (per rank).
         num_reference: real images for the reference stats (default: the whole split).
         num_reference_features: real features kept for KID / precision / recall.
@@ -180,8 +232,8 @@ class TestMetricsCallback(_MetricsBase):
 
     def __init__(self, num_samples: Optional[int] = None, extractor: str = "auto",
                  feature_extractor_weights_path: Optional[str] = None, reference: str = "train",
-                 metrics: Optional[list[str]] = None, seed: int = 0, batch_size: int = 250,
-                 num_reference: Optional[int] = None, num_reference_features: int = 10_000,
+                 metrics: Optional[list[str]] = None, seed: int = 0, seeds: Union[list[int], str, None] = None,
+                 batch_size: int = 250, num_reference: Optional[int] = None, num_reference_features: int = 10_000,
                  cache_dir: Optional[str] = None, num_steps: Optional[int] = None,
                  solver: Optional[str] = None, progress: bool = True, output: str = "metrics.json",
                  sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
@@ -191,11 +243,20 @@ class TestMetricsCallback(_MetricsBase):
                          num_reference, num_reference_features, cache_dir, num_steps, solver, progress)
         self.output = output
         self.results: dict = {}
+        if seeds is not None:
+            self.block_seeds = parse_seeds(seeds)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "test" or self.num_samples == 0:
             return
         self._build(trainer)  # before any sampling: missing weights / bad reference fail here
+        starts = sorted(self.block_seeds)
+        for a, b in zip(starts[:-1], starts[1:]):
+            if b - a < self.num_samples:
+                raise ValueError(
+                    f"Seed blocks {a} and {b} overlap: each block has num_samples={self.num_samples} samples "
+                    f"({a}..{a + self.num_samples - 1}); space the seeds at least num_samples apart "
+                    f"(EDM: 0, 50000, 100000 with 50000 samples).")
         if self.suite.extractor.name == "inception" and self.num_samples < HEADLINE_NUM_SAMPLES:
             rank_zero_warn(
                 f"\n{'!' * 100}\nInception metrics with num_samples={self.num_samples} < {HEADLINE_NUM_SAMPLES}: "
@@ -205,13 +266,27 @@ class TestMetricsCallback(_MetricsBase):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.suite is None or not self.num_samples:
             return
-        t0 = time.perf_counter()
-        first = self._generate(trainer, pl_module, self.num_samples, "test metrics: sampling")
-        seconds = time.perf_counter() - t0
-        values = self.suite.compute()  # collective: every rank calls it
-        pl_module.log_dict({f"test/{k}": v for k, v in values.items()}, sync_dist=False)
+        blocks, first, total = [], None, 0.0
+        for b in self.block_seeds:
+            t0 = time.perf_counter()
+            desc = "test metrics: sampling" + (f" seed block {b}" if len(self.block_seeds) > 1 else "")
+            got = self._generate(trainer, pl_module, self.num_samples, desc, offset=b)
+            seconds = time.perf_counter() - t0
+            total += seconds
+            first = got if first is None else first
+            values = self.suite.compute()  # collective: every rank calls it
+            blocks.append({"seed": b, "metrics": values, "sampling_seconds": round(seconds, 2)})
+        agg = aggregate_blocks([blk["metrics"] for blk in blocks])
+        logged = {f"test/{k}": v for k, v in agg["metrics"].items()}
+        if len(blocks) > 1:
+            logged.update({f"test/{k}_std": v for k, v in agg["std"].items()})
+            logged.update({f"test/{k}_min": v for k, v in agg["min"].items()})
+            for blk in blocks:
+                logged.update({f"test/seed{blk['seed']}/{k}": v for k, v in blk["metrics"].items()})
+        pl_module.log_dict(logged, sync_dist=False)
         protocol = self._protocol(trainer, pl_module, self.num_samples)
-        self.results = {"metrics": values, "protocol": protocol, "sampling_seconds": round(seconds, 2)}
+        self.results = {"metrics": agg["metrics"], **{k: agg[k] for k in ("std", "min") if k in agg},
+                        "blocks": blocks, "protocol": protocol, "sampling_seconds": round(total, 2)}
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: all ranks call it
         if trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -220,7 +295,7 @@ class TestMetricsCallback(_MetricsBase):
                 from torchvision.utils import save_image
 
                 save_image((first + 1) / 2, out_dir / "samples.png", nrow=max(1, int(math.sqrt(len(first)))), padding=1)
-            rank_zero_info(f"metrics -> {out_dir / self.output}: " + ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+            rank_zero_info(f"metrics -> {out_dir / self.output}: " + format_blocks(agg, len(blocks)))
 
 
 class FIDCallback(_MetricsBase):

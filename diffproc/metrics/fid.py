@@ -11,6 +11,7 @@ depend on the order).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import scipy.linalg
 import torch
@@ -35,9 +36,21 @@ def _eigh(a: Tensor, vectors: bool = True):
         return torch.from_numpy(out[0]).to(a), torch.from_numpy(out[1]).to(a)
 
 
+def _numerical_rank_clip(vals: Tensor) -> Tensor:
+    """Eigenvalues of a symmetric PSD matrix with the ones below ``D * eps * max|lambda|`` set to 0.
+
+    That threshold is LAPACK's rounding level (the standard numerical-rank cut-off): an eigenvalue
+    below it is indistinguishable from 0. Without the cut, each of the ``D - rank`` exact zeros of a
+    rank-deficient covariance (N < D samples) comes back as +-1e-16*||S|| noise whose square root,
+    ~1e-8*||S||^(1/2), adds up over thousands of dimensions to a 1e-5 relative error in FID.
+    """
+    tol = vals.shape[-1] * torch.finfo(vals.dtype).eps * vals.abs().max()
+    return torch.where(vals > tol, vals, torch.zeros_like(vals))
+
+
 def _sqrt_psd(a: Tensor) -> Tensor:
     vals, vecs = _eigh(a)
-    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    return (vecs * _numerical_rank_clip(vals).sqrt()) @ vecs.T
 
 
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> float:
@@ -46,11 +59,15 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     Computed in float64. ``tr((S1 S2)^(1/2))`` = ``sum sqrt(eig(S1^(1/2) S2 S1^(1/2)))``: the
     symmetric form has the same eigenvalues as ``S1 S2`` but is PSD, so ``eigvalsh`` is stable and
     needs no complex arithmetic or the ``offset*I`` retry of pytorch-fid's ``scipy.linalg.sqrtm``.
+    Eigenvalues below the numerical-rank cut-off (:func:`_numerical_rank_clip`) count as 0, so
+    rank-deficient covariances (fewer samples than dimensions, e.g. sFID's 2023-d features) give
+    the exact value (to ~1e-14 relative, tested against the Gram-matrix form in
+    tests/test_metric_agreement.py) instead of ``scipy.linalg.sqrtm``'s ~1e-5 error there.
     """
     mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
     r1 = _sqrt_psd((s1 + s1.T) / 2)
     m = r1 @ s2 @ r1
-    tr_covmean = _eigh((m + m.T) / 2, vectors=False).clamp_min(0).sqrt().sum()
+    tr_covmean = _numerical_rank_clip(_eigh((m + m.T) / 2, vectors=False)).sqrt().sum()
     diff = mu1 - mu2
     return float(diff.dot(diff) + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
 
@@ -76,57 +93,90 @@ def polynomial_mmd(x: Tensor, y: Tensor, degree: int = 3, coef0: float = 1.0) ->
     return sxx + syy - 2 * kxy.mean()
 
 
+def pairwise_distances(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distances in float64 from the differences (``sqrt(sum((a_i - b_i)^2))``), not from the
+    ``|a|^2 + |b|^2 - 2 a.b`` expansion: no cancellation, and ``d(a, b)`` is bitwise the same number
+    wherever the pair occurs, so precision/recall's ``d <= radius`` comparisons (including the ties of
+    duplicated points) are decided exactly."""
+    return torch.cdist(a.double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def knn_radii(features: Tensor, k: int = 3, batch: int = 1024) -> Tensor:
-    """Distance of every point to its k-th nearest neighbour in the same set (self excluded)."""
-    f = features.float()
+    """Distance of every point to its k-th nearest neighbour in the same set (self excluded), float64."""
     out = []
-    for i in range(0, f.shape[0], batch):
-        d = torch.cdist(f[i : i + batch], f)
+    for i in range(0, features.shape[0], batch):
+        d = pairwise_distances(features[i : i + batch], features)
         out.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself at distance 0
     return torch.cat(out)
 
 
 def manifold_coverage(query: Tensor, support: Tensor, radii: Tensor, batch: int = 1024) -> Tensor:
-    """Fraction of ``query`` points inside at least one ball ``B(support_j, radii_j)``."""
-    q, s = query.float(), support.float()
+    """Fraction of ``query`` points inside at least one closed ball ``B(support_j, radii_j)``."""
     inside = []
-    for i in range(0, q.shape[0], batch):
-        d = torch.cdist(q[i : i + batch], s)
+    radii = radii.double().to(support.device)
+    for i in range(0, query.shape[0], batch):
+        d = pairwise_distances(query[i : i + batch], support)
         inside.append((d <= radii.unsqueeze(0)).any(dim=1))
     return torch.cat(inside).double().mean()
 
 
 def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): precision = share of fakes inside
-    the real manifold (k-NN balls around reals), recall = share of reals inside the fake manifold."""
+    the real manifold (k-NN balls around reals), recall = share of reals inside the fake manifold.
+    Distances in float64 (:func:`pairwise_distances`), so the fractions are exact counts."""
     precision = manifold_coverage(fake, real, knn_radii(real, k))
     recall = manifold_coverage(real, fake, knn_radii(fake, k))
     return float(precision), float(recall)
 
 
+def kid_subsets(n_fake: int, n_real: int, subsets: int = 100, subset_size: int = 1000,
+                seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    """The KID subsets: ``subsets`` pairs ``(fake indices, real indices)`` of ``m = min(subset_size,
+    n_fake, n_real)`` each, drawn without replacement by ``randperm`` from ``torch.Generator(seed)``
+    (fake first, then real, for each subset)."""
+    m = min(subset_size, n_fake, n_real)
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randperm(n_fake, generator=g)[:m], torch.randperm(n_real, generator=g)[:m]) for _ in range(subsets)]
+
+
 def kernel_inception_distance(
-    fake: Tensor, real: Tensor, subsets: int = 100, subset_size: int = 1000, degree: int = 3, coef0: float = 1.0, seed: int = 0
+    fake: Tensor, real: Tensor, subsets: int = 100, subset_size: int = 1000, degree: int = 3, coef0: float = 1.0,
+    seed: int = 0, subset_indices: Sequence[tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[float, float]:
     """KID: polynomial MMD^2 averaged over ``subsets`` random subsets of ``subset_size`` (clipped to the
-    smaller set) drawn with a fixed ``seed``; returns (mean, std)."""
+    smaller set) drawn with a fixed ``seed`` (:func:`kid_subsets`); returns (mean, population std).
+    ``subset_indices`` gives the ``(fake, real)`` index pairs explicitly instead (e.g. the subsets
+    another implementation drew)."""
     fake, real = fake.float(), real.float().to(fake.device)
-    m = min(subset_size, fake.shape[0], real.shape[0])
-    if m < 2:
-        raise ValueError(f"KID needs at least 2 samples on each side, got {fake.shape[0]} fake, {real.shape[0]} real.")
-    g = torch.Generator().manual_seed(seed)
+    if subset_indices is None:
+        if min(subset_size, fake.shape[0], real.shape[0]) < 2:
+            raise ValueError(f"KID needs at least 2 samples on each side, got {fake.shape[0]} fake, {real.shape[0]} real.")
+        subset_indices = kid_subsets(fake.shape[0], real.shape[0], subsets, subset_size, seed)
     vals = torch.stack([
-        polynomial_mmd(fake[torch.randperm(fake.shape[0], generator=g)[:m].to(fake.device)],
-                       real[torch.randperm(real.shape[0], generator=g)[:m].to(fake.device)], degree, coef0)
-        for _ in range(subsets)
+        polynomial_mmd(fake[torch.as_tensor(fi).to(fake.device)], real[torch.as_tensor(ri).to(fake.device)], degree, coef0)
+        for fi, ri in subset_indices
     ])
     return float(vals.mean()), float(vals.std(unbiased=False))
 
 
+def split_bounds(n: int, splits: int) -> list[int]:
+    """Boundaries of the Inception Score splits: split ``i`` is ``[i*n//splits, (i+1)*n//splits)``, as
+    in the original Inception Score code (Salimans et al. 2016, ``inception_score.py``) and
+    torch-fidelity's ``isc``; with ``n`` not divisible by ``splits`` the longer splits are spread out,
+    not put first (``torch.tensor_split``/``chunk`` would give other splits and another score)."""
+    return [i * n // splits for i in range(splits + 1)]
+
+
 def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
-    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` consecutive chunks."""
+    """IS = exp(E_x KL(p(y|x) || p(y))), mean and population std over ``splits`` consecutive splits
+    (:func:`split_bounds`), in float64, without shuffling (the order is the sample index)."""
+    if not 1 <= splits <= logits.shape[0]:
+        raise ValueError(f"Inception Score needs 1 <= splits <= number of samples, got {splits} splits of {logits.shape[0]}.")
     logp = torch.log_softmax(logits.double(), dim=1)
+    b = split_bounds(logp.shape[0], splits)
     scores = []
-    for chunk in torch.tensor_split(logp, splits):
+    for lo, hi in zip(b[:-1], b[1:]):
+        chunk = logp[lo:hi]
         p = chunk.exp()
         logpy = torch.logsumexp(chunk, dim=0) - math.log(chunk.shape[0])
         scores.append(torch.exp((p * (chunk - logpy)).sum(1).mean()))

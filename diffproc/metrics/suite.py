@@ -94,6 +94,24 @@ class MetricSuite(nn.Module):
             self.logits.update(out["logits"], index)
         self._local_n = self.num_samples_local() + out["pool"].shape[0]
 
+    def protocol(self) -> dict:
+        """The metrics' own settings, recorded in every metrics row (``metric_params``)."""
+        out: dict = {}
+        if self.fid is not None or self.sfid is not None:
+            out["fd"] = {"dtype": "float64", "sqrt": "eigh of S1^(1/2) S2 S1^(1/2), eigenvalues < D*eps*max as 0"}
+        if self.sfid is not None:
+            out["sfid_features"] = "mixed_6/conv[:7] (Mixed_6d.branch1x1), 17x17, NHWC flatten, 2023-d"
+        if "kid" in self.metrics:
+            out["kid"] = {"subsets": self.kid_subsets, "subset_size": self.kid_subset_size, "kernel": "(x.y/d + 1)^3",
+                          "subset_seed": 0, "std": "population, over subsets"}
+        if self.logits is not None:
+            out["is"] = {"splits": self.is_splits, "split_bounds": "i*N//splits (original IS code)", "shuffle": False,
+                         "std": "population, over splits"}
+        if "precision" in self.metrics or "recall" in self.metrics:
+            out["precision_recall"] = {"k": self.pr_k, "points": "min(#generated, #reference features) each side",
+                                       "distance": "float64 euclidean (differences)"}
+        return out
+
     def num_samples_local(self) -> int:
         return getattr(self, "_local_n", 0)
 
