@@ -123,7 +123,7 @@ def main() -> None:
             sync(args.device)
             t0 = time.perf_counter()
             with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
-                res = model.sample(nb, steps=args.sample_steps, generator=g, progress=False)
+                res = model.sample(nb, num_steps=args.sample_steps, generator=g, progress=False)
             sync(args.device)
             nfe[name] = res.nfe
             sample_t[name].append((time.perf_counter() - t0) / res.nfe)

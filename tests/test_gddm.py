@@ -235,7 +235,7 @@ def test_bad_options_raise_config_errors():
         GDDM(poisson_net_stage="poisson_only", image_size=8, channels=3, unet=TINY)
     m = GDDM(dc_mode="oracle", image_size=8, channels=3, unet=TINY, ema_decay=0)
     with pytest.raises(ConfigError, match="oracle"):
-        m.sample(1, steps=2, progress=False)
+        m.sample(1, num_steps=2, progress=False)
 
 
 # --- method: Poisson network -------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def test_module_loss_sample_diagnostics(kw):
     loss.backward()
     if m.process.dc_mode == "dataset_mean":  # running mean of the training images
         assert torch.allclose(m.dc_mean, x.double().mean(dim=(0, 2, 3)), atol=1e-6)
-    res = m.sample(2, steps=3, generator=torch.Generator().manual_seed(0), progress=False)
+    res = m.sample(2, num_steps=3, generator=torch.Generator().manual_seed(0), progress=False)
     imgs = res.images
     assert imgs.shape == (2, 3, 16, 16) and imgs.abs().max() <= 1 and res.nfe == 3
     d = diagnostics(m, num=2, num_steps=2, x_real=x)
