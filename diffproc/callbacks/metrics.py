@@ -156,6 +156,10 @@ class _MetricsBase(L.Callback):
         starts = list(range(0, num_samples, self.batch_size))[rank::world]
         from tqdm.auto import tqdm
 
+        if self.progress and hasattr(pl_module, "planned_nfe"):
+            rank_zero_info(f"{desc}: {num_samples} images x {pl_module.planned_nfe(self.num_steps, self.solver)} "
+                           f"network evaluations ({self.solver or pl_module.solver}), batches of {self.batch_size} "
+                           f"over {world} rank(s)")
         bar = tqdm(total=sum(min(self.batch_size, num_samples - s) for s in starts), unit="img",
                    desc=f"{desc} (rank {rank}/{world})", disable=not (self.progress and trainer.is_global_zero))
         first: Optional[Tensor] = None
