@@ -25,7 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from diffproc.methods.base import ConfigError, DiffusionModule
-from diffproc.processes.base import PerSampleGenerator
+from diffproc.processes.base import PerSampleGenerator, seeded_generator
 from diffproc.samplers import sample_loop
 
 #: backbone the method is built with inside the scheduler (only its process and decoding are used there)
@@ -175,12 +175,7 @@ class DiffprocPipeline(DiffusionPipeline):
         cfg = self.scheduler.config
         device = self.unet.device
         if seed is not None:
-            if generator is not None:
-                raise ValueError("pass either seed (per-sample noise, as cli.py predict) or generator, not both")
-            idx = list(range(batch_size)) if indices is None else [int(i) for i in indices]
-            if len(idx) != batch_size:
-                raise ValueError(f"{len(idx)} indices for batch_size={batch_size}")
-            generator = PerSampleGenerator(seed, idx, device)
+            generator = seeded_generator(batch_size, seed, indices, generator, device)
         elif isinstance(generator, (list, tuple)):
             if len(generator) != batch_size:
                 raise ValueError(f"{len(generator)} generators for batch_size={batch_size}")

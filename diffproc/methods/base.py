@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import lightning as L
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import ODE_SOLVERS, DiffusionProcess, PerSampleGenerator, deprecated
+from diffproc.processes.base import ODE_SOLVERS, DiffusionProcess, deprecated, seeded_generator
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.samplers import NFE_PER_STEP, SampleResult, sample_loop
 
@@ -34,6 +34,88 @@ DEFAULT_UNET: dict[str, Any] = {
 
 class ConfigError(ValueError):
     """A configuration the user must change; the CLI prints its message without a traceback."""
+
+
+# --- speed options (issue 20): compile, channels-last, fused AdamW ------------------------------------
+#: ``torch.compile`` modes of ``compile_train`` / ``compile_sample`` ("none": eager)
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: modes that capture CUDA graphs on CUDA (their outputs are overwritten by the next replay: cloned)
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _unet_call(net: nn.Module, z: Tensor, t: Tensor) -> Tensor:
+    """One backbone evaluation, output in the input's dtype (fp32 under bf16/fp16 autocast: the process
+    math after the network stays in full precision)."""
+    return net(z, t).sample.to(z.dtype)
+
+
+_COMPILED: dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {}
+
+
+def compiled_unet_call(mode: str) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
+    """:func:`_unet_call` under ``torch.compile(mode=mode)``, one per mode and process. The module is an
+    argument, not a wrapped attribute: no ``OptimizedModule`` replaces ``self.unet``, so state-dict keys,
+    EMA copies and checkpoints are the eager ones (no ``_orig_mod.`` prefixes)."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_unet_call, mode=None if mode == "default" else mode)
+    return _COMPILED[mode]
+
+
+def _contiguous_state_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook of channels-last modules: their 4-D weights are saved contiguous, so a
+    checkpoint (and a safetensors export, which refuses strided tensors) does not depend on the option."""
+    for name in list(module._parameters) + list(module._buffers):
+        v = state_dict.get(prefix + name)
+        if isinstance(v, Tensor) and not isinstance(v, nn.Parameter) and not v.is_contiguous():
+            state_dict[prefix + name] = v.contiguous()
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """``module`` with its 4-D parameters and buffers in channels-last memory format (in place), saving them
+    contiguous (:func:`_contiguous_state_hook`). Values and state-dict keys do not change; idempotent."""
+    module.to(memory_format=torch.channels_last)
+    for m in module.modules():
+        if getattr(m, "_diffproc_contiguous_state", False):
+            continue
+        if any(t is not None and t.dim() == 4 for t in list(m._parameters.values()) + list(m._buffers.values())):
+            m.register_state_dict_post_hook(_contiguous_state_hook)
+            m._diffproc_contiguous_state = True
+    return module
+
+
+def _optimizer_state_contiguous(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Optimizer ``state_dict`` post-hook: moments saved contiguous whatever the parameters' memory format
+    (new dicts: the live state keeps its layout)."""
+    state_dict["state"] = {k: {n: (v.contiguous() if isinstance(v, Tensor) and not v.is_contiguous() else v)
+                               for n, v in st.items()} for k, st in state_dict["state"].items()}
+    return state_dict
+
+
+def _optimizer_load_flags(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Optimizer ``load_state_dict`` pre-hook: the configured ``fused``/``foreach`` implementation wins over
+    the one recorded in the checkpoint (torch would otherwise restore the saved flags with the groups)."""
+    state_dict = dict(state_dict)
+    groups = []
+    for cur, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
+        saved = dict(saved)
+        for key in ("fused", "foreach"):
+            if key in cur:
+                saved[key] = cur[key]
+        groups.append(saved)
+    state_dict["param_groups"] = groups + list(state_dict["param_groups"][len(groups):])
+    return state_dict
+
+
+def _optimizer_match_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizer ``load_state_dict`` post-hook: each moment takes its parameter's strides (a checkpoint of a
+    contiguous run resumed channels-last, or the reverse; fused kernels need equal layouts)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            for n, v in (st or {}).items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[n] = torch.empty_strided(p.shape, p.stride(), dtype=v.dtype, device=v.device).copy_(v)
 
 
 def resolve_renamed(*, solver: Optional[str], sampler: Optional[str], num_steps: Optional[int],
@@ -180,6 +262,18 @@ class DiffusionModule(L.LightningModule):
             ``unet`` describes, and starts the EMA. Channels and sample size must fit the process. DDPM/DDIM take
             diffusers' 0-based timesteps into account (:func:`diffusers_timestep_shift`). Keep it in the config
             of later ``test``/``predict`` runs: it fixes the architecture that the checkpoint's weights load into.
+        compile_train, compile_sample: ``torch.compile`` mode of the backbone call while training (any call with
+            gradients) and while sampling/evaluating (without): ``none`` (eager, default), ``default``,
+            ``reduce-overhead`` (CUDA graphs on CUDA: the loop's fixed shapes suit ``compile_sample``),
+            ``max-autotune``, ``max-autotune-no-cudagraphs``. Only the UNet's forward is compiled (the process
+            math, schedules and float64 DCT/Poisson stay eager); the first calls compile (seconds on a GPU,
+            minutes on a CPU). Modules are not wrapped: state-dict keys have no ``_orig_mod.`` prefix.
+        channels_last: the backbones' weights and inputs in channels-last memory format (faster convolutions
+            with bf16 on tensor-core GPUs); checkpoints are saved contiguous either way.
+        fused_optimizer: AdamW's fused kernel (one kernel for all parameters) instead of the default
+            for-each / per-tensor loop; numerically equal up to rounding.
+        None of these changes a checkpoint: one written with any of them loads, resumes and exports without
+        them and the reverse; all are off by default (``docs/results/throughput_cpu.md`` has the measured ratios).
     """
 
     def __init__(self, process: DiffusionProcess, image_size: int = 32, channels: int = 3,
@@ -190,7 +284,9 @@ class DiffusionModule(L.LightningModule):
                  num_steps: Optional[int] = None, predict_num_samples: int = 64,
                  predict_batch_size: int = 64, predict_dir: Optional[str] = None, seed: int = 0,
                  sampler: Optional[str] = None, sampling_steps: Optional[int] = None,
-                 init_from: Optional[str] = None) -> None:
+                 init_from: Optional[str] = None, compile_train: CompileMode = "none",
+                 compile_sample: CompileMode = "none", channels_last: bool = False,
+                 fused_optimizer: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["process"])
         solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
@@ -198,6 +294,11 @@ class DiffusionModule(L.LightningModule):
         self.hparams.update(solver=solver, num_steps=num_steps, sampler=None, sampling_steps=None)
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        for name, mode in (("compile_train", compile_train), ("compile_sample", compile_sample)):
+            if mode not in COMPILE_MODES:
+                raise ConfigError(f"{name} must be one of {list(COMPILE_MODES)}, got {mode!r}")
+        self.compile_train, self.compile_sample = compile_train, compile_sample
+        self.channels_last, self.fused_optimizer = bool(channels_last), bool(fused_optimizer)
         if solver is not None and solver not in process.solvers:
             raise ConfigError(f"solver {solver!r} is not available for {type(process).__name__}; "
                               f"choose one of {list(process.solvers)}")
@@ -214,6 +315,8 @@ class DiffusionModule(L.LightningModule):
         self.ema_unet: Optional[nn.Module] = None
         if ema_decay > 0:
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        if self.channels_last:
+            to_channels_last(self)
 
     # --- network as the process sees it ---------------------------------------------------------
     def model_fn(self, net: Optional[nn.Module] = None):
@@ -222,9 +325,29 @@ class DiffusionModule(L.LightningModule):
 
         def fn(z: Tensor, t: Tensor) -> Tensor:
             tt = self.process.model_time(t.to(z.device)).expand(z.shape[0])
-            return net(z, tt).sample
+            return self.net_call(net, z, tt)
 
         return fn
+
+    def net_call(self, net: nn.Module, z: Tensor, t: Tensor) -> Tensor:
+        """``net(z, t).sample`` in ``z``'s dtype, with the speed options: the input in channels-last format
+        (``channels_last``) and the call compiled with ``compile_train`` when gradients are on, else
+        ``compile_sample``."""
+        if self.channels_last and z.dim() == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
+        mode = self.compile_train if torch.is_grad_enabled() else self.compile_sample
+        if mode == "none":
+            return _unet_call(net, z, t)
+        out = compiled_unet_call(mode)(net, z, t)
+        if mode in CUDAGRAPH_MODES and out.is_cuda:  # the next graph replay overwrites its output buffer
+            out = out.clone()
+        return out
+
+    def setup(self, stage: str) -> None:
+        """Channels-last also for backbones a method builds after ``DiffusionModule.__init__`` (GDDM's
+        Poisson network)."""
+        if self.channels_last:
+            to_channels_last(self)
 
     @property
     def sampling_net(self) -> nn.Module:
@@ -237,6 +360,8 @@ class DiffusionModule(L.LightningModule):
         return self.process.loss(self.model_fn(net), self.process.to_domain(x), generator=generator)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.compile_train in CUDAGRAPH_MODES and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's graph outputs are free
         loss = self.compute_loss(images_of(batch), self.unet)
         # On an accelerator, checking finiteness syncs host and device: there it is done every log
         # interval (a diverged run is caught within that many steps; NonFiniteGuard keeps NaN weights
@@ -304,7 +429,12 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         """AdamW over :meth:`parameter_groups`; the warm-up / cosine factor scales every group's own lr."""
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
+                                fused=True if self.fused_optimizer else None)
+        # checkpoints do not depend on the implementation or memory format (load/resume with other options)
+        opt.register_state_dict_post_hook(_optimizer_state_contiguous)
+        opt.register_load_state_dict_pre_hook(_optimizer_load_flags)
+        opt.register_load_state_dict_post_hook(_optimizer_match_layout)
         warmup = max(0, int(hp.warmup_steps))
         total = None
         if hp.lr_schedule == "cosine":
@@ -343,13 +473,7 @@ class DiffusionModule(L.LightningModule):
         network evaluation with ``SIGTERMException``, in whatever phase it runs (end-of-fit grid,
         test metrics, predict).
         """
-        if seed is not None:
-            if generator is not None:
-                raise ValueError("sample(): pass either seed (per-sample noise) or generator, not both")
-            indices = list(range(num)) if indices is None else [int(i) for i in indices]
-            if len(indices) != num:
-                raise ValueError(f"sample(): {len(indices)} indices for {num} samples")
-            generator = PerSampleGenerator(seed, indices, self.device)
+        generator = seeded_generator(num, seed, indices, generator, self.device)
         net = self.sampling_net if use_ema else self.unet
         was_training = net.training
         net.eval()
@@ -392,6 +516,8 @@ class DiffusionModule(L.LightningModule):
                             device=self.device)
             t = torch.full((num,), float(self.process.timesteps(self.num_steps)[0]), device=self.device)
             fn = self.model_fn(net)
+            if self.compile_sample != "none":  # compile outside the timed call
+                fn(z, t)
             start = time.perf_counter()
             fn(z, t)
             if self.device.type == "cuda":

@@ -133,6 +133,20 @@ class PerSampleGenerator:
         return self._draw(torch.rand, shape, dtype=dtype)
 
 
+def seeded_generator(num: int, seed: int | None = None, indices=None, generator=None,
+                     device: torch.device | str = "cpu"):
+    """The randomness of one sampling call of ``num`` samples: with ``seed``, a
+    :class:`PerSampleGenerator` for ``indices`` (default ``0..num-1``); otherwise ``generator`` as given."""
+    if seed is None:
+        return generator
+    if generator is not None:
+        raise ValueError("pass either seed (per-sample noise) or generator, not both")
+    idx = list(range(num)) if indices is None else [int(i) for i in indices]
+    if len(idx) != num:
+        raise ValueError(f"{len(idx)} indices for {num} samples")
+    return PerSampleGenerator(seed, idx, device)
+
+
 def randn(shape, generator=None, device: torch.device | str | None = None,
           dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard-normal draw of ``shape`` on ``device`` from a ``torch.Generator`` (drawn on its device,
