@@ -120,3 +120,22 @@ def test_former_spellings_still_work_with_a_deprecation_warning(tmp_path):
     p = run_cli("fit", "--config", "configs/quickstart.yaml", "--model.init_args.sampler", "ancestral",
                 "--model.init_args.sampling_steps", "5", "--print_config")
     assert "sampler: ancestral" in p.stdout and "sampling_steps: 5" in p.stdout
+
+
+def test_sample_grid_is_sized_to_the_cpu_budget(monkeypatch):
+    """On the CPU a grid that would exceed ``cpu_budget_seconds`` draws fewer images, then fewer steps; a
+    full-chain-only solver (blur's ``official``) gives way to a strided one for the preview."""
+    from diffproc.callbacks.sample_grid import SampleGrid
+    from diffproc.methods.blur import BlurDiffusion
+
+    tiny = dict(image_size=8, channels=3, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1})
+    m = DDPM(num_timesteps=100, solver="ddim", num_steps=50, **tiny)
+    monkeypatch.setattr(type(m), "seconds_per_evaluation", lambda self, n: 0.01 * n)  # 10 ms per image and NFE
+    assert SampleGrid(num_images=16, cpu_budget_seconds=100).size(m) == (16, None, None)  # 8 s: as configured
+    assert SampleGrid(num_images=64, cpu_budget_seconds=10).size(m) == (20, None, None)  # 64 x 50 x 10 ms = 32 s
+    assert SampleGrid(num_images=64, cpu_budget_seconds=1).size(m) == (4, 25, None)  # 4 images x 25 steps = 1 s
+    assert SampleGrid(num_images=64, cpu_budget_seconds=0).size(m) == (64, None, None)  # 0 = no budget
+    b = BlurDiffusion(num_timesteps=100, **tiny)  # solver "official": 99 steps, full chain only
+    monkeypatch.setattr(type(b), "seconds_per_evaluation", lambda self, n: 0.01 * n)
+    num, steps, solver = SampleGrid(num_images=16, cpu_budget_seconds=1).size(b)
+    assert (num, solver) == (4, "ancestral") and steps == 25 and b.planned_nfe(steps, solver) == 25

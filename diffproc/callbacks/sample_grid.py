@@ -60,12 +60,12 @@ class SampleGrid(L.Callback):
         log_dir = trainer.log_dir  # a broadcast under DDP: every rank must call it, or rank 0 hangs
         if not trainer.is_global_zero:
             return None
-        num, steps = self.size(pl_module)
-        nfe = pl_module.planned_nfe(steps, self.solver)
+        num, steps, solver = self.size(pl_module)
+        nfe = pl_module.planned_nfe(steps, solver)
         rank_zero_info(f"sample grid at step {step}: {num} images, {nfe} network evaluations each "
-                       f"({self.solver or pl_module.solver})")
+                       f"({solver or pl_module.solver})")
         t0 = time.perf_counter()
-        x = pl_module.sample(num, steps, self.solver, progress=self.progress, seed=self.seed,
+        x = pl_module.sample(num, steps, solver, progress=self.progress, seed=self.seed,
                              desc=f"sample grid (step {step})").images
         seconds = time.perf_counter() - t0
         x = x.float().cpu()
@@ -83,29 +83,32 @@ class SampleGrid(L.Callback):
             save_image(grid, path)
         return path
 
-    def size(self, pl_module: L.LightningModule) -> tuple[int, Optional[int]]:
-        """(images, steps) of the next grid: as configured, or shrunk to ``cpu_budget_seconds`` on the CPU."""
-        num, steps = self.num_images, self.num_steps
+    def size(self, pl_module: L.LightningModule) -> tuple[int, Optional[int], Optional[str]]:
+        """(images, steps, solver) of the next grid: as configured, or shrunk to ``cpu_budget_seconds`` on
+        the CPU (fewer images, then fewer steps; a solver that only runs the full chain, such as blur
+        diffusion's ``official``, gives way to the process's first strided solver for the preview)."""
+        num, steps, solver = self.num_images, self.num_steps, self.solver
         if pl_module.device.type != "cpu" or self.cpu_budget_seconds <= 0:
-            return num, steps
+            return num, steps, solver
         per_image = pl_module.seconds_per_evaluation(min(num, 4)) / min(num, 4)
-        nfe = pl_module.planned_nfe(steps, self.solver)
+        nfe = pl_module.planned_nfe(steps, solver)
         estimate = per_image * num * nfe
         if estimate <= self.cpu_budget_seconds:
-            return num, steps
-        fit = int(self.cpu_budget_seconds / (per_image * nfe))
-        new_num = max(min(4, num), min(num, fit))
-        new_steps = steps
-        solver = self.solver or pl_module.solver
-        if (per_image * new_num * nfe > self.cpu_budget_seconds  # 4 images are still too slow: fewer steps
-                and solver not in pl_module.process.full_chain_solvers):
-            grid_steps = len(pl_module.process.timesteps(steps)) - 1
-            nfe_per_step = nfe / max(1, grid_steps)
-            new_steps = min(grid_steps, max(1, int(self.cpu_budget_seconds / (per_image * new_num * nfe_per_step))))
+            return num, steps, solver
+        new_num = max(min(4, num), min(num, int(self.cpu_budget_seconds / (per_image * nfe))))
+        new_steps, new_solver = steps, solver
+        if per_image * new_num * nfe > self.cpu_budget_seconds:  # 4 images are still too slow: fewer steps
+            process = pl_module.process
+            if (solver or pl_module.solver) in process.full_chain_solvers:
+                new_solver = next(s for s in process.solvers if s not in process.full_chain_solvers)
+            per_step = pl_module.planned_nfe(1, new_solver)  # network evaluations of one step
+            full = pl_module.planned_nfe(steps, new_solver) // per_step
+            new_steps = min(full, max(1, int(self.cpu_budget_seconds / (per_image * new_num * per_step))))
         rank_zero_info(
             f"sample grid on the CPU: {num} images x {nfe} evaluations would take ~{estimate:.0f} s "
             f"(> cpu_budget_seconds={self.cpu_budget_seconds:g}); drawing {new_num} images"
             + (f" with {new_steps} steps" if new_steps != steps else "")
+            + (f" of {new_solver} ({solver or pl_module.solver} runs only the full chain)" if new_solver != solver else "")
             + ". Set --sample_grid.cpu_budget_seconds 0 for the full grid, or --sample_grid.every_n_steps 0 "
               "to switch grids off.")
-        return new_num, new_steps
+        return new_num, new_steps, new_solver
