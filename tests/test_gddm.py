@@ -384,9 +384,12 @@ def test_gddm_diagnostics_callback(tmp_path):
         assert not any(k.startswith(f"{stage}/diag_real_domain") for k in got)  # sparsity: per batch only
         assert float(got[f"{stage}/sparsity_domain_frac"]) > float(got[f"{stage}/sparsity_image_frac"])
     assert cb.val_runs == 1 and cb.state_dict() == {"val_runs": 1}
-    # the old hparams are accepted, ignored, and say where they went
+    # the old hparams still work for one release (the callback takes them over) and say where they went
     with pytest.warns(DeprecationWarning, match="--gddm_diagnostics.every_n_val 5"):
-        GDDM(image_size=8, channels=3, unet=tiny, ema_decay=0, diagnostics_every_n_val=5)
+        old = GDDM(image_size=8, channels=3, unet=tiny, ema_decay=0, diagnostics_every_n_val=5, diagnostics_num=3)
+    cb_old = GDDMDiagnostics()
+    cb_old.setup(None, old, "fit")
+    assert (cb_old.every_n_val, cb_old.num, cb_old.num_steps) == (5, 3, 20)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------

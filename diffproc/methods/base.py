@@ -257,11 +257,15 @@ class DiffusionModule(L.LightningModule):
         predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
         seed: base seed of sampling in predict/test: sample ``i`` draws all its noise from ``(seed, i)``
             (:class:`~diffproc.processes.base.PerSampleGenerator`), whatever the batch size or rank count.
-        init_from: a diffusers model folder (``UNet2DModel.save_pretrained``, or a pipeline folder with ``unet/``
+        init_from: weights to start from, one option for both sources:
+            a diffusers model folder (``UNet2DModel.save_pretrained``, or a pipeline folder with ``unet/``
             such as ``python -m diffproc.export`` writes): its UNet, architecture and weights, replaces the one
             ``unet`` describes, and starts the EMA. Channels and sample size must fit the process. DDPM/DDIM take
             diffusers' 0-based timesteps into account (:func:`diffusers_timestep_shift`). Keep it in the config
             of later ``test``/``predict`` runs: it fixes the architecture that the checkpoint's weights load into.
+            Or a diffproc checkpoint file (``.ckpt``): its weights (raw and EMA, no optimiser state) initialise
+            a fresh ``fit`` of the same configuration; ignored when the fit resumes with ``--ckpt_path``
+            (GDDM's two-stage Poisson-net recipe uses it).
         compile_train, compile_sample: ``torch.compile`` mode of the backbone call while training (any call with
             gradients) and while sampling/evaluating (without): ``none`` (eager, default), ``default``,
             ``reduce-overhead`` (CUDA graphs on CUDA: the loop's fixed shapes suit ``compile_sample``),
@@ -308,7 +312,8 @@ class DiffusionModule(L.LightningModule):
         self.num_steps = num_steps
         self.unet = build_unet(unet, self.image_size, process.input_channels(self.channels),
                                process.output_channels(self.channels))
-        if init_from is not None:  # a diffusers folder: its UNet (architecture and weights) is the backbone
+        if init_from is not None and not os.path.isfile(os.path.expanduser(str(init_from))):
+            # a diffusers folder: its UNet (architecture and weights) is the backbone (a .ckpt: on_fit_start)
             self.unet = shift_time_input(
                 load_diffusers_unet(init_from, self.image_size, process.input_channels(self.channels),
                                     process.output_channels(self.channels)), -diffusers_timestep_shift(process))
@@ -531,6 +536,24 @@ class DiffusionModule(L.LightningModule):
         """Indices of the samples to generate (Lightning splits them across DDP ranks)."""
         return DataLoader(torch.arange(self.hparams.predict_num_samples),
                           batch_size=self.hparams.predict_batch_size)
+
+    #: state-dict key prefixes a checkpoint given as ``init_from`` may lack (e.g. GDDM's Poisson network)
+    init_from_optional_keys: tuple[str, ...] = ()
+
+    def on_fit_start(self) -> None:
+        """``init_from`` = a diffproc checkpoint: its weights start a fresh fit (not a resumed one)."""
+        path = self.hparams.get("init_from")
+        if not path or self._trainer is None or self.trainer.ckpt_path is not None:
+            return
+        path = os.path.expanduser(str(path))
+        if not os.path.isfile(path):
+            return  # a diffusers folder, loaded in __init__
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        missing, unexpected = self.load_state_dict(state.get("state_dict", state), strict=False)
+        bad = [k for k in missing if not k.startswith(self.init_from_optional_keys)] + list(unexpected)
+        if bad:
+            raise ConfigError(f"init_from={path} does not match this model (e.g. {bad[:3]}): it must be a "
+                              f"checkpoint of the same {type(self).__name__} configuration (process, unet).")
 
     def on_predict_start(self) -> None:
         # trainer.log_dir is a broadcast under DDP: resolve it once on every rank here, not per batch

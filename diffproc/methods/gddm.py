@@ -68,10 +68,10 @@ class GDDM(DiffusionModule):
         poisson_aug_sigma: input noise std ~ U(0, poisson_aug_sigma) on the normalised field (§2.7).
         poisson_curl_noise: extra std ~ U(0, ·) of purely non-integrable noise (0 = off).
         poisson_loss_weight, poisson_lr: joint-stage weight and learning rate (None = ``lr``).
-        init_from: a checkpoint whose weights initialise a fresh ``fit`` (weights only, no optimiser
-            state; ignored when the fit resumes with ``--ckpt_path``). Missing Poisson-net keys are allowed.
-        diagnostics_every_n_val, diagnostics_num, diagnostics_steps, sparsity_delta: deprecated and ignored
-            (a warning says so): the diagnostics are the callback ``GDDMDiagnostics`` — ``every_n_val``,
+        init_from: (a :class:`DiffusionModule` option) a checkpoint whose weights initialise a fresh ``fit``
+            (weights only; ignored when the fit resumes with ``--ckpt_path``). Missing Poisson-net keys are allowed.
+        diagnostics_every_n_val, diagnostics_num, diagnostics_steps, sparsity_delta: deprecated (a warning
+            says so), honoured for one release by the callback ``GDDMDiagnostics`` — ``every_n_val``,
             ``num``, ``num_steps``, ``sparsity_delta`` (``--gddm_diagnostics.*`` in ``cli.py``).
         **kwargs: the shared options of :class:`DiffusionModule` (backbone, optimiser, EMA, sampling).
     """
@@ -93,7 +93,7 @@ class GDDM(DiffusionModule):
                  poisson_net: Optional[dict] = None, poisson_net_stage: PoissonStage = "separate",
                  poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
                  poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
-                 poisson_lr: Optional[float] = None, init_from: Optional[str] = None,
+                 poisson_lr: Optional[float] = None,
                  diagnostics_every_n_val: Optional[int] = None, diagnostics_num: Optional[int] = None,
                  diagnostics_steps: Optional[int] = None, sparsity_delta: Optional[float] = None,
                  **kwargs: Any) -> None:
@@ -121,8 +121,8 @@ class GDDM(DiffusionModule):
         if moved:  # deprecated: the diagnostics are a callback now
             rank_zero_deprecation(
                 "GDDM's diagnostics_every_n_val / diagnostics_num / diagnostics_steps / sparsity_delta are deprecated "
-                "and ignored: the diagnostics are the callback diffproc.callbacks.gddm_diagnostics.GDDMDiagnostics, "
-                "which cli.py registers. Use " + " ".join(f"--gddm_diagnostics.{k} {v}" for k, v in moved.items())
+                "(honoured for one release by the GDDMDiagnostics callback): the diagnostics are the callback "
+                "diffproc.callbacks.gddm_diagnostics.GDDMDiagnostics, which cli.py registers. Use " + " ".join(f"--gddm_diagnostics.{k} {v}" for k, v in moved.items())
                 + " (in a config: a top-level `gddm_diagnostics:` section); with your own Trainer: "
                 "callbacks=[GDDMDiagnostics(" + ", ".join(f"{k}={v}" for k, v in moved.items()) + ")].")
         self.reconstruction = reconstruction
@@ -151,20 +151,12 @@ class GDDM(DiffusionModule):
         self.register_buffer("dc_mean", init.clone())
         self.register_buffer("dc_count", torch.tensor(0.0, dtype=torch.float64))
 
+    init_from_optional_keys = ("poisson_net.", "dc_")  # a stage-1 checkpoint has no Poisson network
+
     # --- stages ---------------------------------------------------------------------------------
     @property
     def trains_poisson(self) -> bool:
         return self.poisson_net is not None and self.hparams.poisson_net_stage in ("joint", "poisson_only")
-
-    def on_fit_start(self) -> None:
-        path = self.hparams.init_from
-        if path and self.trainer.ckpt_path is None:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-            missing, unexpected = self.load_state_dict(state.get("state_dict", state), strict=False)
-            bad = [k for k in missing if not k.startswith(("poisson_net.", "dc_"))] + list(unexpected)
-            if bad:
-                raise ConfigError(f"init_from={path} does not match this model (e.g. {bad[:3]}): it must be a "
-                                  "checkpoint of the same GDDM configuration (domain, dc_mode, unet).")
 
     def update_ema(self) -> None:
         if self.hparams.poisson_net_stage != "poisson_only":  # frozen UNet: keep its EMA as loaded
