@@ -46,12 +46,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train_step_fn(model, x: torch.Tensor, precision: str):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def train_step_fn(model, x: torch.Tensor, precision: str, opt: torch.optim.Optimizer | None = None):
+    """One training step (loss, backward, clip, optimiser, EMA) as a closure; ``opt`` defaults to a plain
+    AdamW. With a CUDA-graph compile mode each step is marked as a new graph replay."""
+    if opt is None:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     dtype = torch.bfloat16 if precision == "bf16" else None
     device = x.device.type
+    graphs = getattr(model, "compile_train", "none") in ("reduce-overhead", "max-autotune") and device == "cuda"
 
     def step() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
             loss = model.compute_loss(x, model.unet)
         opt.zero_grad(set_to_none=True)

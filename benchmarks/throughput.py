@@ -55,7 +55,7 @@ from diffproc.cli import DiffprocCLI
 from diffproc.data.shapes import generate_shapes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import train_flops  # noqa: E402  (the UNet's training FLOPs, shared with step_time.py)
+from step_time import sync, train_flops, train_step_fn  # noqa: E402  (shared with step_time.py)
 
 DEFAULT_CONFIGS = ["configs/quickstart.yaml", "configs/ddpm_shapes.yaml", "configs/gddm_shapes.yaml",
                    "configs/lddm_shapes.yaml", "configs/epdm_shapes.yaml", "configs/blur_shapes.yaml",
@@ -85,30 +85,6 @@ def build(config: str, options: dict, args: argparse.Namespace):
         sys.argv = argv
     model.hparams.lr_schedule = "constant"  # a cosine factor needs a Trainer; it does not change the step's cost
     return model
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def train_step_fn(model, x: torch.Tensor, precision: str):
-    opt = model.configure_optimizers()["optimizer"]  # AdamW as fit builds it: fused when fused_optimizer
-    dtype = torch.bfloat16 if precision == "bf16" else None
-    device = x.device.type
-
-    def step() -> None:
-        if model.compile_train in ("reduce-overhead", "max-autotune") and device == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            loss = model.compute_loss(x, model.unet)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        model.update_ema()
-
-    return step
 
 
 def sample_fn(model, n: int, steps: int, device: str, precision: str):
@@ -230,7 +206,8 @@ def main() -> None:
         key = (name, variant)
         t0 = time.perf_counter()
         models[key] = m = build(config, variant_options(variant, args), args)
-        steps[key] = train_step_fn(m, x, args.precision)
+        # AdamW as fit builds it (fused when fused_optimizer)
+        steps[key] = train_step_fn(m, x, args.precision, m.configure_optimizers()["optimizer"])
         samplers[key] = sample_fn(m, nb, args.sample_steps, args.device, args.precision)
         steps[key](), steps[key]()
         samplers[key]()
