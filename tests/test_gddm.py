@@ -567,20 +567,25 @@ def test_gddm_defaults_and_seed_literal_option():
     with pytest.raises(ConfigError, match="network_view='domain'"):
         GDDM(domain="hybrid", image_size=8, channels=3, unet=TINY)
     with pytest.raises(ConfigError, match="prediction='x0'"):
-        GDDM(prediction="eps", image_size=8, channels=3, unet=TINY)
+        GDDM(prediction="v", image_size=8, channels=3, unet=TINY)
     assert not GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, dc_mode="dataset_mean").process.clip_image
     with pytest.raises(ConfigError, match="loss_weighting"):
         GDDM(image_size=8, channels=3, unet=TINY, loss_weighting="snr")
 
 
-@pytest.mark.parametrize("domain", ["gradient", "laplacian"])
-def test_image_view_noise_scale_and_exact_denoiser(domain):
-    """network_view='image': (1) the per-mode noise of image_part(ε) has std c_k (Monte Carlo, ±5%);
-    (2) the exact F* = (x* − c_skip x̃)/c_out (delta data) gives loss 0 and DDIM / ancestral sampling that
-    returns x* to 1e-10; (3) the EDM weighting is 1/c_out² per image DCT mode."""
+@pytest.mark.parametrize("domain,prediction,spectrum", [("gradient", "x0", False), ("laplacian", "x0", False),
+                                                         ("gradient", "eps", False), ("gradient", "x0", True),
+                                                         ("laplacian", "eps", True)])
+def test_image_view_noise_scale_and_exact_denoiser(domain, prediction, spectrum):
+    """network_view='image' (x0 or eps prediction, scalar or per-mode σ_data): (1) the per-mode noise of
+    image_part(ε) has std c_k (Monte Carlo, ±5%); (2) the exact F* = (x* − c_skip x̃)/c_out (delta data)
+    gives loss 0 and DDIM / ancestral sampling that returns x* to 1e-10; (3) the EDM weighting is 1/c_out²
+    per image DCT mode."""
     from diffproc.ops import dct2, idct2
 
-    p = GradientDomainProcess(domain=domain, network_view="image", prediction="x0", loss_weighting="edm")
+    p = GradientDomainProcess(domain=domain, network_view="image", prediction=prediction, loss_weighting="edm")
+    if spectrum:
+        p.sigma_data_modes = 0.1 + torch.rand(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(4000, p.domain_channels(1), 8, 8, dtype=torch.float64, generator=g)
     ratio = dct2(p.image_part(eps)).std(0)[0] / p.mode_noise_scale(8, 8)
@@ -606,3 +611,72 @@ def test_image_view_noise_scale_and_exact_denoiser(domain):
         z0_hat = p.to_domain(x_star[:1] + idct2(coef))
         got = float(p.edm_loss(z0_hat, z0[:1], torch.zeros_like(z0_hat), t)) * 3 * 16 * 16 / 3
         assert got == pytest.approx(float(c_out[0, 0, k, l]) ** -2, rel=1e-9)
+
+
+def test_image_view_per_mode_weights_closed_form():
+    """The image view's per-mode coefficients and loss weights are what docs/gddm.md says: x0 prediction
+    (EDM) ``1/c_out² = α²/σ_k² + 1/σ_d,k²`` with σ_d,k = ``sigma_data_modes`` when set (else the scalar);
+    eps prediction ``c_skip = 1/α``, ``c_out = −σ_k/α``, so 1/c_out² = α²/σ_k² and the ``edm`` loss is the
+    ε-MSE of the image noise per mode, ``mean_k ((ε̂_k − ε_k)/c_k)²`` over the image DCT modes."""
+    from diffproc.ops import dct2
+
+    t = torch.tensor([50, 400, 900])
+    sd = 0.1 + torch.rand(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for domain in ("gradient", "laplacian"):
+        for prediction in ("x0", "eps"):
+            p = GradientDomainProcess(domain=domain, network_view="image", prediction=prediction, loss_weighting="edm")
+            ref = torch.zeros(3, 1, 16, 16, dtype=torch.float64)
+            a, sig = (v.double().view(-1, 1, 1, 1) for v in p.alpha_sigma(t))
+            sk = sig * p.mode_noise_scale(16, 16)
+            for modes in (None, sd):
+                p.sigma_data_modes = modes
+                s_d = 0.5 if modes is None else modes
+                c_in, c_skip, c_out, _ = p.preconditioning(t, ref)
+                assert torch.allclose(c_in, (a * a * s_d**2 + sk * sk).rsqrt(), rtol=1e-12)
+                if prediction == "x0":
+                    assert torch.allclose(c_out ** -2, a * a / sk**2 + 1 / s_d**2, rtol=1e-10)
+                else:
+                    assert torch.allclose(c_skip, (1 / a).expand_as(sk)) and torch.allclose(c_out, -sk / a)
+                    assert torch.allclose(c_out ** -2, a * a / sk**2, rtol=1e-10)
+            if prediction == "eps":  # edm loss == per-mode ε-MSE of the image noise
+                g = torch.Generator().manual_seed(1)
+                x0 = rand_images(3, 3, 16, 16, seed=1)
+                z0 = p.to_domain(x0)
+                eps_hat = torch.randn(z0.shape, dtype=torch.float64, generator=g)
+                eps = torch.randn(z0.shape, dtype=torch.float64, generator=g)
+                a4, s4 = p.coefficients(t, z0)
+                z_t = a4 * z0 + s4 * eps
+                z0_hat = (z_t - s4 * eps_hat) / a4
+                c = p.mode_noise_scale(16, 16)
+                want = ((dct2(p.image_part(eps_hat)) - dct2(p.image_part(eps))) / c).pow(2).mean()
+                got = p.edm_loss(z0_hat, z0, eps_hat - eps, t)
+                assert float(got) == pytest.approx(float(want), rel=1e-9)
+    with pytest.raises(ValueError, match="prediction"):
+        GradientDomainProcess(network_view="image", prediction="v")
+
+
+def test_sigma_data_spectrum_estimate_checkpoint_and_fit(tmp_path):
+    """sigma_data_mode='spectrum': σ_data per mode = RMS of the training images' orthonormal DCT coefficients
+    (over images and channels), estimated at fit start from the first ``sigma_data_images`` training images,
+    used by the process, saved in the checkpoint; sampling before any estimate raises."""
+    from diffproc.ops import dct2
+
+    m = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum", sigma_data_images=64)
+    with pytest.raises(ConfigError, match="no spectrum yet"):
+        m.sample(2, num_steps=2, progress=False)
+    dm = ShapesDataModule(image_size=8, batch_size=16, num_train=128, num_val=16, num_test=16)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(m, dm)
+    x = torch.stack([dm.train_dataloader().dataset[i][0] for i in range(64)]).double()
+    want = dct2(x).pow(2).mean(dim=(0, 1)).sqrt()
+    assert torch.allclose(m.sigma_data_spectrum, want, rtol=1e-6)
+    assert float(m.sigma_data_spectrum[0, 0]) > 5 * float(m.sigma_data_spectrum[4, 4])  # DC ≫ high modes
+    m.model_fn()
+    assert m.process.sigma_data_modes is m.sigma_data_spectrum
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    m2 = GDDM.load_from_checkpoint(path)
+    assert torch.equal(m2.sigma_data_spectrum, m.sigma_data_spectrum) and float(m2.sigma_data_count) == 64
+    assert m2.sample(2, num_steps=2, progress=False).images.shape == (2, 3, 8, 8)
+    assert "sigma_data_spectrum" not in GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0).state_dict()

@@ -51,6 +51,10 @@ class GDDM(DiffusionModule):
     (``x0``; the image view needs it), ``loss_weighting`` (``edm``; ``uniform`` = ε-MSE on the field,
     ``image`` = DDPM's L_simple in image units), ``clip_image`` (x̂0 clipped to [−1, 1] as an image, DDPM's
     clip; applies with ``dc_mode="aux"``, ignored otherwise) and ``sigma_data`` (0.5).
+    ``sigma_data_mode``: ``uniform`` (the scalar ``sigma_data`` for every image DCT mode) or ``spectrum``
+    (σ_data per mode = the RMS of the orthonormal DCT coefficients of the first ``sigma_data_images`` training
+    images, averaged over channels, estimated when a fit starts and kept in the checkpoint as the buffer
+    ``sigma_data_spectrum``; :meth:`estimate_sigma_data` sets it by hand).
     **Seed-literal setting**: ``network_view: domain, prediction: eps, loss_weighting: uniform,
     clip_image: false`` (``configs/gddm_literal_shapes.yaml``).
 
@@ -90,6 +94,7 @@ class GDDM(DiffusionModule):
                  spacing: Literal["uniform", "quad"] = "uniform", clip_x0: bool = False,
                  loss_weighting: Literal["uniform", "image", "edm"] = "edm", clip_image: bool = True,
                  network_view: Literal["domain", "image"] = "image", sigma_data: float = 0.5,
+                 sigma_data_mode: Literal["uniform", "spectrum"] = "uniform", sigma_data_images: int = 2048,
                  poisson_net: Optional[dict] = None, poisson_net_stage: PoissonStage = "separate",
                  poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
                  poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
@@ -99,6 +104,8 @@ class GDDM(DiffusionModule):
                  **kwargs: Any) -> None:
         if reconstruction not in ("dct", "poisson_net"):
             raise ConfigError(f"reconstruction must be 'dct' or 'poisson_net', got {reconstruction!r}")
+        if sigma_data_mode not in ("uniform", "spectrum"):
+            raise ConfigError(f"sigma_data_mode must be 'uniform' or 'spectrum', got {sigma_data_mode!r}")
         if poisson_net_stage not in ("separate", "joint", "poisson_only"):
             raise ConfigError("poisson_net_stage must be 'separate', 'joint' or 'poisson_only', "
                               f"got {poisson_net_stage!r}")
@@ -150,8 +157,60 @@ class GDDM(DiffusionModule):
             raise ConfigError(f"dataset_mean has {init.numel()} values but the images have {self.channels} channels")
         self.register_buffer("dc_mean", init.clone())
         self.register_buffer("dc_count", torch.tensor(0.0, dtype=torch.float64))
+        # sigma_data_mode="spectrum": σ_data per image DCT mode, estimated from training images at fit start
+        # (buffers only then, so checkpoints of the other settings load unchanged)
+        if sigma_data_mode == "spectrum":
+            if network_view != "image" and loss_weighting != "edm":
+                raise ConfigError("sigma_data_mode='spectrum' sets σ_data of network_view='image' / "
+                                  "loss_weighting='edm'; neither is used here.")
+            n = self.image_size
+            self.register_buffer("sigma_data_spectrum", torch.zeros(n, n, dtype=torch.float64))
+            self.register_buffer("sigma_data_count", torch.tensor(0.0, dtype=torch.float64))
 
-    init_from_optional_keys = ("poisson_net.", "dc_")  # a stage-1 checkpoint has no Poisson network
+    init_from_optional_keys = ("poisson_net.", "dc_", "sigma_data_")  # a stage-1 checkpoint has no Poisson network
+
+    # --- σ_data per DCT mode (sigma_data_mode="spectrum") ------------------------------------------
+    @torch.no_grad()
+    def estimate_sigma_data(self, images: Tensor) -> Tensor:
+        """Set σ_data per image DCT mode to the RMS of the orthonormal DCT coefficients of ``images`` (N, C,
+        H, W in [−1, 1]), averaged over images and channels (the DC's RMS includes the mean); kept in the
+        checkpoint as ``sigma_data_spectrum``. Returns it (H, W) float64."""
+        from diffproc.ops import dct2
+
+        if self.hparams.sigma_data_mode != "spectrum":
+            raise ConfigError("estimate_sigma_data needs sigma_data_mode='spectrum'")
+        x = images.to(self.sigma_data_spectrum.device, torch.float64)
+        rms = dct2(x).pow(2).mean(dim=(0, 1)).sqrt().clamp_min(1e-3)
+        self.sigma_data_spectrum.copy_(rms)
+        self.sigma_data_count.fill_(x.shape[0])
+        return rms
+
+    def _sync_sigma_data(self) -> None:
+        if self.hparams.get("sigma_data_mode", "uniform") != "spectrum":
+            return
+        if float(self.sigma_data_count) == 0:
+            raise ConfigError("sigma_data_mode='spectrum' has no spectrum yet: it is estimated from the training "
+                              "images when a fit starts (or call model.estimate_sigma_data(images)).")
+        self.process.sigma_data_modes = self.sigma_data_spectrum
+
+    def model_fn(self, net: Optional[nn.Module] = None):
+        self._sync_sigma_data()
+        return super().model_fn(net)
+
+    def on_fit_start(self) -> None:
+        """The base's ``init_from``; then, for ``sigma_data_mode="spectrum"`` and no spectrum yet (a fresh fit),
+        σ_data per DCT mode from the first ``sigma_data_images`` training images."""
+        super().on_fit_start()
+        if self.hparams.get("sigma_data_mode", "uniform") != "spectrum" or float(self.sigma_data_count) > 0:
+            return
+        from diffproc.methods.base import images_of
+
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        dataset = getattr(dm.train_dataloader(), "dataset", None) if dm is not None else None
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return  # no indexable training set here: compute_loss estimates it from the first batch
+        n = min(len(dataset), int(self.hparams.sigma_data_images))  # the first n, in order (no RNG used)
+        self.estimate_sigma_data(torch.stack([images_of(dataset[i]) for i in range(n)]))
 
     # --- stages ---------------------------------------------------------------------------------
     @property
@@ -256,6 +315,8 @@ class GDDM(DiffusionModule):
                 self.dc_mean.mul_(self.dc_count / (self.dc_count + b)).add_(
                     x.double().mean(dim=(0, 2, 3)) * (b / (self.dc_count + b)))
                 self.dc_count.add_(b)
+        if self.training and self.hparams.get("sigma_data_mode", "uniform") == "spectrum" and float(self.sigma_data_count) == 0:
+            self.estimate_sigma_data(x)  # fallback when on_fit_start found no indexable training set
         only_poisson = self.hparams.poisson_net_stage == "poisson_only"
         loss = None if only_poisson else super().compute_loss(x, net, generator)
         if self.trains_poisson:

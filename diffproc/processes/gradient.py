@@ -99,8 +99,13 @@ class GradientDomainProcess(DDPMProcess):
             EDM's ``F``: ``x̂0_k = c_skip,k x̃_k + c_out,k F_k`` (EDM preconditioning with the per-mode noise
             ``σ_k = σ_t c_k``, ``c_k = s/√λ_k`` gradient, ``s/(wλ_k)`` Laplacian, 1 for the DC). ẑ0 =
             ``to_domain(x̂0)``; the noise parts that never reach the image are then predicted exactly. Needs
-            ``prediction="x0"`` and a gradient or Laplacian domain. [ours]
-        sigma_data: σ_data of ``network_view="image"`` and ``loss_weighting="edm"`` (EDM's 0.5).
+            ``prediction="x0"`` (EDM's ``c_skip``/``c_out``) or ``prediction="eps"`` (F is the per-mode image
+            noise ε̂_k: ``c_skip = 1/α``, ``c_out = −σ_k/α``, DDPM's parameterisation with the per-mode noise;
+            with ``loss_weighting="edm"`` the loss is then DDPM's ε-MSE per image mode), and a gradient or
+            Laplacian domain. [ours]
+        sigma_data: σ_data of ``network_view="image"`` and ``loss_weighting="edm"`` (EDM's 0.5). The attribute
+            ``sigma_data_modes`` ((H, W) float64, default None) replaces it per image DCT mode (set by
+            GDDM's ``sigma_data_mode="spectrum"`` from the training images' DCT RMS).
         clip_image: reconstruct x̂0 as an image, clip it to [−1, 1] and map it back (DDPM's ``clip_x0``
             seen through ``T``; it also removes the non-integrable part of x̂0). Needs the DC inside the
             state (``dc_mode="aux"`` or ``domain="hybrid"``). [ours]
@@ -151,12 +156,15 @@ class GradientDomainProcess(DDPMProcess):
         if network_view == "image" and domain == "hybrid":
             raise ValueError("network_view='image' is defined for domain='gradient' or 'laplacian' (the hybrid "
                              "state already carries the image); use network_view='domain' for hybrid.")
-        if network_view == "image" and prediction != "x0":
-            raise ValueError("network_view='image' predicts the clean image (EDM preconditioning): set "
-                             f"prediction='x0' (got {prediction!r}).")
+        if network_view == "image" and prediction not in ("x0", "eps"):
+            raise ValueError("network_view='image' predicts the clean image (EDM preconditioning, prediction='x0') "
+                             f"or the per-mode image noise (prediction='eps'), got prediction={prediction!r}.")
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.network_view, self.sigma_data = network_view, float(sigma_data)
+        #: optional (H, W) float64 σ_data per image DCT mode (GDDM's ``sigma_data_mode="spectrum"``); None = the
+        #: scalar ``sigma_data`` for every mode
+        self.sigma_data_modes: Tensor | None = None
 
     # --- channel bookkeeping ----------------------------------------------------------------------
     @property
@@ -272,17 +280,31 @@ class GradientDomainProcess(DDPMProcess):
         c[0, 0] = 1.0
         return c
 
+    def mode_sigma_data(self, h: int, w: int, device=None) -> Tensor | float:
+        """σ_data per image DCT mode: the (H, W) ``sigma_data_modes`` when set, else the scalar ``sigma_data``."""
+        sd = self.sigma_data_modes
+        if sd is None:
+            return self.sigma_data
+        if tuple(sd.shape) != (h, w):
+            raise ValueError(f"sigma_data_modes has shape {tuple(sd.shape)}, the images are {h}x{w}")
+        return sd.to(device=device, dtype=torch.float64)
+
     def preconditioning(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """EDM's ``(c_in, c_skip, c_out)`` per DCT mode, each (B, 1, H, W) float64, for the per-mode noise
-        ``σ_k = σ_t c_k`` of a VP process with signal ``α_t`` (EDM Table 1 with x̃ = α x0 + σ_k ε):
-        ``c_in = 1/√(α²σ_d² + σ_k²)``, ``c_skip = ασ_d²/(α²σ_d² + σ_k²)``, ``c_out = σ_kσ_d/√(α²σ_d² + σ_k²)``;
-        plus ``α`` as (B, 1, 1, 1)."""
+        """``(c_in, c_skip, c_out)`` per DCT mode, each (B, 1, H, W) float64, for the per-mode noise
+        ``σ_k = σ_t c_k`` of a VP process with signal ``α_t`` (x̃ = α x0 + σ_k ε), ``x̂0 = c_skip x̃ + c_out F``;
+        plus ``α`` as (B, 1, 1, 1). ``c_in = 1/√(α²σ_d² + σ_k²)`` (unit-variance input); ``prediction="x0"``:
+        EDM Table 1, ``c_skip = ασ_d²/(α²σ_d² + σ_k²)``, ``c_out = σ_kσ_d/√(α²σ_d² + σ_k²)``; ``prediction="eps"``
+        (DDPM's parameterisation per mode, F = ε̂_k): ``c_skip = 1/α``, ``c_out = −σ_k/α``. σ_d is
+        :meth:`mode_sigma_data` (a scalar, or per mode)."""
         a, sig = self.alpha_sigma(t)
         a = a.to(torch.float64).view(-1, 1, 1, 1)
         sk = sig.to(torch.float64).view(-1, 1, 1, 1) * self.mode_noise_scale(*ref.shape[-2:], ref.device)
-        sd2 = self.sigma_data**2
+        sd = self.mode_sigma_data(*ref.shape[-2:], ref.device)
+        sd2 = sd * sd
         var = a * a * sd2 + sk * sk
-        return var.rsqrt(), a * sd2 / var, sk * self.sigma_data * var.rsqrt(), a
+        if self.prediction == "eps":
+            return var.rsqrt(), (1.0 / a).expand_as(sk), -sk / a, a
+        return var.rsqrt(), a * sd2 / var, sk * sd * var.rsqrt(), a
 
     def network_prediction(self, model_fn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(ẑ0, ε̂)`` from one network evaluation at ``z_t``, before any clipping. ``domain`` view: the
