@@ -31,6 +31,15 @@ class Checkpoint(ModelCheckpoint):
             rank_zero_info(f"interrupted ({type(exception).__name__}): saved the state at step "
                            f"{trainer.global_step} to {self.last_model_path}")
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # the step that reaches max_steps is saved here, where the loops' state is the one of a batch
+        # boundary; at on_train_end the fit loop has already counted the interrupted epoch as finished,
+        # and a resume from there would start the next epoch's data order (issue 16)
+        if (self.save_last and not trainer.fast_dev_run and 0 < trainer.max_steps <= trainer.global_step
+                and trainer.global_step != self._last_global_step_saved):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (self.save_last and not trainer.fast_dev_run and trainer.state.fn == "fit"
                 and trainer.global_step != self._last_global_step_saved):

@@ -3,7 +3,7 @@
 Contract (DESIGN.md "Data"): items are ``(image, label)`` with ``image`` float32 ``(C, H, W)`` in
 ``[-1, 1]`` and ``label`` an int64 scalar (``-1`` when the dataset has no labels). Subclasses implement
 :meth:`ImageDataModule.build_dataset` for ``"train" | "val" | "test"``; it returns the *un-flipped*
-dataset (the train loader adds the random horizontal flip), so metrics code can call it directly.
+dataset (the train loader adds the mirrored copies, :class:`XFlipDataset`), so metrics code can call it directly.
 
 Also here: PIL decoding (``convert("RGB")``), antialiased resizing, the file-list dataset with the
 ``on_corrupt: raise | skip`` policy, and the one-message errors for missing datasets.
@@ -15,7 +15,7 @@ import math
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -210,24 +210,49 @@ class ImageFileDataset(SkippingDataset):
         return pil_to_tensor(self.transform(img)), self.labels[i]
 
 
-class RandomHorizontalFlip(Dataset):
-    """Wraps a dataset of ``(image, label)`` and flips the image left-right with probability 1/2.
+class XFlipDataset(Dataset):
+    """``dataset`` followed by its mirror images: item ``i + N`` is item ``i`` flipped left-right.
 
-    Uses torch's global RNG, which DataLoader seeds per worker (and ``seed_everything`` in the main
-    process), so flips are reproducible for a fixed seed and worker count.
+    The training split's horizontal-flip augmentation (EDM's ``xflip``): every epoch shows each image
+    once in each orientation, in shuffled order. The flip is a function of the index, not of a random
+    draw, so the sampler's order alone fixes what every step sees — in any DataLoader worker, under DDP,
+    and after a resume from a mid-epoch checkpoint.
     """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        self.n = len(dataset)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return 2 * self.n
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        img, label = self.dataset[i]
-        if torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        return img, label
+        img, label = self.dataset[i % self.n]
+        return (img.flip(-1) if i >= self.n else img), label
+
+
+class EpochShuffleSampler(RandomSampler):
+    """A new random order every epoch that depends only on (run seed, epoch) — ``randperm`` of a
+    generator seeded with ``seed + epoch``, as torch's ``DistributedSampler`` does (and Lightning's
+    ``set_epoch`` drives both).
+
+    A ``RandomSampler`` whose order does not depend on what was drawn before: a run resumed in a later
+    epoch (or a new process after a requeue) sees the same order as an uninterrupted one. Being a
+    ``RandomSampler``, Lightning replaces it under DDP by a shuffling ``DistributedSampler`` with the same
+    seed. ``seed`` defaults to the run's ``seed_everything`` (``PL_GLOBAL_SEED``).
+    """
+
+    def __init__(self, data_source: Sized, seed: int | None = None) -> None:
+        super().__init__(data_source)
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
 
 
 def list_images(folder: Path, recursive: bool = True) -> list[Path]:
@@ -249,7 +274,8 @@ class ImageDataModule(lightning.LightningDataModule):
         batch_size: training batch size (per device).
         eval_batch_size: validation/test batch size (default ``batch_size``).
         num_workers: DataLoader worker processes.
-        random_flip: random horizontal flip of training images.
+        random_flip: horizontal flip of training images: each image appears in both orientations
+            per epoch (:class:`XFlipDataset`), so an epoch is twice the split.
         pin_memory: pin host memory (default: when CUDA is available).
         persistent_workers: keep workers alive between epochs (only when ``num_workers > 0``).
     """
@@ -309,10 +335,17 @@ class ImageDataModule(lightning.LightningDataModule):
         return counter.total if counter is not None else 0
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        """Shuffled (training) loaders are torchdata ``StatefulDataLoader``s over an
+        :class:`EpochShuffleSampler`: Lightning saves the loader's position in every checkpoint and the
+        epoch in its loop state, and a resumed run continues with the very next batch (issue 16)."""
         workers = self.num_workers
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                          num_workers=workers, pin_memory=self.pin_memory,
-                          persistent_workers=self.persistent_workers and workers > 0)
+        kwargs = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.persistent_workers and workers > 0)
+        if not shuffle:
+            return DataLoader(dataset, **kwargs)
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(dataset, sampler=EpochShuffleSampler(dataset), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
@@ -320,7 +353,7 @@ class ImageDataModule(lightning.LightningDataModule):
             raise ValueError(f"{type(self).__name__}: the train split has {len(ds)} images, fewer than "  # type: ignore[arg-type]
                              f"batch_size={self.batch_size}; lower batch_size (drop_last=True would yield no batch).")
         if self.random_flip:
-            ds = RandomHorizontalFlip(ds)
+            ds = XFlipDataset(ds)
         return self._loader(ds, self.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

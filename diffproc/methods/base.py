@@ -44,6 +44,13 @@ COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-aut
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
+def train_batch_seed(seed: int, rank: int, batch: int) -> int:
+    """A 64-bit seed for training batch ``batch`` of DDP rank ``rank`` in a run seeded with ``seed``
+    (a linear mix with SplitMix64's odd constants: neighbouring batches, ranks and seeds get unrelated
+    streams)."""
+    return (seed * 0x9E3779B97F4A7C15 + (rank + 1) * 0xBF58476D1CE4E5B9 + batch * 0x94D049BB133111EB) % 2**64
+
+
 def _unet_call(net: nn.Module, z: Tensor, t: Tensor) -> Tensor:
     """One backbone evaluation, output in the input's dtype (fp32 under bf16/fp16 autocast: the process
     math after the network stays in full precision)."""
@@ -363,6 +370,17 @@ class DiffusionModule(L.LightningModule):
     def compute_loss(self, x: Tensor, net: nn.Module, generator: Optional[torch.Generator] = None) -> Tensor:
         """The training objective on a batch of images (subclasses may add terms)."""
         return self.process.loss(self.model_fn(net), self.process.to_domain(x), generator=generator)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Reseed the global RNG for this batch from (run seed, rank, batch counter across epochs).
+
+        Everything random in a training step (diffusion time, noise, dropout, a method's extra draws)
+        then depends only on where the run is, not on what ran before in this process: a run resumed from
+        a checkpoint draws exactly what the uninterrupted run drew at the same step (issue 16), and
+        validation, sample grids or a restart in between cannot shift the stream."""
+        if self._trainer is not None:
+            torch.manual_seed(train_batch_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank,
+                                               self.trainer.fit_loop.total_batch_idx))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self.compile_train in CUDAGRAPH_MODES and self.device.type == "cuda":
