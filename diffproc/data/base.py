@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -255,6 +256,34 @@ class EpochShuffleSampler(RandomSampler):
         return iter(torch.randperm(len(self.data_source), generator=g).tolist())
 
 
+class ResumableDataLoader(StatefulDataLoader):
+    """torchdata's ``StatefulDataLoader`` (Lightning saves its ``state_dict`` — the position within the
+    epoch — in every checkpoint) whose state also holds the sampler's epoch.
+
+    On a resume Lightning creates the training iterator before it calls ``set_epoch`` (Lightning 2.6,
+    ``FitLoop.setup_data``), so a run resumed in the middle of epoch ``e > 0`` would replay epoch 0's
+    order; restoring the epoch together with the position fixes that. Works with the
+    :class:`EpochShuffleSampler` and with the ``DistributedSampler`` Lightning swaps in under DDP.
+    """
+
+    def _epoch_samplers(self) -> list:
+        inner = getattr(self.batch_sampler, "sampler", None)
+        return [s for s in (self.sampler, inner) if hasattr(s, "set_epoch")]
+
+    def state_dict(self) -> dict:
+        samplers = self._epoch_samplers()
+        epoch = getattr(samplers[0], "epoch", None) if samplers else None
+        return {**super().state_dict(), "sampler_epoch": epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        epoch = state_dict.pop("sampler_epoch", None)
+        if epoch is not None:
+            for sampler in self._epoch_samplers():
+                sampler.set_epoch(epoch)
+        super().load_state_dict(state_dict)
+
+
 def list_images(folder: Path, recursive: bool = True) -> list[Path]:
     """Sorted image files (``IMAGE_EXTENSIONS``, case-insensitive) under ``folder``."""
     it = folder.rglob("*") if recursive else folder.iterdir()
@@ -335,17 +364,15 @@ class ImageDataModule(lightning.LightningDataModule):
         return counter.total if counter is not None else 0
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
-        """Shuffled (training) loaders are torchdata ``StatefulDataLoader``s over an
-        :class:`EpochShuffleSampler`: Lightning saves the loader's position in every checkpoint and the
-        epoch in its loop state, and a resumed run continues with the very next batch (issue 16)."""
+        """Shuffled (training) loaders are :class:`ResumableDataLoader`s over an :class:`EpochShuffleSampler`:
+        Lightning saves the loader's state (epoch, position) in every checkpoint, and a resumed run
+        continues with the very batch the uninterrupted run would have drawn next (issue 16)."""
         workers = self.num_workers
         kwargs = dict(batch_size=batch_size, drop_last=drop_last, num_workers=workers, pin_memory=self.pin_memory,
                       persistent_workers=self.persistent_workers and workers > 0)
         if not shuffle:
             return DataLoader(dataset, **kwargs)
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        return StatefulDataLoader(dataset, sampler=EpochShuffleSampler(dataset), **kwargs)
+        return ResumableDataLoader(dataset, sampler=EpochShuffleSampler(dataset), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
