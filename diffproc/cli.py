@@ -35,7 +35,7 @@ from diffproc.methods.base import ConfigError, DiffusionModule
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-        "init_args": {"save_dir": "runs", "name": "diffproc"},
+        "init_args": {"save_dir": "runs", "name": "diffproc", "default_hp_metric": False},
     },
     "gradient_clip_val": 1.0,
     "log_every_n_steps": 10,
@@ -66,7 +66,9 @@ class DiffprocCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
-                             "checkpoint.every_n_train_steps": 1000})
+                             "checkpoint.every_n_train_steps": 1000,
+                             # a resumed run (even with other checkpoint options) keeps writing last.ckpt
+                             "checkpoint.enable_version_counter": False})
         parser.add_lightning_class_args(SampleGrid, "sample_grid")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})

@@ -31,7 +31,9 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from diffproc.methods.base import images_of
 
@@ -165,18 +167,43 @@ class ImageThroughputMonitor(ThroughputMonitor):
         if not hasattr(pl_module, "flops_per_batch"):
             self._module_has_flops = False  # images/s only; no FLOP warning
 
+    #: per-process running totals of Lightning's monitor: they restart at 0 after every resume (the step
+    #: axis already counts batches), so they are not logged — one continuous curve per run (issue 16)
+    CUMULATIVE = ("time", "batches", "samples")
+
     def _compute(self, trainer: L.Trainer, iter_num: Optional[int] = None) -> None:
-        super()._compute(trainer, iter_num)
+        stage = trainer.state.stage
+        in_fit_validation = stage == RunningStage.VALIDATING and trainer.state.fn == TrainerFn.FITTING
+        if stage is None or not (in_fit_validation or trainer._logger_connector.should_update_logs):
+            return
+        metrics = self._throughputs[stage].compute()
+        metrics = {f"{stage.value}/{k}": v for k, v in metrics.items() if k not in self.CUMULATIVE}
         device = trainer.strategy.root_device
-        if (self.log_gpu_memory and device.type == "cuda" and trainer._logger_connector.should_update_logs):
+        if self.log_gpu_memory and device.type == "cuda" and not in_fit_validation:
             gb = 1024.0 ** 3
-            metrics = {
+            metrics.update({
                 "gpu/memory_allocated_gb": torch.cuda.memory_allocated(device) / gb,
                 "gpu/max_memory_allocated_gb": torch.cuda.max_memory_allocated(device) / gb,
                 "gpu/memory_reserved_gb": torch.cuda.memory_reserved(device) / gb,
-            }
+            })
             torch.cuda.reset_peak_memory_stats(device)
-            trainer._logger_connector.log_metrics(metrics, step=iter_num)
+        trainer._logger_connector.log_metrics(metrics, step=iter_num)
+
+    # validation inside fit: one point per validation run, at the training step (not at a per-process
+    # count of validation batches, which starts again after every resume)
+    @rank_zero_only
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                *args: Any, **kwargs: Any) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._compute(trainer, trainer.global_step)
+        super().on_validation_end(trainer, *args)
 
 
 class StopDeadlineExceeded(SIGTERMException):

@@ -262,7 +262,10 @@ class ResumableDataLoader(StatefulDataLoader):
 
     On a resume Lightning creates the training iterator before it calls ``set_epoch`` (Lightning 2.6,
     ``FitLoop.setup_data``), so a run resumed in the middle of epoch ``e > 0`` would replay epoch 0's
-    order; restoring the epoch together with the position fixes that. Works with the
+    order; restoring the epoch together with the position fixes that. A state saved after the last batch
+    of epoch ``e`` resumes with a fresh iterator over epoch ``e + 1``: Lightning (2.6) then runs those
+    batches still labelled epoch ``e`` and follows them with one empty epoch, so ``current_epoch`` runs one
+    behind for that epoch while the data order is the uninterrupted run's. Works with the
     :class:`EpochShuffleSampler` and with the ``DistributedSampler`` Lightning swaps in under DDP.
     """
 
@@ -278,10 +281,12 @@ class ResumableDataLoader(StatefulDataLoader):
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         epoch = state_dict.pop("sampler_epoch", None)
+        finished = state_dict.get("_num_yielded", 0) >= len(self)
         if epoch is not None:
             for sampler in self._epoch_samplers():
-                sampler.set_epoch(epoch)
-        super().load_state_dict(state_dict)
+                sampler.set_epoch(epoch + 1 if finished else epoch)
+        if not finished:  # saved after the epoch's last batch: the next epoch's order, from its start
+            super().load_state_dict(state_dict)
 
 
 def list_images(folder: Path, recursive: bool = True) -> list[Path]:
