@@ -16,6 +16,7 @@ samples ``--num-samples`` images with the config's solver from seeds ``seed + i`
 * FID / KID / precision / recall on the features of ``--extractor`` against the train split;
 * per-DCT-mode RMS amplitude of generated vs real test images (orthonormal DCT, modes DC, (0,1), (1,0),
   (1,1), (4,4), (8,8)) and band power of generated / real (``diffproc.metrics.frequency``);
+* colour of generated vs real images (``colour_stats``: pixel saturation, chroma of the image mean, |brightness|);
 * the decoded images *before* the final clip: max |x|, fraction of pixels outside [−1, 1];
 * along the sampling trajectory (first ``--diag-num`` images): RMS of x̂0 in the low/mid/high bands and
   its max |x̂0| per step, before any clipping (x̂0 decoded from the network output alone);
@@ -86,6 +87,18 @@ def find_ckpt(run_dir: Path, step: int) -> Path | None:
     if last.is_file() and int(torch.load(last, map_location="cpu", weights_only=False).get("global_step", -1)) == step:
         return last
     return None
+
+
+def colour_stats(x: torch.Tensor) -> dict[str, float]:
+    """Colour of images in [−1, 1] (C = 3): ``saturation`` = mean over pixels of (max_c − min_c)/2 (0 = grey),
+    ``mean_chroma`` = mean over images of the std over channels of the per-channel image mean (a coloured vs
+    grey background), ``mean_abs_brightness`` = mean over images of |mean pixel| (dark/light vs mid-grey)."""
+    x = x.double().clamp(-1, 1)
+    if x.shape[1] != 3:
+        return {}
+    m = x.mean(dim=(-2, -1))
+    return {"saturation": float(((x.amax(1) - x.amin(1)) / 2).mean()), "mean_chroma": float(m.std(1).mean()),
+            "mean_abs_brightness": float(m.mean(1).abs().mean())}
 
 
 def dct_mode_rms(x: torch.Tensor) -> dict[str, float]:
@@ -167,7 +180,8 @@ def evaluate(args, extractor, ref, ref_id, real, label: str, run_dir: Path, step
            "variant": variant, "overrides": args.variants[variant] if is_gddm else [], "solver": model.solver,
            "num_steps": model.num_steps, "nfe": nfe, "num_samples": args.num_samples, "sample_seed": seed,
            "reference": ref_id, "seconds": secs, **m, "band_power_ratio": bands["power_ratio"],
-           "mode_rms_gen": dct_mode_rms(images), "mode_rms_real": dct_mode_rms(real), **diag}
+           "mode_rms_gen": dct_mode_rms(images), "mode_rms_real": dct_mode_rms(real),
+           "colour_gen": colour_stats(images), "colour_real": colour_stats(real), **diag}
     grid_dir = args.out / "grids"
     grid_dir.mkdir(parents=True, exist_ok=True)
     save_grid(images[: args.grid_images], grid_dir / f"{label.replace('/', '_')}_{variant}_{step}.png")

@@ -680,3 +680,61 @@ def test_sigma_data_spectrum_estimate_checkpoint_and_fit(tmp_path):
     assert torch.equal(m2.sigma_data_spectrum, m.sigma_data_spectrum) and float(m2.sigma_data_count) == 64
     assert m2.sample(2, num_steps=2, progress=False).images.shape == (2, 3, 8, 8)
     assert "sigma_data_spectrum" not in GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0).state_dict()
+
+
+def test_time_sampling_quad_distribution():
+    """time_sampling='quad': t = ceil(T u²) on {1..T}, so P(t <= s) = sqrt(s/T) (0.316 at T/10 vs 0.1 for
+    DDPM's uniform), and 'uniform' is DDPM's U{1..T}; GDDM passes the option through."""
+    p = GradientDomainProcess(time_sampling="quad")
+    t = p.sample_time(200_000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.int64 and int(t.min()) >= 1 and int(t.max()) <= 1000
+    for s in (10, 100, 500):
+        assert float((t <= s).double().mean()) == pytest.approx(math.sqrt(s / 1000), abs=4e-3)
+    u = GradientDomainProcess().sample_time(200_000, torch.Generator().manual_seed(0))
+    assert float((u <= 100).double().mean()) == pytest.approx(0.1, abs=4e-3)
+    assert GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, time_sampling="quad").process.time_sampling == "quad"
+    with pytest.raises(ConfigError, match="time_sampling"):
+        GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, time_sampling="cubic")
+
+
+def test_spectrum_colour_basis_exact_denoiser_and_estimate():
+    """sigma_data_mode='spectrum_colour': the image view preconditions in an orthogonal colour basis Q with σ_data
+    per (component, mode). (1) estimate: Q = eigenvectors of the channel second moments of the DCT coefficients
+    (orthogonal, largest first) and σ_d[c, k] = RMS of (Q DCT(x))[c, k]; (2) the exact F* (delta data) in that
+    basis gives loss 0 and DDIM returns x* to 1e-10; (3) the loss is invariant to Q for the same x̂0 error
+    when σ_d is scalar (Q orthogonal)."""
+    from diffproc.ops import dct2, idct2
+
+    x, _ = generate_shapes(256, 8, seed=0)
+    x = x.double() / 127.5 - 1
+    m = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum_colour")
+    sd = m.estimate_sigma_data(x)
+    q = m.sigma_data_colour_basis
+    assert torch.allclose(q @ q.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
+    want = torch.einsum("dc,bchw->bdhw", q, dct2(x)).pow(2).mean(0).sqrt()
+    assert torch.allclose(sd, want) and sd.shape == (3, 8, 8)
+    assert float(sd[0, 0, 0]) > float(sd[1, 0, 0]) > float(sd[2, 0, 0])  # luma-like component first
+    m.model_fn()
+    assert m.process.colour_basis is m.sigma_data_colour_basis
+
+    p = GradientDomainProcess(domain="gradient", network_view="image", prediction="x0", loss_weighting="edm")
+    g = torch.Generator().manual_seed(0)
+    p.colour_basis = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=g))[0]
+    p.sigma_data_modes = 0.1 + torch.rand(3, 16, 16, dtype=torch.float64, generator=g)
+    x_star = rand_images(2, 3, 16, 16, seed=4) * 0.9
+
+    def exact(inp, t):
+        c_in, c_skip, c_out, _ = p.preconditioning(t, inp)
+        return idct2((dct2(p._rotate(x_star)) - c_skip * dct2(inp) / c_in) / c_out)
+
+    z0 = p.to_domain(x_star)
+    assert float(p.loss(exact, z0, torch.tensor([1, 700]))) < 1e-20
+    res = sample_loop(p, exact, (2, p.domain_channels(3), 16, 16), 10, "ddim", torch.Generator().manual_seed(1),
+                      "cpu", torch.float64)
+    assert float((p.from_domain(res.sample) - x_star).abs().max()) < 1e-10
+    p.sigma_data_modes = None
+    z0_hat = p.to_domain(x_star + 0.1 * torch.randn(x_star.shape, dtype=torch.float64, generator=g))
+    t = torch.tensor([100, 600])
+    with_q = float(p.edm_loss(z0_hat, z0, torch.zeros_like(z0), t))
+    p.colour_basis = None
+    assert with_q == pytest.approx(float(p.edm_loss(z0_hat, z0, torch.zeros_like(z0), t)), rel=1e-10)

@@ -54,7 +54,8 @@ class GDDM(DiffusionModule):
     ``sigma_data_mode``: ``uniform`` (the scalar ``sigma_data`` for every image DCT mode) or ``spectrum``
     (σ_data per mode = the RMS of the orthonormal DCT coefficients of the first ``sigma_data_images`` training
     images, averaged over channels, estimated when a fit starts and kept in the checkpoint as the buffer
-    ``sigma_data_spectrum``; :meth:`estimate_sigma_data` sets it by hand).
+    ``sigma_data_spectrum``; :meth:`estimate_sigma_data` sets it by hand). ``time_sampling``: training times
+    ``uniform`` (DDPM) or ``quad`` (t = ⌈T u²⌉, more weight on small t).
     **Seed-literal setting**: ``network_view: domain, prediction: eps, loss_weighting: uniform,
     clip_image: false`` (``configs/gddm_literal_shapes.yaml``).
 
@@ -92,9 +93,10 @@ class GDDM(DiffusionModule):
                  beta_end: float = 0.02, prediction: Literal["eps", "x0", "v"] = "x0",
                  variance: Literal["fixedsmall", "fixedlarge"] = "fixedsmall", eta: float = 0.0,
                  spacing: Literal["uniform", "quad"] = "uniform", clip_x0: bool = False,
-                 loss_weighting: Literal["uniform", "image", "edm"] = "edm", clip_image: bool = True,
+                 loss_weighting: Literal["uniform", "image", "edm", "snr"] = "edm", clip_image: bool = True,
                  network_view: Literal["domain", "image"] = "image", sigma_data: float = 0.5,
-                 sigma_data_mode: Literal["uniform", "spectrum"] = "uniform", sigma_data_images: int = 2048,
+                 sigma_data_mode: Literal["uniform", "spectrum", "spectrum_colour"] = "uniform", sigma_data_images: int = 2048,
+                 time_sampling: Literal["uniform", "quad"] = "uniform",
                  poisson_net: Optional[dict] = None, poisson_net_stage: PoissonStage = "separate",
                  poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
                  poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
@@ -104,8 +106,9 @@ class GDDM(DiffusionModule):
                  **kwargs: Any) -> None:
         if reconstruction not in ("dct", "poisson_net"):
             raise ConfigError(f"reconstruction must be 'dct' or 'poisson_net', got {reconstruction!r}")
-        if sigma_data_mode not in ("uniform", "spectrum"):
-            raise ConfigError(f"sigma_data_mode must be 'uniform' or 'spectrum', got {sigma_data_mode!r}")
+        if sigma_data_mode not in ("uniform", "spectrum", "spectrum_colour"):
+            raise ConfigError("sigma_data_mode must be 'uniform', 'spectrum' or 'spectrum_colour', "
+                              f"got {sigma_data_mode!r}")
         if poisson_net_stage not in ("separate", "joint", "poisson_only"):
             raise ConfigError("poisson_net_stage must be 'separate', 'joint' or 'poisson_only', "
                               f"got {poisson_net_stage!r}")
@@ -117,7 +120,7 @@ class GDDM(DiffusionModule):
                 num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start, beta_end=beta_end,
                 prediction=prediction, variance=variance, eta=eta, spacing=spacing, clip_x0=clip_x0,
                 loss_weighting=loss_weighting, clip_image=clip_image and dc_mode == "aux",
-                network_view=network_view, sigma_data=sigma_data)
+                network_view=network_view, sigma_data=sigma_data, time_sampling=time_sampling)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         super().__init__(process=process, **kwargs)
@@ -159,13 +162,16 @@ class GDDM(DiffusionModule):
         self.register_buffer("dc_count", torch.tensor(0.0, dtype=torch.float64))
         # sigma_data_mode="spectrum": σ_data per image DCT mode, estimated from training images at fit start
         # (buffers only then, so checkpoints of the other settings load unchanged)
-        if sigma_data_mode == "spectrum":
-            if network_view != "image" and loss_weighting != "edm":
-                raise ConfigError("sigma_data_mode='spectrum' sets σ_data of network_view='image' / "
+        if sigma_data_mode != "uniform":
+            if network_view != "image" and loss_weighting not in ("edm", "snr"):
+                raise ConfigError(f"sigma_data_mode={sigma_data_mode!r} sets σ_data of network_view='image' / "
                                   "loss_weighting='edm'; neither is used here.")
-            n = self.image_size
-            self.register_buffer("sigma_data_spectrum", torch.zeros(n, n, dtype=torch.float64))
+            n, c = self.image_size, self.channels
+            shape = (c, n, n) if sigma_data_mode == "spectrum_colour" else (n, n)
+            self.register_buffer("sigma_data_spectrum", torch.zeros(shape, dtype=torch.float64))
             self.register_buffer("sigma_data_count", torch.tensor(0.0, dtype=torch.float64))
+            if sigma_data_mode == "spectrum_colour":
+                self.register_buffer("sigma_data_colour_basis", torch.eye(c, dtype=torch.float64))
 
     init_from_optional_keys = ("poisson_net.", "dc_", "sigma_data_")  # a stage-1 checkpoint has no Poisson network
 
@@ -177,21 +183,32 @@ class GDDM(DiffusionModule):
         checkpoint as ``sigma_data_spectrum``. Returns it (H, W) float64."""
         from diffproc.ops import dct2
 
-        if self.hparams.sigma_data_mode != "spectrum":
-            raise ConfigError("estimate_sigma_data needs sigma_data_mode='spectrum'")
-        x = images.to(self.sigma_data_spectrum.device, torch.float64)
-        rms = dct2(x).pow(2).mean(dim=(0, 1)).sqrt().clamp_min(1e-3)
+        mode = self.hparams.sigma_data_mode
+        if mode == "uniform":
+            raise ConfigError("estimate_sigma_data needs sigma_data_mode='spectrum' or 'spectrum_colour'")
+        u = dct2(images.to(self.sigma_data_spectrum.device, torch.float64))
+        if mode == "spectrum_colour":  # colour basis: eigenvectors of the channel second moments of all coefficients
+            flat = u.transpose(0, 1).reshape(u.shape[1], -1)
+            _, vecs = torch.linalg.eigh(flat @ flat.T / flat.shape[1])
+            q = vecs.flip(-1).T.contiguous()  # rows = components, largest first
+            q = q * torch.where(q.sum(1, keepdim=True) < 0, -1.0, 1.0)  # sign convention: rows sum >= 0
+            self.sigma_data_colour_basis.copy_(q)
+            rms = torch.einsum("dc,bchw->bdhw", q, u).pow(2).mean(dim=0).sqrt().clamp_min(1e-3)
+        else:
+            rms = u.pow(2).mean(dim=(0, 1)).sqrt().clamp_min(1e-3)
         self.sigma_data_spectrum.copy_(rms)
-        self.sigma_data_count.fill_(x.shape[0])
+        self.sigma_data_count.fill_(u.shape[0])
         return rms
 
     def _sync_sigma_data(self) -> None:
-        if self.hparams.get("sigma_data_mode", "uniform") != "spectrum":
+        mode = self.hparams.get("sigma_data_mode", "uniform")
+        if mode == "uniform":
             return
         if float(self.sigma_data_count) == 0:
-            raise ConfigError("sigma_data_mode='spectrum' has no spectrum yet: it is estimated from the training "
+            raise ConfigError(f"sigma_data_mode={mode!r} has no spectrum yet: it is estimated from the training "
                               "images when a fit starts (or call model.estimate_sigma_data(images)).")
         self.process.sigma_data_modes = self.sigma_data_spectrum
+        self.process.colour_basis = self.sigma_data_colour_basis if mode == "spectrum_colour" else None
 
     def model_fn(self, net: Optional[nn.Module] = None):
         self._sync_sigma_data()
@@ -201,7 +218,7 @@ class GDDM(DiffusionModule):
         """The base's ``init_from``; then, for ``sigma_data_mode="spectrum"`` and no spectrum yet (a fresh fit),
         σ_data per DCT mode from the first ``sigma_data_images`` training images."""
         super().on_fit_start()
-        if self.hparams.get("sigma_data_mode", "uniform") != "spectrum" or float(self.sigma_data_count) > 0:
+        if self.hparams.get("sigma_data_mode", "uniform") == "uniform" or float(self.sigma_data_count) > 0:
             return
         from diffproc.methods.base import images_of
 
@@ -315,7 +332,7 @@ class GDDM(DiffusionModule):
                 self.dc_mean.mul_(self.dc_count / (self.dc_count + b)).add_(
                     x.double().mean(dim=(0, 2, 3)) * (b / (self.dc_count + b)))
                 self.dc_count.add_(b)
-        if self.training and self.hparams.get("sigma_data_mode", "uniform") == "spectrum" and float(self.sigma_data_count) == 0:
+        if self.training and self.hparams.get("sigma_data_mode", "uniform") != "uniform" and float(self.sigma_data_count) == 0:
             self.estimate_sigma_data(x)  # fallback when on_fit_start found no indexable training set
         only_poisson = self.hparams.poisson_net_stage == "poisson_only"
         loss = None if only_poisson else super().compute_loss(x, net, generator)

@@ -47,12 +47,12 @@ from diffproc.processes.gaussian import Prediction, Variance
 Domain = Literal["gradient", "laplacian", "hybrid"]
 NoiseKind = Literal["iid", "operator"]
 DCMode = Literal["aux", "poisson_net", "dataset_mean", "oracle"]
-LossWeighting = Literal["uniform", "image", "edm"]
+LossWeighting = Literal["uniform", "image", "edm", "snr"]
 NetworkView = Literal["domain", "image"]
 
 DOMAINS = ("gradient", "laplacian", "hybrid")
 DC_MODES = ("aux", "poisson_net", "dataset_mean", "oracle")
-LOSS_WEIGHTINGS = ("uniform", "image", "edm")
+LOSS_WEIGHTINGS = ("uniform", "image", "edm", "snr")
 NETWORK_VIEWS = ("domain", "image")
 
 
@@ -93,6 +93,8 @@ class GradientDomainProcess(DDPMProcess):
             ``edm`` — per image DCT mode k, the weight ``1/c_out,k²`` of EDM (Karras et al. 2022, Eq. 8 and
             Table 1) for that mode's noise level ``σ_k``: ``α²/σ_k² + 1/σ_data²`` on ``(x̂0_k − x0_k)²``, i.e.
             the uniform ε weight plus a floor ``1/σ_data²``, so modes buried in noise still count. [ours]
+            ``snr`` — ``α²/σ_k²`` per image DCT mode on ``(x̂0_k − x0_k)²``: DDPM's ε-MSE of the per-mode image
+            noise (the ``edm`` weight without its floor); the same loss as ``prediction="eps"`` with ``edm``. [ours]
         network_view: ``domain`` — the backbone sees and outputs the normalised domain state (seed-literal).
             ``image`` — it sees the state as an image in the DCT basis, per mode ``c_in,k · x̃_k`` with
             ``x̃ = image_part(z_t)`` (the exact sufficient statistic: the rest is data-free noise), and outputs
@@ -103,6 +105,8 @@ class GradientDomainProcess(DDPMProcess):
             noise ε̂_k: ``c_skip = 1/α``, ``c_out = −σ_k/α``, DDPM's parameterisation with the per-mode noise;
             with ``loss_weighting="edm"`` the loss is then DDPM's ε-MSE per image mode), and a gradient or
             Laplacian domain. [ours]
+        time_sampling: training-time distribution, ``uniform`` (DDPM) or ``quad`` (t = ⌈T u²⌉, see
+            :meth:`sample_time`). [ours]
         sigma_data: σ_data of ``network_view="image"`` and ``loss_weighting="edm"`` (EDM's 0.5). The attribute
             ``sigma_data_modes`` ((H, W) float64, default None) replaces it per image DCT mode (set by
             GDDM's ``sigma_data_mode="spectrum"`` from the training images' DCT RMS).
@@ -124,7 +128,8 @@ class GradientDomainProcess(DDPMProcess):
                  variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
                  clip_x0: bool = False, loss_reduction: Literal["mean", "sum"] = "mean",
                  default_solver: str = "ancestral", loss_weighting: LossWeighting = "uniform",
-                 clip_image: bool = False, network_view: NetworkView = "domain", sigma_data: float = 0.5) -> None:
+                 clip_image: bool = False, network_view: NetworkView = "domain", sigma_data: float = 0.5,
+                 time_sampling: Literal["uniform", "quad"] = "uniform") -> None:
         super().__init__(num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start,
                          beta_end=beta_end, prediction=prediction, variance=variance, eta=eta,
                          spacing=spacing, clip_x0=clip_x0, loss_reduction=loss_reduction,
@@ -165,6 +170,24 @@ class GradientDomainProcess(DDPMProcess):
         #: optional (H, W) float64 σ_data per image DCT mode (GDDM's ``sigma_data_mode="spectrum"``); None = the
         #: scalar ``sigma_data`` for every mode
         self.sigma_data_modes: Tensor | None = None
+        #: optional (C, C) orthogonal colour basis (rows = components) in which the image view preconditions and
+        #: the ``edm``/``snr`` loss is measured (GDDM's ``sigma_data_mode="spectrum_colour"``); None = the channels
+        self.colour_basis: Tensor | None = None
+        if time_sampling not in ("uniform", "quad"):
+            raise ValueError(f"time_sampling must be 'uniform' or 'quad', got {time_sampling!r}")
+        self.time_sampling = time_sampling
+
+    def sample_time(self, batch: int, generator: torch.Generator | None = None,
+                    device: torch.device | str | None = None) -> Tensor:
+        """Training times: ``uniform`` t ~ U{1, …, T} (DDPM); ``quad`` t = ⌈T u²⌉, u ~ U(0, 1) (density ∝ 1/√t:
+        P(t ≤ T/10) = 0.32 instead of 0.1), so the small-σ end where the noisiest image modes (σ_t c_k, c_k up to
+        7 for the gradient at 16²) become resolvable is trained more often. [ours]"""
+        if self.time_sampling == "uniform":
+            return super().sample_time(batch, generator, device)
+        gen_device = generator.device if generator is not None else "cpu"
+        u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
+        t = (self.num_timesteps * u * u).ceil().clamp(1, self.num_timesteps).long()
+        return t.to(device)
 
     # --- channel bookkeeping ----------------------------------------------------------------------
     @property
@@ -281,13 +304,22 @@ class GradientDomainProcess(DDPMProcess):
         return c
 
     def mode_sigma_data(self, h: int, w: int, device=None) -> Tensor | float:
-        """σ_data per image DCT mode: the (H, W) ``sigma_data_modes`` when set, else the scalar ``sigma_data``."""
+        """σ_data per image DCT mode: ``sigma_data_modes`` ((H, W), or (C, H, W) per colour component) when set,
+        else the scalar ``sigma_data``."""
         sd = self.sigma_data_modes
         if sd is None:
             return self.sigma_data
-        if tuple(sd.shape) != (h, w):
+        if tuple(sd.shape[-2:]) != (h, w):
             raise ValueError(f"sigma_data_modes has shape {tuple(sd.shape)}, the images are {h}x{w}")
         return sd.to(device=device, dtype=torch.float64)
+
+    def _rotate(self, x: Tensor, inverse: bool = False) -> Tensor:
+        """Channels -> ``colour_basis`` components (or back with ``inverse``); identity without a basis."""
+        q = self.colour_basis
+        if q is None:
+            return x
+        q = q.to(device=x.device, dtype=x.dtype)
+        return torch.einsum("cd,bchw->bdhw" if inverse else "dc,bchw->bdhw", q, x)
 
     def preconditioning(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(c_in, c_skip, c_out)`` per DCT mode, each (B, 1, H, W) float64, for the per-mode noise
@@ -314,9 +346,9 @@ class GradientDomainProcess(DDPMProcess):
         if self.network_view == "domain":
             return self.split_prediction(model_fn(z_t, t), z_t, t)
         c_in, c_skip, c_out, _ = self.preconditioning(t, z_t)
-        u = dct2(self.image_part(z_t).double())
+        u = dct2(self._rotate(self.image_part(z_t).double()))
         out = model_fn(idct2(c_in * u).to(z_t.dtype), t)
-        z0 = self.to_domain(idct2(c_skip * u + c_out * dct2(out.double()))).to(z_t.dtype)
+        z0 = self.to_domain(self._rotate(idct2(c_skip * u + c_out * dct2(out.double())), inverse=True)).to(z_t.dtype)
         a, s = self.coefficients(t, z_t)
         return z0, (z_t - a * z0) / s
 
@@ -353,13 +385,24 @@ class GradientDomainProcess(DDPMProcess):
             return self.image_loss(eps_hat, noise)
         return self.edm_loss(z0_hat, z0, eps_hat - noise, t)
 
+    def mode_loss_scale(self, t: Tensor, ref: Tensor) -> Tensor:
+        """(B, 1, H, W) float64 per image DCT mode: the x̂0-error divisor of the ``edm`` / ``snr`` weightings
+        (loss weight = its −2 power). ``edm``: ``c_out`` of :meth:`preconditioning` (``α²/σ_k² + 1/σ_d²`` for x0
+        prediction, ``α²/σ_k²`` for eps); ``snr``: ``σ_k/α`` (weight ``α²/σ_k²``, DDPM's ε-MSE of the per-mode
+        image noise, whatever the parameterisation)."""
+        _, _, c_out, a = self.preconditioning(t, ref)
+        if self.loss_weighting == "snr":
+            _, sig = self.alpha_sigma(t)
+            return sig.to(torch.float64).view(-1, 1, 1, 1) * self.mode_noise_scale(*ref.shape[-2:], ref.device) / a
+        return c_out
+
     def edm_loss(self, z0_hat: Tensor, z0: Tensor, e: Tensor, t: Tensor) -> Tensor:
         """``reduce(DCT(x̂0 − x0)² / c_out²) + reduce((e − T image_part(e))²)``: EDM's per-mode weighting on the
-        image error (:meth:`preconditioning`), plus, in the ``domain`` view, the uniform loss on the part of the ε
-        error ``e`` that never reaches the image (in the ``image`` view that part of ε̂ is exact and carries no
-        gradient, so the term is left out)."""
-        _, _, c_out, _ = self.preconditioning(t, z0)
-        d = self.reduce((dct2(self.image_part(z0_hat - z0).double()) / c_out).to(z0.dtype) ** 2)
+        image error (:meth:`preconditioning`; ``snr``: ``σ_k/α`` instead of ``c_out``, :meth:`mode_loss_scale`),
+        plus, in the ``domain`` view, the uniform loss on the part of the ε error ``e`` that never reaches the
+        image (in the ``image`` view that part of ε̂ is exact and carries no gradient, so the term is left out)."""
+        c_out = self.mode_loss_scale(t, z0)
+        d = self.reduce((dct2(self._rotate(self.image_part(z0_hat - z0).double())) / c_out).to(z0.dtype) ** 2)
         if self.network_view == "image":  # the data-free part of ε̂ is exact: nothing to train there
             return d
         return d + self.reduce((e - self.to_domain(self.image_part(e))) ** 2)
