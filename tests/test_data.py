@@ -86,7 +86,7 @@ def test_shapes_datamodule_splits_and_loaders():
     dm.setup("fit")
     tr = dm.train_dataloader()
     batches = list(tr)
-    assert len(batches) == 5  # drop_last
+    assert len(batches) == 10  # 40 images and their 40 mirror images, batches of 8 (drop_last)
     _check_batch(*batches[0], 8, 16)
     val = list(dm.val_dataloader())
     assert [b[0].shape[0] for b in val] == [5, 5, 2]
@@ -102,19 +102,30 @@ def test_shapes_datamodule_splits_and_loaders():
     assert torch.allclose(got, ref.float() / 127.5 - 1)
 
 
-def test_train_flip_is_random_horizontal_flip():
-    torch.manual_seed(0)
-    dm = ShapesDataModule(image_size=16, batch_size=64, num_train=64)
-    x, y = next(iter(dm.train_dataloader()))
-    ref = dm.dataset("train")
-    flipped = same = 0
-    for img, label in zip(x, y):
-        idx = [i for i in range(64) if torch.equal(ref.labels[i], label) and
-               (torch.equal(ref[i][0], img) or torch.equal(ref[i][0].flip(-1), img))]
-        assert idx, "train image is neither an original nor a horizontal flip of one"
-        flipped += any(torch.equal(ref[i][0].flip(-1), img) and not torch.equal(ref[i][0], img) for i in idx)
-        same += any(torch.equal(ref[i][0], img) for i in idx)
-    assert flipped > 10 and same > 10
+def test_train_epoch_shows_each_image_in_both_orientations_in_seeded_order(monkeypatch):
+    """random_flip = EDM's xflip: an epoch is every image once as is and once mirrored, shuffled by
+    (seed, epoch) only — the same order in a new process, a new order each epoch (issue 16)."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "3")
+    dm = ShapesDataModule(image_size=16, batch_size=8, num_train=24)
+    ref = dm.dataset("train").images.float() / 127.5 - 1
+    expected = torch.cat([ref, ref.flip(-1)])
+
+    def epoch(loader, e):
+        loader.sampler.set_epoch(e)
+        return torch.cat([x for x, _ in loader])
+
+    first = epoch(dm.train_dataloader(), 0)
+    assert first.shape == expected.shape
+    # a permutation of the originals and their mirror images
+    match = (first.flatten(1)[:, None] == expected.flatten(1)[None]).all(-1)
+    assert (match.sum(0) >= 1).all() and (match.sum(1) >= 1).all()
+    assert not torch.equal(first, expected)  # shuffled
+    again = ShapesDataModule(image_size=16, batch_size=8, num_train=24)
+    assert torch.equal(epoch(again.train_dataloader(), 0), first)  # seed and epoch fix the order
+    assert not torch.equal(epoch(again.train_dataloader(), 1), first)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "4")
+    assert not torch.equal(epoch(ShapesDataModule(image_size=16, batch_size=8, num_train=24).train_dataloader(), 0),
+                           first)
 
 
 def test_real_images_helper():
@@ -419,7 +430,7 @@ def test_lsun_reads_lmdb_with_two_workers(lsun_root):
     assert len(dm.dataset("train")) == 10 and len(dm.dataset("val")) == 3
     dm.dataset("train")[0]  # the main process holds a handle too: workers must still open theirs
     batches = list(dm.train_dataloader())
-    assert len(batches) == 2  # 10 // 4, drop_last
+    assert len(batches) == 5  # (10 images + 10 mirror images) // 4, drop_last
     for x, y in batches:
         _check_batch(x, y, 4, 48)
         assert (y == -1).all()
@@ -455,8 +466,8 @@ def test_lsun_corrupt_record_and_missing(lsun_root, tmp_path_factory, monkeypatc
     # skips in DataLoader workers are counted in the main process (process-shared counter)
     skip2 = LSUNDataModule(root=str(lsun_root), image_size=16, on_corrupt="skip", num_workers=2, batch_size=5,
                            persistent_workers=False)
-    assert sum(x.shape[0] for x, _ in skip2.train_dataloader()) == 10
-    assert skip2.num_skipped("train") == 1
+    assert sum(x.shape[0] for x, _ in skip2.train_dataloader()) == 20  # each image and its mirror image
+    assert skip2.num_skipped("train") == 2  # the bad record was read for both orientations
 
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(DatasetNotFoundError) as e:
