@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clitools import REPO, run_cli
+from clitools import REPO, assert_same_training_state, load, run_cli, scalars
 
 pytestmark = pytest.mark.slow
 
@@ -52,59 +52,14 @@ def run_dir(root: Path) -> Path:
     return root / "run" / "version_0"
 
 
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def checkpoint_at(root: Path, step: int) -> Path:
     found = list((run_dir(root) / "checkpoints").glob(f"*-step={step}.ckpt"))
     assert len(found) == 1, sorted(p.name for p in (run_dir(root) / "checkpoints").iterdir())
     return found[0]
 
 
-def flat(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor (and number) of a nested checkpoint entry, by path."""
-    out: dict = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            out.update(flat(v, f"{prefix}{k}."))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            out.update(flat(v, f"{prefix}{i}."))
-    elif torch.is_tensor(obj):
-        out[prefix[:-1]] = obj
-    elif isinstance(obj, (int, float)):
-        out[prefix[:-1]] = torch.tensor(obj)
-    return out
-
-
-def assert_same_training_state(a: Path, b: Path) -> None:
-    """Bitwise equality of the weights (raw ``unet.*`` and EMA ``ema_unet.*``), the optimiser state and the
-    LR schedulers of two checkpoints."""
-    ca, cb = load(a), load(b)
-    assert ca["global_step"] == cb["global_step"]
-    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
-        fa, fb = flat(ca[key]), flat(cb[key])
-        assert fa.keys() == fb.keys(), (key, set(fa) ^ set(fb))
-        unequal = [k for k in fa if not torch.equal(fa[k], fb[k])]
-        assert not unequal, (f"{key}: {len(unequal)} of {len(fa)} tensors differ, e.g. {unequal[0]}: max |diff| "
-                             f"{(fa[unequal[0]].double() - fb[unequal[0]].double()).abs().max().item():.3g}")
-    names = flat(ca["state_dict"]).keys()
-    assert any(k.startswith("unet.") for k in names) and any(k.startswith("ema_unet.") for k in names)
-    assert len(flat(ca["optimizer_states"])) > 0
-
-
-def scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
-    """The scalar curves TensorBoard shows for the run directory (all its event files, restarts applied)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir(root)), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def assert_one_continuous_log(resumed: Path, straight: Path) -> None:
-    got, ref = scalars(resumed), scalars(straight)
+    got, ref = scalars(run_dir(resumed)), scalars(run_dir(straight))
     assert len(list(run_dir(resumed).glob("events.out.tfevents.*"))) >= 2  # really two processes, one directory
     assert sorted(got) == sorted(ref)
     for tag in ("train/loss", "val/loss", "lr-AdamW"):

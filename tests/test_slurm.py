@@ -3,7 +3,8 @@
 Submits the quickstart (tiny) with ``sbatch docker/slurm/train.sbatch`` as a 2-task CPU DDP job,
 sends SIGUSR1 with ``scancel --signal=USR1 --batch`` while it trains, and checks that Lightning saved
 ``hpc_ckpt_1.ckpt``, requeued the job (same id, ``Restarts=1``) and that the second run resumed from
-the saved step and finished at ``max_steps`` in the same run directory.
+the saved step and finished at ``max_steps`` in the same run directory — with the same weights, EMA,
+optimiser state and loss curve as the same job run without interruption (issue 16).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clitools import REPO
+from clitools import REPO, assert_same_training_state, scalars
 
 pytestmark = pytest.mark.slurm
 
@@ -39,6 +40,32 @@ def _step(path: Path) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
+TRAIN_ARGS = [
+    "--trainer.accelerator", "cpu", "--data.init_args.image_size", "16", "--data.init_args.num_train", "64",
+    "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1", "--sample_grid.num_images", "4",
+    "--model.init_args.num_steps", "3", "--trainer.enable_model_summary", "false",
+    "--trainer.max_steps", str(MAX_STEPS), "--checkpoint.every_n_train_steps", "5",
+    "--sample_grid.every_n_steps", "0", "--trainer.val_check_interval", "1000"]
+
+
+def _submit(name: str, tmp_path: Path, env: dict) -> tuple[str, Path]:
+    """``sbatch docker/slurm/train.sbatch`` as a 2-task CPU DDP job; returns (job id, its output file)."""
+    out_file = tmp_path / f"slurm-{name}-%j.out"
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={name}", "--nodes=1", "--ntasks-per-node=2", "--gres=none",
+         "--cpus-per-task=1", f"--output={out_file}", "--time=20:00", "docker/slurm/train.sbatch", *TRAIN_ARGS],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=60).stdout.strip().split(";")[0]
+    return job_id, Path(str(out_file).replace("%j", job_id))
+
+
+def _wait_completed(job_id: str, log: Path, timeout: float = 420) -> None:
+    deadline = time.time() + timeout
+    while (state := _job(job_id)["JobState"]) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+        assert time.time() < deadline, f"job still {state} after {timeout} s"
+        time.sleep(1)
+    assert state == "COMPLETED", f"{state}\n{log.read_text()[-4000:] if log.exists() else ''}"
+
+
 @pytest.fixture(scope="module")
 def cluster():
     # CI sets DIFFPROC_REQUIRE_SLURM=1 after starting the cluster: then a missing cluster is a failure
@@ -54,18 +81,7 @@ def test_sbatch_sigusr1_requeue_resume(cluster, tmp_path):
     run_dir = tmp_path / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO),
                RUN_DIR=str(run_dir), PYTHON=sys.executable, CONFIG="configs/quickstart.yaml")
-    out_file = tmp_path / "slurm-%j.out"
-    job_id = subprocess.run(
-        ["sbatch", "--parsable", "--job-name=dpq", "--nodes=1", "--ntasks-per-node=2", "--gres=none",
-         "--cpus-per-task=1", f"--output={out_file}", "--time=20:00",
-         "docker/slurm/train.sbatch",
-         "--trainer.accelerator", "cpu", "--data.init_args.image_size", "16", "--data.init_args.num_train", "64",
-         "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1", "--sample_grid.num_images", "4",
-         "--model.init_args.num_steps", "3", "--trainer.enable_model_summary", "false",
-         "--trainer.max_steps", str(MAX_STEPS), "--checkpoint.every_n_train_steps", "5",
-         "--sample_grid.every_n_steps", "0", "--trainer.val_check_interval", "1000"],
-        cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=60).stdout.strip().split(";")[0]
-    log = Path(str(out_file).replace("%j", job_id))
+    job_id, log = _submit("dpq", tmp_path, env)
     job_dir = run_dir / "dpq" / f"job_{job_id}"
     last = job_dir / "checkpoints" / "last.ckpt"
     try:
@@ -118,3 +134,17 @@ def test_sbatch_sigusr1_requeue_resume(cluster, tmp_path):
     acc.Reload()
     steps = [e.step for e in acc.Scalars("lr-AdamW")]
     assert steps and min(steps) >= saved, (saved, steps[:5])
+
+    # 3) the same job without a signal: the requeued run ends with the very same tensors (weights, EMA,
+    #    optimiser, schedule) and TensorBoard shows the same curve (issue 16)
+    straight_id, straight_log = _submit("dps", tmp_path, env)
+    try:
+        _wait_completed(straight_id, straight_log)
+    finally:
+        if _job(straight_id)["JobState"] in ("PENDING", "RUNNING"):
+            subprocess.run(["scancel", straight_id], timeout=30)
+    straight_dir = run_dir / "dps" / f"job_{straight_id}"
+    assert_same_training_state(last, straight_dir / "checkpoints" / "last.ckpt")
+    got, ref = scalars(job_dir), scalars(straight_dir)
+    for tag in ("train/loss", "lr-AdamW"):
+        assert got[tag] == ref[tag], tag
