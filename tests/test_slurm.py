@@ -1,9 +1,9 @@
 """SLURM end to end (marked ``slurm``): needs the cluster of ``docker/slurm/local-cluster.sh``.
 
 Submits the quickstart (tiny) with ``sbatch docker/slurm/train.sbatch`` as a 2-task CPU DDP job,
-sends SIGUSR1 with ``scancel --signal=USR1 --batch`` while it trains, and checks that Lightning saved
-``hpc_ckpt_1.ckpt``, requeued the job (same id, ``Restarts=1``) and that the second run resumed from
-the saved step and finished at ``max_steps`` in the same run directory — with the same weights, EMA,
+sends SIGUSR1 with ``scancel --signal=USR1 --batch`` while it trains, and checks that diffproc saved
+``last.ckpt`` at the next batch boundary (not Lightning's ``hpc_ckpt`` from inside the signal handler),
+requeued the job (same id, ``Restarts=1``) and that the second run resumed from the saved step and finished at ``max_steps`` in the same run directory — with the same weights, EMA,
 optimiser state and loss curve as the same job run without interruption (issue 16).
 """
 
@@ -94,7 +94,7 @@ def test_sbatch_sigusr1_requeue_resume(cluster, tmp_path):
             time.sleep(0.5)
         _sh("scancel", "--signal=USR1", "--batch", job_id)
 
-        # 2) Lightning saves hpc_ckpt_1.ckpt and requeues: same job id, Restarts=1, then it completes
+        # 2) last.ckpt at the next batch boundary, then requeue: same job id, Restarts=1, then it completes
         deadline, released = time.time() + 420, False
         while True:
             info = _job(job_id)
@@ -114,16 +114,15 @@ def test_sbatch_sigusr1_requeue_resume(cluster, tmp_path):
         if _job(job_id)["JobState"] in ("PENDING", "RUNNING"):
             subprocess.run(["scancel", job_id], timeout=30)
 
-    hpc = job_dir / "hpc_ckpt_1.ckpt"
-    assert hpc.is_file(), sorted(p.name for p in job_dir.iterdir())
-    saved = _step(hpc)
+    assert not list(job_dir.glob("hpc_ckpt_*.ckpt")), sorted(p.name for p in job_dir.iterdir())
+    saved_at = re.findall(r"SLURM requeue signal: saved the state at step (\d+) to (\S+);", text)
+    assert len(saved_at) == 1 and saved_at[0][1] == str(last), text[-4000:]
+    saved = int(saved_at[0][0])
     assert 5 <= saved < MAX_STEPS
-    # the second run resumed from the newest consistent checkpoint (train.sbatch picks the newer of the
-    # hpc checkpoint and checkpoints/last.ckpt, which the requeue's SIGTERM now writes at a batch
-    # boundary after the hpc save), in the same run directory, and finished
+    # the second run resumed from that checkpoint, in the same run directory, and finished
     starts = re.findall(r"restart (\d+) on .*resume from (\S+)", text)
     assert [s[0] for s in starts] == ["0", "1"], text[-4000:]
-    assert starts[0][1] == "nothing" and starts[1][1] in (str(hpc), str(last)), starts
+    assert starts[0][1] == "nothing" and starts[1][1] == str(last), starts
     assert f"Restored all states from the checkpoint at {starts[1][1]}" in text
     assert _step(last) == MAX_STEPS
     assert [p.name for p in (run_dir / "dpq").iterdir()] == [f"job_{job_id}"]

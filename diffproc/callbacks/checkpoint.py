@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
@@ -31,6 +36,28 @@ class Checkpoint(ModelCheckpoint):
             rank_zero_info(f"interrupted ({type(exception).__name__}): saved the state at step "
                            f"{trainer.global_step} to {self.last_model_path}")
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._requeue_requested = False
+        env = trainer._accelerator_connector.cluster_environment
+        if stage == "fit" and isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal:
+            # SLURM's requeue signal (SIGUSR1 of `--signal=SIGUSR1@90` or `scancel --signal=USR1`) only sets a
+            # flag; the next batch boundary saves last.ckpt and requeues (on_train_batch_end). Lightning's own
+            # handler would save hpc_ckpt_N.ckpt inside the signal handler, in the middle of a step (not a
+            # state a resume continues exactly); it is not installed when a handler is already set.
+            def on_requeue_signal(signum, frame) -> None:
+                self._requeue_requested = True
+
+            self._previous_requeue_handler = (env.requeue_signal, signal.getsignal(env.requeue_signal))
+            signal.signal(env.requeue_signal, on_requeue_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        previous = getattr(self, "_previous_requeue_handler", None)
+        if previous is not None:
+            signal.signal(*previous)
+            self._previous_requeue_handler = None
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.ckpt_path and trainer.global_step > 0:
@@ -45,13 +72,30 @@ class Checkpoint(ModelCheckpoint):
         # ranks decide together (one signalled rank is enough).
         if not self.save_last or trainer.fast_dev_run or trainer.global_step == self._last_global_step_saved:
             return
+        requeue = getattr(self, "_requeue_requested", False)
         stop = trainer.received_sigterm
         if trainer.world_size > 1:
+            requeue = bool(trainer.strategy.reduce_boolean_decision(requeue, all=False))
             stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
-        if stop or 0 < trainer.max_steps <= trainer.global_step:
+        if requeue or stop or 0 < trainer.max_steps <= trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            if stop:
+            if requeue:
+                self._requeue(trainer)
+            elif stop:
                 rank_zero_info(f"SIGTERM: saved the state at step {trainer.global_step} to {self.last_model_path}")
+
+    def _requeue(self, trainer: L.Trainer) -> None:
+        """After the requeue signal: ``scontrol requeue`` this job (rank 0) and stop every rank. The requeued
+        job resumes from the last.ckpt just written (docker/slurm/train.sbatch)."""
+        if trainer.is_global_zero:
+            array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+            rank_zero_info(f"SLURM requeue signal: saved the state at step {trainer.global_step} to "
+                           f"{self.last_model_path}; requeueing job {job}")
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if result.returncode != 0:
+                rank_zero_info(f"scontrol requeue {job} failed ({result.returncode}): {result.stderr.strip()}")
+        raise SIGTERMException()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (self.save_last and not trainer.fast_dev_run and trainer.state.fn == "fit"
