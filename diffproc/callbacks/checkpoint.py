@@ -7,6 +7,7 @@ import signal
 import subprocess
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -72,11 +73,10 @@ class Checkpoint(ModelCheckpoint):
         # ranks decide together (one signalled rank is enough).
         if not self.save_last or trainer.fast_dev_run or trainer.global_step == self._last_global_step_saved:
             return
-        requeue = getattr(self, "_requeue_requested", False)
-        stop = trainer.received_sigterm
-        if trainer.world_size > 1:
-            requeue = bool(trainer.strategy.reduce_boolean_decision(requeue, all=False))
-            stop = bool(trainer.strategy.reduce_boolean_decision(stop, all=False))
+        requeue, stop = getattr(self, "_requeue_requested", False), trainer.received_sigterm
+        if trainer.world_size > 1:  # one small all-reduce per step (Lightning broadcasts its own flag too)
+            flags = torch.tensor([float(requeue), float(stop)], device=pl_module.device)
+            requeue, stop = (v > 0 for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist())
         if requeue or stop or 0 < trainer.max_steps <= trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             if requeue:
