@@ -365,8 +365,8 @@ def test_gddm_diagnostics_callback(tmp_path):
     tiny = {"block_out_channels": [8, 16], "layers_per_block": 1}
     m = GDDM(image_size=8, channels=3, unet=tiny, poisson_net=tiny, reconstruction="poisson_net",
              poisson_net_stage="joint", ema_decay=0.9, warmup_steps=1, num_steps=2)
-    dm = ShapesDataModule(image_size=8, batch_size=4, num_train=8, num_val=4, num_test=4)
-    cb = GDDMDiagnostics(every_n_val=1, num=2, num_steps=2)
+    dm = ShapesDataModule(image_size=8, batch_size=4, num_train=8, num_val=4, num_test=4, random_flip=False)
+    cb = GDDMDiagnostics(every_n_val=1, num=2, num_steps=2)  # 2 batches per epoch: validation at step 2
     trainer = L.Trainer(max_steps=2, limit_val_batches=1, limit_test_batches=1, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,

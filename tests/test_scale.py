@@ -46,7 +46,7 @@ DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.stra
 def test_ddp_two_ranks_fit_and_predict(tmp_path):
     """2 gloo ranks: data sharded, one checkpoint, sample grid + throughput logged, no hang; predict
     with uneven batches per rank writes every index once, and ranks draw different samples."""
-    p = run_cli("fit", *_base(tmp_path), *DDP, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "3",
+    p = run_cli("fit", *_base(tmp_path), *DDP, "--trainer.max_steps", "10", "--checkpoint.every_n_train_steps", "3",
                 "--sample_grid.every_n_steps", "3", "--trainer.log_every_n_steps", "1",
                 "--throughput.window_size", "2", timeout=600)
     out = p.stdout + p.stderr
@@ -56,8 +56,9 @@ def test_ddp_two_ranks_fit_and_predict(tmp_path):
     ckpts = sorted(p.name for p in (runs[0] / "checkpoints").iterdir())
     assert ckpts == ["last.ckpt"], ckpts
     ck = _ckpt(runs[0] / "checkpoints" / "last.ckpt")
-    # 64 images, batch 8, 2 ranks -> 4 batches per rank and epoch: step 6 is in epoch 1 (one rank: epoch 0)
-    assert ck["global_step"] == 6 and ck["epoch"] == 1
+    # 64 images + their mirror images, batch 8, 2 ranks -> 8 batches per rank and epoch: step 10 is in
+    # epoch 1 (one rank: 16 batches per epoch, epoch 0)
+    assert ck["global_step"] == 10 and ck["epoch"] == 1
     assert (runs[0] / "samples" / "step_0000003.png").is_file()
     sc = _scalars(runs[0])
     assert "lr-AdamW" in sc and "train/loss" in sc
