@@ -128,6 +128,37 @@ def test_train_epoch_shows_each_image_in_both_orientations_in_seeded_order(monke
                            first)
 
 
+@pytest.mark.parametrize("stop", [3, 6], ids=["mid-epoch", "end-of-epoch"])
+def test_train_loader_state_resumes_the_order(monkeypatch, stop):
+    """The training loader's state (what Lightning puts in checkpoints) continues the batch sequence of an
+    uninterrupted loader: mid-epoch with the next batch, after an epoch's last batch with the next epoch."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+
+    def loader():
+        return ShapesDataModule(image_size=8, batch_size=4, num_train=12).train_dataloader()  # 6 batches/epoch
+
+    def run(dl, epochs, start_epoch=0, state_after=None):
+        out, state = [], None
+        for e in range(start_epoch, epochs):
+            dl.sampler.set_epoch(e)
+            for x, _ in dl:
+                out.append(x)
+                if len(out) == state_after:
+                    state = dl.state_dict()
+        return out, state
+
+    straight, state = run(loader(), 3, state_after=stop)
+    assert state["sampler_epoch"] == 0
+    resumed = loader()
+    resumed.load_state_dict(state)  # Lightning: load, then iterate (before it calls set_epoch)
+    rest = list(x for x, _ in resumed)
+    if stop == 6:
+        assert len(rest) == 6  # a fresh iterator over epoch 1
+    following = rest + run(resumed, 3, start_epoch=2 if stop == 6 else 1)[0]
+    assert len(following) == len(straight) - stop
+    assert all(torch.equal(a, b) for a, b in zip(following, straight[stop:]))
+
+
 def test_real_images_helper():
     dm = ShapesDataModule(image_size=8, num_train=30)
     batches = list(dm.real_images("train", num=25, batch_size=10))
