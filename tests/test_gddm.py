@@ -436,6 +436,13 @@ def test_cli_fit_gradient(tmp_path):
     # the default image view: the UNet sees and predicts a C-channel image, the state is 2C field + C aux
     assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 3
     assert ckpt["state_dict"]["unet.conv_out.weight"].shape[0] == 3
+    # the config's sigma_data_mode: spectrum_colour (issue 14): estimated at fit start, kept in the checkpoint
+    assert ckpt["hyper_parameters"]["sigma_data_mode"] == "spectrum_colour"
+    sd = ckpt["state_dict"]["sigma_data_spectrum"]
+    assert sd.shape == (3, 16, 16) and float(ckpt["state_dict"]["sigma_data_count"]) > 0
+    assert float(sd[0, 0, 0]) > float(sd[0, 8, 8]) > 0
+    q = ckpt["state_dict"]["sigma_data_colour_basis"]
+    assert torch.allclose(q @ q.T, torch.eye(3, dtype=q.dtype), atol=1e-10)
     lit = _fit("gddm_literal_shapes.yaml", tmp_path / "literal")
     ckpt = torch.load(lit / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 9  # seed-literal: the UNet sees the field
@@ -570,7 +577,7 @@ def test_gddm_defaults_and_seed_literal_option():
         GDDM(prediction="v", image_size=8, channels=3, unet=TINY)
     assert not GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, dc_mode="dataset_mean").process.clip_image
     with pytest.raises(ConfigError, match="loss_weighting"):
-        GDDM(image_size=8, channels=3, unet=TINY, loss_weighting="snr")
+        GDDM(image_size=8, channels=3, unet=TINY, loss_weighting="min_snr")
 
 
 @pytest.mark.parametrize("domain,prediction,spectrum", [("gradient", "x0", False), ("laplacian", "x0", False),
@@ -738,3 +745,18 @@ def test_spectrum_colour_basis_exact_denoiser_and_estimate():
     with_q = float(p.edm_loss(z0_hat, z0, torch.zeros_like(z0), t))
     p.colour_basis = None
     assert with_q == pytest.approx(float(p.edm_loss(z0_hat, z0, torch.zeros_like(z0), t)), rel=1e-10)
+
+
+def test_snr_weighting_equals_eps_edm_loss():
+    """loss_weighting='snr' (x0 prediction) weights image DCT mode k by α²/σ_k²: the same loss, for the same x̂0,
+    as prediction='eps' with the edm weighting (DDPM's ε-MSE of the per-mode image noise)."""
+    t = torch.tensor([30, 300, 900])
+    x0 = rand_images(3, 3, 16, 16, seed=2)
+    g = torch.Generator().manual_seed(3)
+    for domain in ("gradient", "laplacian"):
+        a = GradientDomainProcess(domain=domain, network_view="image", prediction="x0", loss_weighting="snr")
+        b = GradientDomainProcess(domain=domain, network_view="image", prediction="eps", loss_weighting="edm")
+        z0 = a.to_domain(x0)
+        z0_hat = a.to_domain(x0 + 0.1 * torch.randn(x0.shape, dtype=torch.float64, generator=g))
+        la = float(a.edm_loss(z0_hat, z0, torch.zeros_like(z0), t))
+        assert la == pytest.approx(float(b.edm_loss(z0_hat, z0, torch.zeros_like(z0), t)), rel=1e-10)
