@@ -172,9 +172,11 @@ def read_scalars(log_dir: Path, tag: str) -> list[tuple[int, float, float]]:
 
 
 def seconds_per_train_step(log_dir: Path, info: dict) -> tuple[float | None, str]:
-    """From the logged ``train/batches_per_sec`` (median; excludes start-up and validation), else the
+    """From the logged ``train/batches_per_sec`` (all ranks; on one device Lightning logs only
+    ``train/device/batches_per_sec``) — the median, which excludes start-up and validation — else the
     fit wall time per step (includes start-up: an upper bound)."""
     bps = [v for _, v, _ in read_scalars(log_dir, "train/batches_per_sec") if v > 0]
+    bps = bps or [v for _, v, _ in read_scalars(log_dir, "train/device/batches_per_sec") if v > 0]
     if bps:
         bps.sort()
         return 1.0 / bps[len(bps) // 2], "throughput"
@@ -535,7 +537,10 @@ def main(argv=None) -> dict:
               f"s / train step from the logged throughput (`*`: fit wall time / steps, start-up included). "
               f"Manual: docs/compare.md.\n")
     (args.out / "results.md").write_text(header + "\n" + results_table(rows, train_info) + "\n")
-    cache = {"settings": settings, "train": train_info, "rows": rows, "freq_bands": freq,
+    planned = {(r["method"], r["solver"], r["target_nfe"]) for r in rows}
+    # rows cached by earlier calls with other methods / solvers / NFEs stay in results.json (not in results.md)
+    kept = [r for r in cache.get("rows", []) if (r["method"], r["solver"], r["target_nfe"]) not in planned]
+    cache = {"settings": settings, "train": train_info, "rows": rows + kept, "freq_bands": freq,
              "loss_curves": {n: [(s, v) for s, v, _ in c] for n, c in curves.items()}}
     write_json(cache_path, cache)
     log(f"done: {args.out / 'results.md'}")
