@@ -200,11 +200,18 @@ class GDDM(DiffusionModule):
         self.sigma_data_count.fill_(u.shape[0])
         return rms
 
+    def _sigma_data_ready(self) -> bool:
+        """Whether the σ_data spectrum is estimated (or loaded). Once true it stays true, so the buffer on the
+        device is read (a host sync on a GPU) only until then, not at every network evaluation."""
+        if not getattr(self, "_sigma_data_known", False):
+            self._sigma_data_known = float(self.sigma_data_count) > 0
+        return self._sigma_data_known
+
     def _sync_sigma_data(self) -> None:
         mode = self.hparams.get("sigma_data_mode", "uniform")
         if mode == "uniform":
             return
-        if float(self.sigma_data_count) == 0:
+        if not self._sigma_data_ready():
             raise ConfigError(f"sigma_data_mode={mode!r} has no spectrum yet: it is estimated from the training "
                               "images when a fit starts (or call model.estimate_sigma_data(images)).")
         self.process.sigma_data_modes = self.sigma_data_spectrum
@@ -218,7 +225,7 @@ class GDDM(DiffusionModule):
         """The base's ``init_from``; then, for ``sigma_data_mode="spectrum"`` and no spectrum yet (a fresh fit),
         σ_data per DCT mode from the first ``sigma_data_images`` training images."""
         super().on_fit_start()
-        if self.hparams.get("sigma_data_mode", "uniform") == "uniform" or float(self.sigma_data_count) > 0:
+        if self.hparams.get("sigma_data_mode", "uniform") == "uniform" or self._sigma_data_ready():
             return
         from diffproc.methods.base import images_of
 
@@ -332,7 +339,7 @@ class GDDM(DiffusionModule):
                 self.dc_mean.mul_(self.dc_count / (self.dc_count + b)).add_(
                     x.double().mean(dim=(0, 2, 3)) * (b / (self.dc_count + b)))
                 self.dc_count.add_(b)
-        if self.training and self.hparams.get("sigma_data_mode", "uniform") != "uniform" and float(self.sigma_data_count) == 0:
+        if self.training and self.hparams.get("sigma_data_mode", "uniform") != "uniform" and not self._sigma_data_ready():
             self.estimate_sigma_data(x)  # fallback when on_fit_start found no indexable training set
         only_poisson = self.hparams.poisson_net_stage == "poisson_only"
         loss = None if only_poisson else super().compute_loss(x, net, generator)
