@@ -594,9 +594,13 @@ def test_image_view_noise_scale_and_exact_denoiser(domain, prediction, spectrum)
     if spectrum:
         p.sigma_data_modes = 0.1 + torch.rand(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(0)
-    eps = torch.randn(4000, p.domain_channels(1), 8, 8, dtype=torch.float64, generator=g)
-    ratio = dct2(p.image_part(eps)).std(0)[0] / p.mode_noise_scale(8, 8)
-    assert 0.95 < float(ratio.min()) and float(ratio.max()) < 1.05
+    for noise in ("iid", "operator"):  # operator noise is image DDPM seen through T: c_k = 1 for every mode
+        p.noise = noise
+        eps = p.noise_like(torch.zeros(4000, p.domain_channels(1), 8, 8, dtype=torch.float64), g)
+        ratio = dct2(p.image_part(eps)).std(0)[0] / p.mode_noise_scale(8, 8)
+        assert 0.95 < float(ratio.min()) and float(ratio.max()) < 1.05, noise
+    assert bool((p.mode_noise_scale(8, 8) == 1).all())
+    p.noise = "iid"
     x_star = rand_images(2, 3, 16, 16, seed=4) * 0.9
 
     def exact(inp, t):  # the backbone's view is c_in ⊙ x̃ (DCT basis); undo it, then EDM's ideal F

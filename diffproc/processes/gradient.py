@@ -293,7 +293,10 @@ class GradientDomainProcess(DDPMProcess):
     def mode_noise_scale(self, h: int, w: int, device=None) -> Tensor:
         """(H, W) float64 ``c_k``: std of ``image_part(ε)`` per image DCT mode for unit i.i.d. domain noise —
         ``s_g/√λ_k`` (gradient), ``s_L/(wλ_k)`` (Laplacian, w = stencil scale), 1 for the DC (aux channels).
-        The equivalent image process is ``x̃_k = α_t x0_k + σ_t c_k ε_k`` (spec §2.4)."""
+        The equivalent image process is ``x̃_k = α_t x0_k + σ_t c_k ε_k`` (spec §2.4). With ``noise="operator"``
+        the state is image DDPM seen through the operator, so ``c_k = 1`` for every mode."""
+        if self.noise == "operator":
+            return torch.ones(h, w, dtype=torch.float64, device=device)
         lam = neumann_eigenvalues(h, w, torch.float64, device).clone()
         lam[0, 0] = 1.0
         if self.domain == "laplacian":
