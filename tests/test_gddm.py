@@ -24,7 +24,8 @@ from diffproc.methods.gddm import GDDM
 from diffproc.ops import curl, grad, laplacian
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.gradient import GradientDomainProcess
-from diffproc.processes.gradient_stats import image_snr_crossing, integrability, signal_energy, snr_crossing, sparsity
+from diffproc.processes.gradient_stats import (image_snr_crossing, integrability, mode_snr_crossing, signal_energy,
+                                               snr_crossing, sparsity)
 from diffproc.samplers import sample_loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,6 +205,32 @@ def test_faster_forward_convergence():
         t_img, t_grad, t_lap = int(image_snr_crossing(x, ab)), int(snr_crossing(grad_p, x)), int(snr_crossing(lap_p, x))
         assert t_lap < t_grad < t_img
         assert abs(t_img - ti) <= 20 and abs(t_grad - tg) <= 10 and abs(t_lap - tl) <= 10, (name, t_img, t_grad, t_lap)
+
+
+def test_mode_snr_crossing():
+    """When each image DCT mode's SNR crosses 1 (docs/gddm.md §5), on the shapes data's per-mode RMS: the brute
+    force definition; a noise scale s/k is the SNR shift k² (= σ_d·k) of every mode but the DC; image DDPM (operator noise) spreads
+    the modes' crossings over a wider range of t than GDDM (which decides them all at once); LDDM decides its
+    lowest modes last, at t ≤ 2 with the normalised scale."""
+    from diffproc.ops import dct2
+
+    sd = dct2(shapes(256, 16)).pow(2).mean((0, 1)).sqrt()  # (16, 16) RMS per mode over images and channels
+    ab = DDPMProcess().alphas_bar
+    lap = GradientDomainProcess(domain="laplacian")
+    t = mode_snr_crossing(lap, sd)
+    c = lap.mode_noise_scale(16, 16)
+    for k in [(0, 1), (3, 5), (15, 15)]:
+        want = next(i for i in range(1, 1001) if ab[i] * sd[k] ** 2 < (1 - ab[i]) * c[k] ** 2)
+        assert int(t[k]) == want, k
+    shifted = GradientDomainProcess(domain="laplacian", laplacian_noise_scale=lap.s_l / 8)
+    assert torch.equal(mode_snr_crossing(shifted, sd).flatten()[1:], mode_snr_crossing(lap, 8 * sd).flatten()[1:])
+    assert mode_snr_crossing(shifted, sd)[0, 0] == t[0, 0]  # the DC (aux channels) is not scaled
+    spread = {}
+    for name, p in {"ddpm": GradientDomainProcess(noise="operator"), "gddm": GradientDomainProcess()}.items():
+        q = torch.quantile(mode_snr_crossing(p, sd)[1:].double().flatten(), torch.tensor([0.1, 0.9], dtype=torch.float64))
+        spread[name] = float(q[1] - q[0])
+    assert spread["ddpm"] > 1.5 * spread["gddm"], spread
+    assert int(t[0, 1]) <= 2 and int(t[1, 0]) <= 2 and int(t[0, 1]) < int(t[15, 15])
 
 
 # --- process extras ---------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ The paper's claims about the gradient and Laplacian domains, as numbers of a
 * :func:`sparsity` — real images are sparser in the domain than in the image (§2.9);
 * :func:`snr_crossing` / :func:`image_snr_crossing` — the forward process reaches SNR < 0.01 earlier in the
   domain than image DDPM does (§2.4 "aggregate convergence");
+* :func:`mode_snr_crossing` — when each image DCT mode's SNR crosses 1, i.e. where along the schedule the
+  sampler decides it (coarse-to-fine or not; ours);
 * :func:`integrability` — how far a (generated) state is from the range of the domain map (§2.9).
 
 The process itself (``processes/gradient.py``) needs none of these to train or sample.
@@ -64,6 +66,16 @@ def snr_crossing(process: GradientDomainProcess, x0: Tensor, threshold: float = 
 def image_snr_crossing(x0: Tensor, alphas_bar: Tensor, threshold: float = 0.01) -> Tensor:
     """The same crossing for image-domain DDPM (``E[x0²]`` per image)."""
     return snr_crossing_from_energy(x0.double().pow(2).flatten(1).mean(1), alphas_bar, threshold)
+
+
+def mode_snr_crossing(process: GradientDomainProcess, sigma_data: Tensor, threshold: float = 1.0) -> Tensor:
+    """Per image DCT mode k, the first ``t`` at which its SNR ``γ_t σ_d,k² / ((1−γ_t) c_k²)`` falls below
+    ``threshold``: the time around which the sampler decides that mode (ours; docs/gddm.md §5). ``sigma_data``
+    is the data's RMS per mode, (H, W) or (C, H, W) (``GDDM.sigma_data_spectrum``); ``c_k`` is
+    :meth:`~GradientDomainProcess.mode_noise_scale` (1 for every mode = image DDPM). ``T+1`` if never reached."""
+    c = process.mode_noise_scale(*sigma_data.shape[-2:], sigma_data.device)
+    energy = (sigma_data.double() / c).pow(2)
+    return snr_crossing_from_energy(energy.flatten(), process.alphas_bar, threshold).view(energy.shape)
 
 
 def sparsity(process: GradientDomainProcess, x0: Tensor, delta: float = 0.02) -> dict[str, float]:
