@@ -233,6 +233,28 @@ def test_mode_snr_crossing():
     assert int(t[0, 1]) <= 2 and int(t[1, 0]) <= 2 and int(t[0, 1]) < int(t[15, 15])
 
 
+def test_time_sampling_modes():
+    """time_sampling='modes': without jitter and uniform share every t is a mode's SNR-1 crossing (±1: nearest
+    log-SNR vs first t below it), every mode is drawn; the default mixes in uniform times; it needs σ_data per mode."""
+    from diffproc.ops import dct2
+
+    sd = dct2(shapes(64, 8)).pow(2).mean((0, 1)).sqrt()
+    p = GradientDomainProcess(domain="laplacian", time_sampling="modes")
+    with pytest.raises(ValueError, match="sigma_data_modes"):
+        p.sample_time(4)
+    p.sigma_data_modes = sd
+    cross = mode_snr_crossing(p, sd).flatten()
+    p.modes_uniform_share, p.modes_logsnr_std = 0.0, 0.0
+    t = p.sample_time(4000, torch.Generator().manual_seed(0))
+    near = (t[:, None] - cross[None, :]).abs() <= 1
+    assert near.any(1).all() and near.any(0).all()
+    p.modes_uniform_share, p.modes_logsnr_std = 0.5, 2.0
+    t = p.sample_time(20000, torch.Generator().manual_seed(1))
+    assert t.min() >= 1 and t.max() <= 1000 and float((t > 600).double().mean()) > 0.18  # the uniform half
+    with pytest.raises(ConfigError, match="sigma_data_mode"):
+        GDDM(image_size=8, channels=3, unet=TINY, time_sampling="modes")
+
+
 # --- process extras ---------------------------------------------------------------------------------
 def test_project_every_step_and_clip():
     """project_every_step gives integrable x̂0; clip_x0 keeps x̂0 in the domain's box; ε̂ stays consistent."""

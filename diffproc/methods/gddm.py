@@ -55,7 +55,8 @@ class GDDM(DiffusionModule):
     (σ_data per mode = the RMS of the orthonormal DCT coefficients of the first ``sigma_data_images`` training
     images, averaged over channels, estimated when a fit starts and kept in the checkpoint as the buffer
     ``sigma_data_spectrum``; :meth:`estimate_sigma_data` sets it by hand). ``time_sampling``: training times
-    ``uniform`` (DDPM) or ``quad`` (t = ⌈T u²⌉, more weight on small t).
+    ``uniform`` (DDPM), ``quad`` (t = ⌈T u²⌉, more weight on small t) or ``modes`` (half around the times the
+    data's image modes cross SNR 1; needs a ``spectrum`` σ_data mode).
     **Seed-literal setting**: ``network_view: domain, prediction: eps, loss_weighting: uniform,
     clip_image: false`` (``configs/gddm_literal_shapes.yaml``).
 
@@ -96,7 +97,7 @@ class GDDM(DiffusionModule):
                  loss_weighting: Literal["uniform", "image", "edm", "snr"] = "edm", clip_image: bool = True,
                  network_view: Literal["domain", "image"] = "image", sigma_data: float = 0.5,
                  sigma_data_mode: Literal["uniform", "spectrum", "spectrum_colour"] = "uniform", sigma_data_images: int = 2048,
-                 time_sampling: Literal["uniform", "quad"] = "uniform",
+                 time_sampling: Literal["uniform", "quad", "modes"] = "uniform",
                  poisson_net: Optional[dict] = None, poisson_net_stage: PoissonStage = "separate",
                  poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
                  poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
@@ -160,6 +161,9 @@ class GDDM(DiffusionModule):
             raise ConfigError(f"dataset_mean has {init.numel()} values but the images have {self.channels} channels")
         self.register_buffer("dc_mean", init.clone())
         self.register_buffer("dc_count", torch.tensor(0.0, dtype=torch.float64))
+        if time_sampling == "modes" and sigma_data_mode == "uniform":
+            raise ConfigError("time_sampling='modes' draws times around the data's per-mode SNR crossings: set "
+                              "sigma_data_mode: spectrum_colour (or spectrum).")
         # sigma_data_mode="spectrum": σ_data per image DCT mode, estimated from training images at fit start
         # (buffers only then, so checkpoints of the other settings load unchanged)
         if sigma_data_mode != "uniform":

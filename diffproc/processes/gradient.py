@@ -105,8 +105,8 @@ class GradientDomainProcess(DDPMProcess):
             noise ε̂_k: ``c_skip = 1/α``, ``c_out = −σ_k/α``, DDPM's parameterisation with the per-mode noise;
             with ``loss_weighting="edm"`` the loss is then DDPM's ε-MSE per image mode), and a gradient or
             Laplacian domain. [ours]
-        time_sampling: training-time distribution, ``uniform`` (DDPM) or ``quad`` (t = ⌈T u²⌉, see
-            :meth:`sample_time`). [ours]
+        time_sampling: training-time distribution, ``uniform`` (DDPM), ``quad`` (t = ⌈T u²⌉) or ``modes``
+            (half uniform, half around the times the data's image modes cross SNR 1; see :meth:`sample_time`). [ours]
         sigma_data: σ_data of ``network_view="image"`` and ``loss_weighting="edm"`` (EDM's 0.5). The attribute
             ``sigma_data_modes`` ((H, W) float64, default None) replaces it per image DCT mode (set by
             GDDM's ``sigma_data_mode="spectrum"`` from the training images' DCT RMS).
@@ -129,7 +129,7 @@ class GradientDomainProcess(DDPMProcess):
                  clip_x0: bool = False, loss_reduction: Literal["mean", "sum"] = "mean",
                  default_solver: str = "ancestral", loss_weighting: LossWeighting = "uniform",
                  clip_image: bool = False, network_view: NetworkView = "domain", sigma_data: float = 0.5,
-                 time_sampling: Literal["uniform", "quad"] = "uniform") -> None:
+                 time_sampling: Literal["uniform", "quad", "modes"] = "uniform") -> None:
         super().__init__(num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start,
                          beta_end=beta_end, prediction=prediction, variance=variance, eta=eta,
                          spacing=spacing, clip_x0=clip_x0, loss_reduction=loss_reduction,
@@ -173,21 +173,43 @@ class GradientDomainProcess(DDPMProcess):
         #: optional (C, C) orthogonal colour basis (rows = components) in which the image view preconditions and
         #: the ``edm``/``snr`` loss is measured (GDDM's ``sigma_data_mode="spectrum_colour"``); None = the channels
         self.colour_basis: Tensor | None = None
-        if time_sampling not in ("uniform", "quad"):
-            raise ValueError(f"time_sampling must be 'uniform' or 'quad', got {time_sampling!r}")
+        if time_sampling not in ("uniform", "quad", "modes"):
+            raise ValueError(f"time_sampling must be 'uniform', 'quad' or 'modes', got {time_sampling!r}")
         self.time_sampling = time_sampling
+
+    #: ``time_sampling="modes"``: share of uniform times, and the std of the log-SNR jitter around a mode's crossing
+    modes_uniform_share: float = 0.5
+    modes_logsnr_std: float = 2.0
 
     def sample_time(self, batch: int, generator: torch.Generator | None = None,
                     device: torch.device | str | None = None) -> Tensor:
-        """Training times: ``uniform`` t ~ U{1, …, T} (DDPM); ``quad`` t = ⌈T u²⌉, u ~ U(0, 1) (density ∝ 1/√t:
-        P(t ≤ T/10) = 0.32 instead of 0.1), so the small-σ end where the noisiest image modes (σ_t c_k, c_k up to
-        7 for the gradient at 16²) become resolvable is trained more often. [ours]"""
+        """Training times. ``uniform``: t ~ U{1, …, T} (DDPM). ``quad``: t = ⌈T u²⌉, u ~ U(0, 1) (density ∝ 1/√t:
+        P(t ≤ T/10) = 0.32 instead of 0.1). ``modes``: with probability ``modes_uniform_share`` uniform, else
+        the t whose log-SNR ``log(ᾱ/(1−ᾱ))`` is nearest to ``2 log(c_k/σ_d,k) + modes_logsnr_std·n``, n ~ N(0, 1),
+        for an image DCT mode k drawn uniformly (per colour component with ``sigma_data_modes`` (C, H, W)): the
+        times at which the data's modes cross SNR 1 (:func:`~diffproc.processes.gradient_stats.mode_snr_crossing`),
+        where the sampler decides them; needs ``sigma_data_modes``. [ours]"""
         if self.time_sampling == "uniform":
             return super().sample_time(batch, generator, device)
-        gen_device = generator.device if generator is not None else "cpu"
-        u = torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
-        t = (self.num_timesteps * u * u).ceil().clamp(1, self.num_timesteps).long()
-        return t.to(device)
+        dev = generator.device if generator is not None else torch.device(device or "cpu")
+        if self.time_sampling == "quad":
+            u = torch.rand(batch, generator=generator, device=dev, dtype=torch.float64)
+            return (self.num_timesteps * u * u).ceil().clamp(1, self.num_timesteps).long().to(device)
+        sd = self.sigma_data_modes
+        if sd is None:
+            raise ValueError("time_sampling='modes' needs the per-mode σ_data (sigma_data_modes; GDDM's "
+                             "sigma_data_mode: spectrum or spectrum_colour)")
+        sd = sd.to(device=dev, dtype=torch.float64)
+        crossing = (2 * (self.mode_noise_scale(*sd.shape[-2:], dev) / sd).log()).flatten()
+        k = torch.randint(0, crossing.numel(), (batch,), generator=generator, device=dev)
+        target = crossing[k] + self.modes_logsnr_std * torch.randn(batch, generator=generator, device=dev,
+                                                                   dtype=torch.float64)
+        ab = self.alphas_bar.to(dev)[1:]
+        logsnr = (ab / (1 - ab)).log()  # decreasing in t = 1..T
+        t_modes = (logsnr - target[:, None]).abs().argmin(1) + 1
+        t_unif = torch.randint(1, self.num_timesteps + 1, (batch,), generator=generator, device=dev)
+        use_unif = torch.rand(batch, generator=generator, device=dev) < self.modes_uniform_share
+        return torch.where(use_unif, t_unif, t_modes).to(device)
 
     # --- channel bookkeeping ----------------------------------------------------------------------
     @property
