@@ -503,6 +503,14 @@ def test_cli_fit_other_domains(config, tmp_path):
     run = _fit(config, tmp_path)
     s = _scalars(run)
     assert "val/diag_gen_ls_residual" in s and math.isfinite(s["val/loss"])
+    if config == "lddm_shapes.yaml":  # the config's noise scale √20/8 (docs/gddm.md §5): on the fitted spectrum the
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)  # lowest modes
+        scale = ckpt["hyper_parameters"]["laplacian_noise_scale"]  # cross SNR 1 at t >= 15, not t <= 3
+        assert scale == pytest.approx(math.sqrt(20) / 8, rel=1e-3)
+        sd = ckpt["state_dict"]["sigma_data_spectrum"][0]  # first colour component (luma-like)
+        t_cfg = mode_snr_crossing(GradientDomainProcess(domain="laplacian", laplacian_noise_scale=scale), sd)
+        t_norm = mode_snr_crossing(GradientDomainProcess(domain="laplacian"), sd)
+        assert int(t_norm[0, 1]) <= 3 and int(t_cfg[0, 1]) >= 15, (int(t_norm[0, 1]), int(t_cfg[0, 1]))
 
 
 @pytest.mark.slow
