@@ -204,8 +204,8 @@ class GradientDomainProcess(DDPMProcess):
         k = torch.randint(0, crossing.numel(), (batch,), generator=generator, device=dev)
         target = crossing[k] + self.modes_logsnr_std * torch.randn(batch, generator=generator, device=dev,
                                                                    dtype=torch.float64)
-        ab = self.alphas_bar.to(dev)[1:]
-        logsnr = (ab / (1 - ab)).log()  # decreasing in t = 1..T
+        a, sig = self.alpha_sigma(torch.arange(1, self.num_timesteps + 1, device=dev))  # the per-device table
+        logsnr = 2 * (a / sig).log()  # decreasing in t = 1..T
         t_modes = (logsnr - target[:, None]).abs().argmin(1) + 1
         t_unif = torch.randint(1, self.num_timesteps + 1, (batch,), generator=generator, device=dev)
         use_unif = torch.rand(batch, generator=generator, device=dev) < self.modes_uniform_share
