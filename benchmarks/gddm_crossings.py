@@ -1,6 +1,6 @@
 """When the sampler decides each image DCT mode: the t at which mode k's SNR ``γ_t σ_d,k² / ((1−γ_t) c_k²)``
 crosses 1 (``diffproc.processes.gradient_stats.mode_snr_crossing``), for image DDPM (c_k = 1), GDDM and LDDM at
-several noise scales, on the data's σ_d per mode and colour component as a fitted GDDM checkpoint holds it
+several noise scales and ``noise_cap`` values, on the data's σ_d per mode and colour component as a fitted GDDM checkpoint holds it
 (``sigma_data_mode: spectrum_colour``). docs/gddm.md §5.
 
     python benchmarks/gddm_crossings.py --ckpt runs/gddm_shapes/version_0/checkpoints/last.ckpt
@@ -26,7 +26,11 @@ ROWS = [("DDPM (image; = operator noise)", dict(noise="operator")),
         ("LDDM, s_L = √20 (normalised)", dict(domain="laplacian")),
         ("LDDM, s_L = √(5/2) (seed literal)", dict(domain="laplacian", laplacian_noise_scale=math.sqrt(2.5))),
         ("LDDM, s_L = √20/8", dict(domain="laplacian", laplacian_noise_scale=math.sqrt(20) / 8)),
-        ("LDDM, s_L = √20/16", dict(domain="laplacian", laplacian_noise_scale=math.sqrt(20) / 16))]
+        ("LDDM, s_L = √20/16", dict(domain="laplacian", laplacian_noise_scale=math.sqrt(20) / 16)),
+        ("GDDM, noise_cap 2", dict(domain="gradient", noise_cap=2.0)),
+        ("GDDM, noise_cap 1", dict(domain="gradient", noise_cap=1.0)),
+        ("LDDM, s_L = √20/8, noise_cap 2", dict(domain="laplacian", laplacian_noise_scale=math.sqrt(20) / 8, noise_cap=2.0)),
+        ("LDDM, s_L = √20/8, noise_cap 1", dict(domain="laplacian", laplacian_noise_scale=math.sqrt(20) / 8, noise_cap=1.0))]
 
 
 def main() -> None:

@@ -821,3 +821,63 @@ def test_snr_weighting_equals_eps_edm_loss():
         z0_hat = a.to_domain(x0 + 0.1 * torch.randn(x0.shape, dtype=torch.float64, generator=g))
         la = float(a.edm_loss(z0_hat, z0, torch.zeros_like(z0), t))
         assert la == pytest.approx(float(b.edm_loss(z0_hat, z0, torch.zeros_like(z0), t)), rel=1e-10)
+
+
+@pytest.mark.parametrize("domain", ["gradient", "laplacian"])
+def test_noise_cap(domain):
+    """``noise_cap``: (1) the image noise per DCT mode has std ``min(c_k, cap)`` (Monte Carlo, ±5%), the DC 1;
+    (2) exactly, the part of the noise that never reaches the image and the modes under the cap are the
+    i.i.d. noise's own; the prior is the same law; (3) the exact denoiser still samples x* with DDIM and
+    ancestral steps (which draw capped noise); (4) the capped modes cross SNR 1 where image DDPM's do, the
+    others where the uncapped process's do; (5) a cap with operator noise or the hybrid domain is refused."""
+    from diffproc.ops import dct2, idct2
+
+    cap = 1.0
+    kw = dict(laplacian_noise_scale=math.sqrt(20) / 8) if domain == "laplacian" else {}  # configs/lddm_shapes.yaml
+    p = GradientDomainProcess(domain=domain, noise_cap=cap, network_view="image", prediction="x0", loss_weighting="edm",
+                              **kw)
+    ref = GradientDomainProcess(domain=domain, **kw)
+    c_iid = ref.mode_noise_scale(8, 8)
+    capped = c_iid > cap
+    capped[0, 0] = False
+    assert 3 <= int(capped.sum()) < 63 and not capped[-1].any()  # a lower set: only the lowest modes
+    low = capped.clone()
+    low[0, 0] = True  # (the DC is never capped)
+    assert bool((low[1:] <= low[:-1]).all() and (low[:, 1:] <= low[:, :-1]).all())
+    c = p.mode_noise_scale(8, 8)
+    assert torch.equal(c[~capped], c_iid[~capped]) and bool((c[capped] == cap).all())
+    g = torch.Generator().manual_seed(0)
+    eps = p.noise_like(torch.zeros(4000, p.domain_channels(1), 8, 8, dtype=torch.float64), g)
+    ratio = dct2(p.image_part(eps)).std(0)[0] / c
+    assert 0.95 < float(ratio.min()) and float(ratio.max()) < 1.05
+    e0 = torch.randn(6, p.domain_channels(2), 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    e1 = p.cap_noise(e0)
+    rest = lambda e: e - p.to_domain(p.image_part(e))  # noqa: E731
+    assert float((rest(e1) - rest(e0)).abs().max()) < 1e-12
+    u0, u1 = dct2(p.image_part(e0)), dct2(p.image_part(e1))
+    assert float((u1 - u0)[..., ~capped].abs().max()) < 1e-12
+    assert torch.allclose(u1[..., capped], u0[..., capped] * (cap / c_iid[capped]), atol=1e-12)
+    prior = p.prior((6, p.domain_channels(2), 8, 8), torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(prior, e1, atol=1e-12)
+
+    x_star = rand_images(2, 3, 16, 16, seed=4) * 0.9
+
+    def exact(inp, t):
+        c_in, c_skip, c_out, _ = p.preconditioning(t, inp)
+        return idct2((dct2(x_star) - c_skip * dct2(inp) / c_in) / c_out)
+
+    assert float(p.loss(exact, p.to_domain(x_star), torch.tensor([1, 700]))) < 1e-20
+    for solver in ("ddim", "ancestral"):
+        res = sample_loop(p, exact, (2, p.domain_channels(3), 16, 16), 10, solver, torch.Generator().manual_seed(1),
+                          "cpu", torch.float64)
+        assert float((p.from_domain(res.sample) - x_star).abs().max()) < 1e-10, solver
+
+    sd = 0.05 + torch.rand(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    t_cap, t_iid = mode_snr_crossing(p, sd), mode_snr_crossing(ref, sd)
+    t_ddpm = mode_snr_crossing(GradientDomainProcess(domain=domain, noise="operator", **kw), sd)
+    assert torch.equal(t_cap[:, capped], t_ddpm[:, capped]) and torch.equal(t_cap[:, ~capped], t_iid[:, ~capped])
+    assert bool((t_cap[:, capped] >= t_iid[:, capped]).all())  # less noise on the lowest modes: decided earlier
+    assert float((t_cap[:, capped] > t_iid[:, capped]).double().mean()) > 0.8
+    for bad in (dict(noise="operator"), dict(domain="hybrid"), dict(noise_cap=0.0)):
+        with pytest.raises(ValueError, match="noise_cap"):
+            GradientDomainProcess(**{"domain": domain, "noise_cap": cap, **bad})

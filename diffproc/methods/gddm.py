@@ -56,7 +56,9 @@ class GDDM(DiffusionModule):
     images, averaged over channels, estimated when a fit starts and kept in the checkpoint as the buffer
     ``sigma_data_spectrum``; :meth:`estimate_sigma_data` sets it by hand). ``time_sampling``: training times
     ``uniform`` (DDPM), ``quad`` (t = ⌈T u²⌉, more weight on small t) or ``modes`` (half around the times the
-    data's image modes cross SNR 1; needs a ``spectrum`` σ_data mode).
+    data's image modes cross SNR 1; needs a ``spectrum`` σ_data mode). ``noise_cap``: cap on the image noise
+    per DCT mode that the i.i.d. domain noise makes (units of image DDPM's noise; only the lowest modes, where
+    the Poisson solve amplifies it, are touched; None = the paper's noise; docs/gddm.md §6).
     **Seed-literal setting**: ``network_view: domain, prediction: eps, loss_weighting: uniform,
     clip_image: false`` (``configs/gddm_literal_shapes.yaml``).
 
@@ -97,7 +99,7 @@ class GDDM(DiffusionModule):
                  loss_weighting: Literal["uniform", "image", "edm", "snr"] = "edm", clip_image: bool = True,
                  network_view: Literal["domain", "image"] = "image", sigma_data: float = 0.5,
                  sigma_data_mode: Literal["uniform", "spectrum", "spectrum_colour"] = "uniform", sigma_data_images: int = 2048,
-                 time_sampling: Literal["uniform", "quad", "modes"] = "uniform",
+                 time_sampling: Literal["uniform", "quad", "modes"] = "uniform", noise_cap: Optional[float] = None,
                  poisson_net: Optional[dict] = None, poisson_net_stage: PoissonStage = "separate",
                  poisson_residual: bool = True, poisson_aug_sigma: float = 0.05,
                  poisson_curl_noise: float = 0.0, poisson_loss_weight: float = 1.0,
@@ -121,7 +123,8 @@ class GDDM(DiffusionModule):
                 num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start, beta_end=beta_end,
                 prediction=prediction, variance=variance, eta=eta, spacing=spacing, clip_x0=clip_x0,
                 loss_weighting=loss_weighting, clip_image=clip_image and dc_mode == "aux",
-                network_view=network_view, sigma_data=sigma_data, time_sampling=time_sampling)
+                network_view=network_view, sigma_data=sigma_data, time_sampling=time_sampling,
+                noise_cap=noise_cap)
         except ValueError as err:
             raise ConfigError(str(err)) from err
         super().__init__(process=process, **kwargs)

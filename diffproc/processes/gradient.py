@@ -67,6 +67,12 @@ class GradientDomainProcess(DDPMProcess):
             ``z_t = T x_t / s`` with ``x_t`` the image-domain DDPM sample, i.e. noise ``T ε / s`` (exactly
             image DDPM seen through T; ablation and oracle). With ``operator`` the prior and the ancestral
             noise are drawn in the image and mapped by the same linear ``to_domain``.
+        noise_cap: with ``noise="iid"``, a cap on the image noise per DCT mode: ``c_k ← min(c_k, noise_cap)``
+            in units of image DDPM's noise (``c_k = 1``). Only the lowest modes, where the Poisson solve
+            amplifies the i.i.d. domain noise by ``s/√λ_k`` (``s/(wλ_k)`` Laplacian), are touched: the
+            part of the noise that reaches those modes is scaled by ``noise_cap/c_k`` and everything else
+            (the higher modes, the curl part, the DC) is the paper's i.i.d. noise (:meth:`noise_like`). Lets
+            the coarse modes be decided before the fine ones (docs/gddm.md §6). None = the paper. [ours]
         dc_mode: where the per-channel mean comes from (§2.6): ``aux`` (C extra channels holding the mean,
             diffused with the field; for ``hybrid`` the image channels play that role), ``poisson_net``
             (learned by the Poisson network; :meth:`from_domain` then needs ``dc``), ``dataset_mean``
@@ -129,7 +135,8 @@ class GradientDomainProcess(DDPMProcess):
                  clip_x0: bool = False, loss_reduction: Literal["mean", "sum"] = "mean",
                  default_solver: str = "ancestral", loss_weighting: LossWeighting = "uniform",
                  clip_image: bool = False, network_view: NetworkView = "domain", sigma_data: float = 0.5,
-                 time_sampling: Literal["uniform", "quad", "modes"] = "uniform") -> None:
+                 time_sampling: Literal["uniform", "quad", "modes"] = "uniform",
+                 noise_cap: float | None = None) -> None:
         super().__init__(num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start,
                          beta_end=beta_end, prediction=prediction, variance=variance, eta=eta,
                          spacing=spacing, clip_x0=clip_x0, loss_reduction=loss_reduction,
@@ -176,6 +183,11 @@ class GradientDomainProcess(DDPMProcess):
         if time_sampling not in ("uniform", "quad", "modes"):
             raise ValueError(f"time_sampling must be 'uniform', 'quad' or 'modes', got {time_sampling!r}")
         self.time_sampling = time_sampling
+        if noise_cap is not None and (noise != "iid" or domain == "hybrid" or not noise_cap > 0):
+            raise ValueError("noise_cap caps the Poisson amplification of the i.i.d. domain noise: it needs "
+                             f"noise='iid', domain='gradient' or 'laplacian' and a value > 0 (got noise={noise!r}, "
+                             f"domain={domain!r}, noise_cap={noise_cap}); use noise_cap=None otherwise.")
+        self.noise_cap = None if noise_cap is None else float(noise_cap)
 
     #: ``time_sampling="modes"``: share of uniform times, and the std of the log-SNR jitter around a mode's crossing
     modes_uniform_share: float = 0.5
@@ -316,9 +328,18 @@ class GradientDomainProcess(DDPMProcess):
         """(H, W) float64 ``c_k``: std of ``image_part(ε)`` per image DCT mode for unit i.i.d. domain noise —
         ``s_g/√λ_k`` (gradient), ``s_L/(wλ_k)`` (Laplacian, w = stencil scale), 1 for the DC (aux channels).
         The equivalent image process is ``x̃_k = α_t x0_k + σ_t c_k ε_k`` (spec §2.4). With ``noise="operator"``
-        the state is image DDPM seen through the operator, so ``c_k = 1`` for every mode."""
+        the state is image DDPM seen through the operator, so ``c_k = 1`` for every mode; with ``noise_cap``,
+        ``min(c_k, noise_cap)`` (the DC keeps 1)."""
         if self.noise == "operator":
             return torch.ones(h, w, dtype=torch.float64, device=device)
+        c = self._iid_mode_scale(h, w, device)
+        if self.noise_cap is not None:
+            c = c.clamp(max=self.noise_cap)
+            c[0, 0] = 1.0
+        return c
+
+    def _iid_mode_scale(self, h: int, w: int, device=None) -> Tensor:
+        """``c_k`` of the paper's i.i.d. domain noise: ``s_g/√λ_k`` or ``s_L/(wλ_k)``, 1 for the DC."""
         lam = neumann_eigenvalues(h, w, torch.float64, device).clone()
         lam[0, 0] = 1.0
         if self.domain == "laplacian":
@@ -438,16 +459,28 @@ class GradientDomainProcess(DDPMProcess):
         c = n // (self._field_factor() + int(self.has_aux))
         return randn((b, c, h, w), generator, device, dtype)
 
+    def cap_noise(self, eps: Tensor) -> Tensor:
+        """``noise_cap`` applied to i.i.d. domain noise ``ε``: ``ε + to_domain(IDCT((r_k − 1) ⊙ DCT(image_part(ε))))``
+        with ``r_k = min(c_k, cap)/c_k``. The image it makes has per-mode std ``min(c_k, cap)``; the part that
+        never reaches the image (``ε − Πε``, independent of ``Πε``) and the modes under the cap are unchanged."""
+        if self.noise_cap is None:
+            return eps
+        h, w = eps.shape[-2:]
+        r = self.mode_noise_scale(h, w, eps.device) / self._iid_mode_scale(h, w, eps.device)
+        x = self.image_part(eps).double()
+        return eps + self.to_domain(idct2((r - 1.0) * dct2(x))).to(eps.dtype)
+
     def noise_like(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """i.i.d. N(0, I) on the domain, or ``to_domain(ε)`` with image noise ε for ``noise="operator"``."""
+        """i.i.d. N(0, I) on the domain (with ``noise_cap``: :meth:`cap_noise` of it), or ``to_domain(ε)`` with
+        image noise ε for ``noise="operator"``."""
         if self.noise == "iid":
-            return randn_like(z, generator)
+            return self.cap_noise(randn_like(z, generator))
         return self.to_domain(self._image_noise(z.shape, generator, z.device, z.dtype))
 
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         if self.noise == "iid":
-            return super().prior(shape, generator, device, dtype)
+            return self.cap_noise(super().prior(shape, generator, device, dtype))
         return self.to_domain(self._image_noise(shape, generator, device, dtype))
 
     # --- x̂0 post-processing: per-group clip box and optional projection ---------------------------
