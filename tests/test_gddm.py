@@ -487,6 +487,7 @@ def test_cli_fit_gradient(tmp_path):
     assert ckpt["state_dict"]["unet.conv_out.weight"].shape[0] == 3
     # the config's sigma_data_mode: spectrum_colour (issue 14): estimated at fit start, kept in the checkpoint
     assert ckpt["hyper_parameters"]["sigma_data_mode"] == "spectrum_colour"
+    assert ckpt["hyper_parameters"]["noise_cap"] == 1.0  # docs/gddm.md §6
     sd = ckpt["state_dict"]["sigma_data_spectrum"]
     assert sd.shape == (3, 16, 16) and float(ckpt["state_dict"]["sigma_data_count"]) > 0
     assert float(sd[0, 0, 0]) > float(sd[0, 8, 8]) > 0
