@@ -465,8 +465,8 @@ class GradientDomainProcess(DDPMProcess):
         never reaches the image (``ε − Πε``, independent of ``Πε``) and the modes under the cap are unchanged."""
         if self.noise_cap is None:
             return eps
-        h, w = eps.shape[-2:]
-        r = self.mode_noise_scale(h, w, eps.device) / self._iid_mode_scale(h, w, eps.device)
+        r = (self.noise_cap / self._iid_mode_scale(*eps.shape[-2:], eps.device)).clamp(max=1.0)
+        r[0, 0] = 1.0  # the DC is never capped (as in mode_noise_scale)
         x = self.image_part(eps).double()
         return eps + self.to_domain(idct2((r - 1.0) * dct2(x))).to(eps.dtype)
 
