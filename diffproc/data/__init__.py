@@ -19,6 +19,8 @@ _LAZY = {
     "LSUNDataModule": "lsun",
     "AFHQDataModule": "afhq",
     "ImageFolderDataModule": "folder",
+    "MNISTDataModule": "mnist",
+    "FashionMNISTDataModule": "mnist",
 }
 
 __all__ = sorted(_LAZY)
