@@ -69,6 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="training batch, forced on every method")
     ap.add_argument("--num-train", type=int, default=None, help="--data.init_args.num_train (shapes only)")
     ap.add_argument("--seed", type=int, default=0, help="--seed_everything of every fit and the sampling seed")
+    ap.add_argument("--train-seeds", type=int, nargs="+", default=None,
+                    help="train every method once per seed (runs <method>_s<seed>); the summary table shows mean "
+                         "± std (ddof=1) over them. Default: one fit with --seed, run named <method>")
+    ap.add_argument("--reference-split", default="train", choices=["train", "test"],
+                    help="real split of the reference statistics (train: the published protocol; test: held-out images)")
+    ap.add_argument("--floor", action="store_true",
+                    help="add the floor row: --num-samples real train images against the reference (with "
+                         "--reference-split test), measured exactly like a method's samples")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="seed blocks for sampling (EDM convention, e.g. --seeds 0 1000 2000 with --num-samples 1000): "
                          "block s = samples s .. s+num_samples-1 of --seed, each measured separately; the tables "
@@ -108,9 +116,10 @@ def checkpoint_step(ckpt: Path) -> int:
         return -1
 
 
-def fit_command(config: str, name: str, args: argparse.Namespace, resume: Path | None) -> list[str]:
+def fit_command(config: str, name: str, args: argparse.Namespace, resume: Path | None,
+                seed: int | None = None) -> list[str]:
     cmd = [sys.executable, "cli.py", "fit", "--config", config,
-           "--seed_everything", str(args.seed), "--trainer.max_steps", str(args.steps),
+           "--seed_everything", str(args.seed if seed is None else seed), "--trainer.max_steps", str(args.steps),
            "--trainer.logger.init_args.save_dir", str((args.out / "runs").resolve()),
            "--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "0",
            "--trainer.log_every_n_steps", str(max(1, min(10, args.steps // 10))),
@@ -125,7 +134,7 @@ def fit_command(config: str, name: str, args: argparse.Namespace, resume: Path |
     return cmd
 
 
-def train(config: str, name: str, args: argparse.Namespace) -> dict:
+def train(config: str, name: str, args: argparse.Namespace, seed: int | None = None) -> dict:
     """Train (or resume) one method; returns {'trained': bool, 'fit_seconds', 'steps'}."""
     rd = run_dir(args.out, name)
     ckpt = rd / "checkpoints" / "last.ckpt"
@@ -136,7 +145,7 @@ def train(config: str, name: str, args: argparse.Namespace) -> dict:
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         return {"trained": False, **info}
     resume = ckpt if step > 0 else None
-    cmd = fit_command(config, name, args, resume)
+    cmd = fit_command(config, name, args, resume, seed)
     log(f"{name}: training {args.steps} steps" + (f" (resuming from step {step})" if resume else "")
         + f"; log {rd.parent / 'fit.log'}")
     rd.parent.mkdir(parents=True, exist_ok=True)
@@ -274,9 +283,14 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
             extractor = build_extractor(ex_name, args.feature_extractor_weights_path).to(device).eval()
             dm.prepare_data()
             num_ref = args.reference_num or len(dm.dataset("train") if hasattr(dm, "dataset") else dm.build_dataset("train"))
-            ref, ref_id = load_or_compute_reference(dm, "train", extractor, num=num_ref, device=device, progress=True)
+            if args.reference_split != "train":
+                num_ref = args.reference_num or len(dm.dataset(args.reference_split))
+            ref, ref_id = load_or_compute_reference(dm, args.reference_split, extractor, num=num_ref, device=device,
+                                                    progress=True)
             keep["_real_dm"] = dm
             log(f"reference statistics: {ref_id}")
+            if args.floor:
+                rows.append(floor_row(args, dm, extractor, ref, ref_id, cached, device))
         combos = plan(model.process, args.nfe, args.solvers)
         evaluated = [c for c in combos if c["skip"] is None]
         preferred = getattr(model, "solver", None) or model.process.default_solver  # the config's solver
@@ -338,6 +352,63 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
     return rows, keep
 
 
+def floor_row(args: argparse.Namespace, dm, extractor, ref, ref_id: str, cached: dict, device) -> dict:
+    """The floor: ``--num-samples`` real training images (dataset order, block offsets as for samples) in place
+    of generated ones, against the same reference with the same metric code: what a perfect model would score."""
+    from diffproc.metrics.suite import MetricSuite
+
+    key = (FLOOR, "real", 0)
+    old = cached.get(key)
+    if old and old.get("num_samples") == args.num_samples and old.get("reference") == ref_id \
+            and old.get("seeds", [0]) == args.seeds:
+        log("floor (real train images vs the reference): cached")
+        return old
+    train_set = dm.dataset("train")
+    blocks = []
+    for b in args.seeds:
+        log(f"floor: {args.num_samples} real train images (offset {b}) vs {ref_id}")
+        suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"]).to(device)
+        suite.set_reference(ref)
+        idx = list(range(b, b + args.num_samples))
+        for lo in range(0, len(idx), args.eval_batch_size):
+            batch = torch.stack([train_set[i % len(train_set)][0] for i in idx[lo:lo + args.eval_batch_size]])
+            suite.update(batch.to(device))
+        m = {k.removeprefix(extractor.name + "_"): v for k, v in suite.compute().items()}
+        blocks.append({"seed": b, **m})
+    row = {"method": FLOOR, "solver": "real", "target_nfe": 0, "steps": 0, "nfe": 0, "note": "train split, dataset order",
+           "train_step": 0, "num_samples": args.num_samples, "seed": args.seed, "seeds": args.seeds, "unet_params": 0,
+           "reference": ref_id, "skip": None, "sec_per_image": float("nan"), "extractor": extractor.name,
+           **aggregate_blocks(blocks), "blocks": blocks}
+    log(f"  -> floor FID {fmt_pm(row, 'fid', '.3f')}  P {fmt(row['precision'], '.3f')}  R {fmt(row['recall'], '.3f')}")
+    return row
+
+
+FLOOR = "floor: real train vs reference"
+
+
+def seed_summary(rows: list[dict], groups: dict[str, list[str]]) -> str:
+    """Mean ± std (ddof=1) over training seeds of every (method, solver, NFE) measured for all of its seeds."""
+    import statistics
+
+    by = {(r["method"], r["solver"], r["target_nfe"]): r for r in rows if not r.get("skip")}
+    lines = ["| method | solver | NFE | training seeds | FID | KID | precision | recall |", "|---|---|---|---|---|---|---|---|"]
+    floor = next((r for r in rows if r["method"] == FLOOR), None)
+    if floor:
+        lines.append(f"| {FLOOR} | — | — | — | {floor['fid']:.3f} | {floor['kid_mean']:.4f} | {floor['precision']:.3f} | "
+                     f"{floor['recall']:.3f} |")
+    for method, names in groups.items():
+        combos = dict.fromkeys((r["solver"], r["target_nfe"]) for r in rows if r["method"] in names and not r.get("skip"))
+        for solver, nfe in combos:
+            got = [by[(n, solver, nfe)] for n in names if (n, solver, nfe) in by]
+            cells = []
+            for key, spec in (("fid", ".3f"), ("kid_mean", ".4f"), ("precision", ".3f"), ("recall", ".3f")):
+                vals = [r[key] for r in got]
+                sd = f" ± {statistics.stdev(vals):{spec}}" if len(vals) > 1 else ""
+                cells.append(f"{statistics.fmean(vals):{spec}}{sd}")
+            lines.append(f"| {method} | {solver} | {got[0]['nfe']} | {len(got)} of {len(names)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -393,7 +464,7 @@ def plot_metrics(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if not r.get("skip")]
+    ok = [r for r in rows if not r.get("skip") and r["method"] != FLOOR]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     for ax, (key, label) in zip(axes, [("fid", "FID"), ("kid_mean", "KID"), ("precision", "precision"),
                                        ("recall", "recall")]):
@@ -499,18 +570,22 @@ def frequency_outputs(args: argparse.Namespace, keep: dict) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    names = [method_name(c) for c in args.configs]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"error: two configs share a file name {names}; the method name is the file stem")
+    stems = [method_name(c) for c in args.configs]
+    if len(set(stems)) != len(stems):
+        raise SystemExit(f"error: two configs share a file name {stems}; the method name is the file stem")
+    seeds = args.train_seeds or [None]
+    runs = [(cfg, stem if s is None else f"{stem}_s{s}", s) for cfg, stem in zip(args.configs, stems) for s in seeds]
+    names = [name for _, name, _ in runs]
+    groups = {stem: [n for _, n, _ in runs if n == stem or n.startswith(stem + "_s")] for stem in stems}
     cache_path = args.out / "results.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     log(f"{len(names)} methods, {args.steps} steps each, NFE {args.nfe}, {args.num_samples} samples; out {args.out}")
 
     train_info = {}
-    for i, (cfg, name) in enumerate(zip(args.configs, names)):
+    for i, (cfg, name, seed) in enumerate(runs):
         log(f"[train {i + 1}/{len(names)}] {name} ({cfg})")
-        info = train(cfg, name, args)
+        info = train(cfg, name, args, seed)
         sps, src = seconds_per_train_step(run_dir(args.out, name), info)
         train_info[name] = {**info, "sec_per_step": sps, "sec_per_step_source": src}
 
@@ -528,7 +603,7 @@ def main(argv=None) -> dict:
 
     extractor = next((r["extractor"] for r in rows if not r.get("skip")), args.extractor)
     header = (f"# Method comparison\n\n`{' '.join(['python', 'benchmarks/compare.py', *sys.argv[1:]]) if argv is None else 'compare.main(' + repr(argv) + ')'}`\n\n"
-              f"{args.steps} training steps per method (seed {args.seed}); {args.num_samples} samples per row from "
+              f"{args.steps} training steps per method (training seeds {args.train_seeds or [args.seed]}); {args.num_samples} samples per row from "
               f"fixed seeds with the EMA weights"
               + (f", measured on each of {len(args.seeds)} seed blocks {args.seeds} (block s = samples s .. "
                  f"s+{args.num_samples - 1}); values are mean ± std (ddof=1) over the blocks" if len(args.seeds) > 1 else "")
@@ -536,7 +611,10 @@ def main(argv=None) -> dict:
               f"NFE = network evaluations actually spent; steps = NFE // NFE-per-step of the solver. "
               f"s / train step from the logged throughput (`*`: fit wall time / steps, start-up included). "
               f"Manual: docs/compare.md.\n")
-    (args.out / "results.md").write_text(header + "\n" + results_table(rows, train_info) + "\n")
+    summary = ""
+    if args.train_seeds and len(args.train_seeds) > 1 or args.floor:
+        summary = ("\n## Over training seeds\n\n" + seed_summary(rows, groups) + "\n\n## Every run\n\n")
+    (args.out / "results.md").write_text(header + "\n" + summary + results_table(rows, train_info) + "\n")
     planned = {(r["method"], r["solver"], r["target_nfe"]) for r in rows}
     # rows cached by earlier calls with other methods / solvers / NFEs stay in results.json (not in results.md)
     kept = [r for r in cache.get("rows", []) if (r["method"], r["solver"], r["target_nfe"]) not in planned]

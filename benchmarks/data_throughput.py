@@ -30,11 +30,14 @@ from diffproc.data.celeba import CelebADataModule  # noqa: E402
 from diffproc.data.cifar10 import CIFAR10DataModule  # noqa: E402
 from diffproc.data.folder import ImageFolderDataModule  # noqa: E402
 from diffproc.data.lsun import LSUNDataModule  # noqa: E402
+from diffproc.data.mnist import FashionMNISTDataModule, MNISTDataModule  # noqa: E402
 from diffproc.data.shapes import ShapesDataModule  # noqa: E402
 
 MODULES = {"shapes": ShapesDataModule, "cifar10": CIFAR10DataModule, "celeba": CelebADataModule,
-           "lsun": LSUNDataModule, "afhq": AFHQDataModule, "folder": ImageFolderDataModule}
-DEFAULT_SIZE = {"shapes": 32, "cifar10": 32, "celeba": 64, "lsun": 64, "afhq": 128, "folder": 64}
+           "lsun": LSUNDataModule, "afhq": AFHQDataModule, "folder": ImageFolderDataModule,
+           "mnist": MNISTDataModule, "fmnist": FashionMNISTDataModule}
+DEFAULT_SIZE = {"shapes": 32, "cifar10": 32, "celeba": 64, "lsun": 64, "afhq": 128, "folder": 64, "mnist": 32,
+                "fmnist": 32}
 
 
 def _photo(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,6 +81,15 @@ def write_fixtures(root: Path, n: int) -> None:
             d.mkdir(parents=True)
             for i in range(m):
                 (d / f"flickr_{cls}_{i:06d}.jpg").write_bytes(_save(_photo(512, 512, rng), "JPEG", quality=95))
+    for sub in ("MNIST", "FashionMNIST"):  # idx files, as `python -m diffproc.data.get` leaves them
+        raw = root / sub / "raw"
+        raw.mkdir(parents=True)
+        for prefix, m in (("train", n), ("t10k", n)):
+            arrays = {"images-idx3-ubyte": rng.integers(0, 256, (m, 28, 28), dtype=np.uint8),
+                      "labels-idx1-ubyte": rng.integers(0, 10, m).astype(np.uint8)}
+            for name, arr in arrays.items():
+                head = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
+                (raw / f"{prefix}-{name}").write_bytes(head + arr.tobytes())
     f = root / "folder"
     for i in range(n):
         sub = f / f"part{i % 3}"
@@ -134,7 +146,7 @@ def main() -> None:
                 kw.update(num_train=max(args.images, args.batch_size * 4))
             dm = MODULES[name](**kw)
             ips, n = measure(dm, args.images)
-            src = "in memory" if name == "shapes" else (args.root and "real data" or "fixture")
+            src = "in memory" if name in ("shapes", "mnist", "fmnist") and not args.root else (args.root and "real data" or "fixture")
             print(f"{name:10s} {src:26s} {size:5d} {w:7d} {ips:10.0f} {1000 * args.batch_size / ips:9.1f}",
                   flush=True)
     if tmp is not None:

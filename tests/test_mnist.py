@@ -173,3 +173,29 @@ def test_get_command_error_exit_code(tmp_path):
                         "--source", str(bogus)], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.startswith("error:") and "bogus.tgz" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [MNISTDataModule, FashionMNISTDataModule])
+def test_real_files(cls):
+    """On the real packages (CI's slow step runs `python -m diffproc.data.get` into $DIFFPROC_REAL_DATA first):
+    60k + 10k images, 6000 training images per class for Fashion-MNIST, the published pixel means, and
+    torchvision's reader agrees."""
+    import os
+
+    from torchvision import datasets
+
+    root = os.environ.get("DIFFPROC_REAL_DATA")
+    if not root:
+        pytest.skip("set DIFFPROC_REAL_DATA to a root filled by `python -m diffproc.data.get`")
+    dm = cls(root=root, image_size=32)
+    (x, y), (xt, yt) = dm.arrays("train"), dm.arrays("test")
+    assert x.shape == (60_000, 1, 28, 28) and xt.shape == (10_000, 1, 28, 28)
+    mean = x.double().mean().item() / 255
+    if cls is FashionMNISTDataModule:
+        assert torch.bincount(y).tolist() == [6000] * 10 and abs(mean - 0.2860) < 5e-5
+    else:
+        assert abs(mean - 0.1307) < 5e-5 and torch.bincount(y).sum() == 60_000
+    tv = getattr(datasets, cls.torchvision_dir)(root, train=False, download=False)
+    assert torch.equal(xt[:, 0], tv.data) and torch.equal(yt, tv.targets)
+    assert len(dm.dataset("train")) == 60_000 and dm.dataset("test")[0][0].shape == (1, 32, 32)
