@@ -130,6 +130,12 @@ class _MetricsBase(L.Callback):
         extractor = build_extractor(name, self.feature_extractor_weights_path)
         metrics = self.metrics if self.metrics is not None else default_metrics(name)
         suite = MetricSuite(extractor, metrics)
+        for m, reason in suite.unavailable.items():
+            if self.metrics is not None and m in self.metrics:  # asked for explicitly: say so loudly
+                rank_zero_warn(f"metrics: {m!r} was requested but cannot be computed: {reason}. The other metrics "
+                               f"run; {m} is reported as null with this reason under 'unavailable'.")
+            else:
+                rank_zero_info(f"metrics: {m!r} is unavailable ({reason}); reported as null.")
         if self.num_samples is None:
             self.num_samples = HEADLINE_NUM_SAMPLES if name == "inception" else SHAPES_NUM_SAMPLES
         device = trainer.strategy.root_device
@@ -281,6 +287,7 @@ class TestMetricsCallback(_MetricsBase):
             values = self.suite.compute()  # collective: every rank calls it
             blocks.append({"seed": b, "metrics": values, "sampling_seconds": round(seconds, 2)})
         agg = aggregate_blocks([blk["metrics"] for blk in blocks])
+        nulls = self.suite.null_results()  # requested but unavailable (e.g. IS without logits): null + reason
         logged = {f"test/{k}": v for k, v in agg["metrics"].items()}
         if len(blocks) > 1:
             logged.update({f"test/{k}_std": v for k, v in agg["std"].items()})
@@ -289,8 +296,11 @@ class TestMetricsCallback(_MetricsBase):
                 logged.update({f"test/seed{blk['seed']}/{k}": v for k, v in blk["metrics"].items()})
         pl_module.log_dict(logged, sync_dist=False)
         protocol = self._protocol(trainer, pl_module, self.num_samples)
-        self.results = {"metrics": agg["metrics"], **{k: agg[k] for k in ("std", "min") if k in agg},
-                        "blocks": blocks, "protocol": protocol, "sampling_seconds": round(total, 2)}
+        self.results = {"metrics": {**agg["metrics"], **nulls}, **{k: agg[k] for k in ("std", "min") if k in agg},
+                        "blocks": [{**blk, "metrics": {**blk["metrics"], **nulls}} for blk in blocks],
+                        "protocol": protocol, "sampling_seconds": round(total, 2)}
+        if self.suite.unavailable:
+            self.results["unavailable"] = dict(self.suite.unavailable)
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: all ranks call it
         if trainer.is_global_zero:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,7 +309,8 @@ class TestMetricsCallback(_MetricsBase):
                 from torchvision.utils import save_image
 
                 save_image((first + 1) / 2, out_dir / "samples.png", nrow=max(1, int(math.sqrt(len(first)))), padding=1)
-            rank_zero_info(f"metrics -> {out_dir / self.output}: " + format_blocks(agg, len(blocks)))
+            missing = "".join(f"; {m}: unavailable ({r})" for m, r in self.suite.unavailable.items())
+            rank_zero_info(f"metrics -> {out_dir / self.output}: " + format_blocks(agg, len(blocks)) + missing)
 
 
 class FIDCallback(_MetricsBase):

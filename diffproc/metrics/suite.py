@@ -3,6 +3,10 @@
 Result keys: ``fid``, ``sfid``, ``kid_mean``/``kid_std``, ``is_mean``/``is_std``, ``precision``,
 ``recall``. For any extractor other than ``inception`` they carry its name as a prefix
 (``shapes_fid``, ``shapes_is_mean``, ...) so they can never be mistaken for Inception numbers.
+
+A requested metric the extractor cannot give (``is`` with Inception weights that have no logits, e.g.
+``python -m diffproc.metrics.get_inception``'s) is not computed: it is listed in ``unavailable`` with the
+reason, and :meth:`MetricSuite.null_results` gives its keys as ``None`` (``null`` in metrics.json).
 """
 
 from __future__ import annotations
@@ -46,13 +50,18 @@ class MetricSuite(nn.Module):
                              f"drop 'sfid' from the metrics list or use extractor='inception'.")
         self.metrics = tuple(dict.fromkeys(metrics))
         self.extractor = extractor
+        #: metric -> why it is not computed (requested, but the extractor cannot give it)
+        self.unavailable: dict[str, str] = {}
+        if "is" in self.metrics and "logits" not in extractor.provides:
+            reason = getattr(extractor, "no_logits_reason", lambda: "")()
+            self.unavailable["is"] = reason or f"the {extractor.name!r} extractor provides no logits"
         self.kid_subsets, self.kid_subset_size, self.is_splits, self.pr_k = kid_subsets, kid_subset_size, is_splits, pr_k
         self.prefix = "" if extractor.name == "inception" else f"{extractor.name}_"
         self.fid = FrechetDistance(extractor.num_features) if "fid" in self.metrics else None
         self.sfid = FrechetDistance(InceptionSpatialDim) if "sfid" in self.metrics else None
         needs_pool = any(m in self.metrics for m in ("kid", "precision", "recall"))
         self.pool = FeatureStore() if needs_pool else None
-        self.logits = FeatureStore() if "is" in self.metrics else None
+        self.logits = FeatureStore() if "is" in self.metrics and "is" not in self.unavailable else None
         self.reference: ReferenceStats | None = None
 
     def set_reference(self, ref: ReferenceStats) -> None:
@@ -111,6 +120,11 @@ class MetricSuite(nn.Module):
             out["precision_recall"] = {"k": self.pr_k, "points": "min(#generated, #reference features) each side",
                                        "distance": "float64 euclidean (differences)"}
         return out
+
+    def null_results(self) -> dict[str, None]:
+        """The result keys of the unavailable metrics, as ``None`` (``null`` in metrics.json)."""
+        keys = {"is": ("is_mean", "is_std")}
+        return {self.prefix + k: None for m in self.unavailable for k in keys.get(m, (m,))}
 
     def num_samples_local(self) -> int:
         return getattr(self, "_local_n", 0)
