@@ -58,7 +58,7 @@ def _lmdb(path: Path, n: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     """CIFAR-10 pickles, CelebA (img_align_celeba + partition file), CelebAMask-HQ images, AFHQ and LSUN
-    lmdbs, each in its official layout, 8-16 images per split."""
+    lmdbs, MNIST / Fashion-MNIST idx files, each in its official layout, 8-16 images per split."""
     root = tmp_path_factory.mktemp("data")
     cifar = root / "cifar-10-batches-py"
     cifar.mkdir()
@@ -85,6 +85,14 @@ def data_root(tmp_path_factory) -> Path:
             d.mkdir(parents=True)
             for i in range(n):
                 (d / f"flickr_{cls}_{i:06d}.jpg").write_bytes(_encode(_rgb(160, 160, 80 + i), "JPEG"))
+    for sub in ("MNIST", "FashionMNIST"):  # idx files in torchvision's layout (python -m diffproc.data.get)
+        raw = root / sub / "raw"
+        raw.mkdir(parents=True)
+        for prefix, n in (("train", 16), ("t10k", 8)):
+            for name, arr in (("images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+                              ("labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))):
+                head = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
+                (raw / f"{prefix}-{name}").write_bytes(head + arr.tobytes())
     (root / "lsun").mkdir()
     for k, cat in enumerate(("church_outdoor", "bedroom")):
         _lmdb(root / "lsun" / f"{cat}_train_lmdb", 12, 2 * k)
