@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, required=True, help="output folder (runs, tables, plots)")
     ap.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50, 100], help="target NFEs")
     ap.add_argument("--solvers", nargs="+", default=None,
-                    help="restrict to these solvers (where a method has them); default: all of each process")
+                    help="restrict to these solvers (where a method has them); 'config': each method's own "
+                         "configured solver only; default: all of each process")
     ap.add_argument("--num-samples", type=int, default=1000, help="generated images per (method, solver, NFE)")
     ap.add_argument("--eval-batch-size", type=int, default=250)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -291,7 +292,8 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
             log(f"reference statistics: {ref_id}")
             if args.floor:
                 rows.append(floor_row(args, dm, extractor, ref, ref_id, cached, device))
-        combos = plan(model.process, args.nfe, args.solvers)
+        own = [getattr(model, "solver", None) or model.process.default_solver]
+        combos = plan(model.process, args.nfe, own if args.solvers == ["config"] else args.solvers)
         evaluated = [c for c in combos if c["skip"] is None]
         preferred = getattr(model, "solver", None) or model.process.default_solver  # the config's solver
         default = preferred if any(c["solver"] == preferred for c in evaluated) else (
