@@ -7,6 +7,11 @@ numbers with a GPU training step's images/s to see whether ``--num-workers`` is 
 
     python benchmarks/data_throughput.py --num-workers 0 2
     python benchmarks/data_throughput.py --dataset celeba --root /data --image-size 64 --num-workers 8
+    python benchmarks/data_throughput.py --dataset mnist fmnist --root data --vs-config configs/ddpm_fmnist.yaml
+
+``--vs-config`` also times training steps of that config's model (the config's UNet, batch and image size; loss,
+backward, clipping, AdamW, EMA: ``benchmarks/step_time.py``'s step) in the same run, on a batch of its data, and
+prints loader images/s / training images/s.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -115,6 +121,24 @@ def measure(dm, max_images: int, warmup_batches: int = 1) -> tuple[float, int]:
     return seen / (time.perf_counter() - t0), seen
 
 
+def training_images_per_sec(config: str, root: str | None, steps: int) -> float:
+    """Training images/s of ``config`` as it is (its UNet, batch, image size), on this machine, now."""
+    from benchmarks.step_time import time_it, train_step_fn
+    from diffproc.cli import DiffprocCLI
+
+    extra = ["--data.init_args.root", root] if root else []
+    cli = DiffprocCLI(args=["--config", config, "--trainer.logger", "false", *extra], run=False)
+    model, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    x, _ = next(iter(dm.train_dataloader()))
+    step = train_step_fn(model, x, "fp32")
+    step()  # warm-up
+    sec = time_it(step, steps, "cpu")
+    print(f"training ({config}): batch {x.shape[0]} of {tuple(x.shape[1:])}, {sec:.3f} s/step, "
+          f"{x.shape[0] / sec:.0f} images/s ({torch.get_num_threads()} threads)")
+    return x.shape[0] / sec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(MODULES), nargs="*", help="default: all (on fixtures)")
@@ -124,6 +148,8 @@ def main() -> None:
     ap.add_argument("--num-workers", type=int, nargs="+", default=[0])
     ap.add_argument("--images", type=int, default=512, help="images timed per measurement")
     ap.add_argument("--fixture-size", type=int, default=128, help="images per fixture split")
+    ap.add_argument("--vs-config", default=None, help="also time training steps of this config; print the ratio")
+    ap.add_argument("--train-steps", type=int, default=5, help="timed training steps for --vs-config")
     args = ap.parse_args()
     if args.root and not args.dataset:
         ap.error("--root needs --dataset")
@@ -135,7 +161,11 @@ def main() -> None:
         t = time.perf_counter()
         write_fixtures(Path(tmp.name), args.fixture_size)
         print(f"fixtures written to {tmp.name} in {time.perf_counter() - t:.1f} s")
-    print(f"{'dataset':10s} {'source':26s} {'size':>5s} {'workers':>7s} {'images/s':>10s} {'ms/batch':>9s}")
+    train_ips = None
+    if args.vs_config:
+        train_ips = training_images_per_sec(args.vs_config, root, args.train_steps)
+    print(f"{'dataset':10s} {'source':26s} {'size':>5s} {'workers':>7s} {'images/s':>10s} {'ms/batch':>9s}"
+          + ("  loader / training" if train_ips else ""))
     for name in names:
         size = args.image_size or DEFAULT_SIZE[name]
         data_root = root or (os.path.join(tmp.name, "folder") if name == "folder" else tmp.name)
@@ -147,7 +177,8 @@ def main() -> None:
             dm = MODULES[name](**kw)
             ips, n = measure(dm, args.images)
             src = "in memory" if name in ("shapes", "mnist", "fmnist") and not args.root else (args.root and "real data" or "fixture")
-            print(f"{name:10s} {src:26s} {size:5d} {w:7d} {ips:10.0f} {1000 * args.batch_size / ips:9.1f}",
+            ratio = f"  {ips / train_ips:8.1f}x" if train_ips else ""
+            print(f"{name:10s} {src:26s} {size:5d} {w:7d} {ips:10.0f} {1000 * args.batch_size / ips:9.1f}{ratio}",
                   flush=True)
     if tmp is not None:
         tmp.cleanup()
