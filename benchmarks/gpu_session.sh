@@ -8,12 +8,13 @@
 #   3. the GPU resume check: 2*R steps in one go vs R steps + resume for R more; weights compared.
 #
 # What has to travel (the device reaches no registry, and at most 64 MiB travel per call): prepare it here with
-#   bash benchmarks/gpu_session.sh prepare        # -> .gl/ (data .gz, weights in two halves) and .whl/ (wheels)
-# then two calls, back to back (the machine stays warm 30 s between them; ignored files stay there):
-#   run(command="bash benchmarks/gpu_session.sh stage1", carry=[".gl/w1"])
-#   run(command="bash benchmarks/gpu_session.sh", carry=[".gl/w2", ".gl/fmnist", ".whl"], timeout_s=560)
-# The weights (96 MB) are cut in two because one call carries at most 64 MiB; stage 2 joins them and checks the
-# sha256 before anything runs. On the CPU: TINY=1 DEVICE=cpu bash benchmarks/gpu_session.sh (a few minutes, tiny
+#   bash benchmarks/gpu_session.sh prepare        # -> .gl/ (data .gz 30 MB, weights in two halves of 46 MB), .whl/
+# then three calls, back to back (the machine stays warm 30 s between calls; what a call stages stays there):
+#   run(command="bash benchmarks/gpu_session.sh stage", carry=[".gl/w1"])
+#   run(command="bash benchmarks/gpu_session.sh stage", carry=[".gl/w2", ".whl"])
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".gl/fmnist"], timeout_s=560)
+# One call carries at most 64 MiB, and weights + data + wheels are 133 MB; the last call joins the weight halves
+# and checks their sha256 before anything runs. On the CPU: TINY=1 DEVICE=cpu bash benchmarks/gpu_session.sh (a few minutes, tiny
 # sizes) checks the whole script, prepare included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,9 +53,14 @@ if [ "$MODE" = prepare ]; then  # here, on the CPU machine with the registries
 fi
 
 hub=${TORCH_HOME:-$HOME/.cache/torch}/hub/checkpoints
-if [ "$MODE" = stage1 ]; then  # the first half of the weights; stays on the warm machine (ignored path)
-  mkdir -p "$hub" && cp .gl/w1/part1 "$hub/.part1" && ls -la "$hub/.part1" && exit 0
+STAGE=${STAGE:-$HOME/.diffproc_gpu_stage}  # outside the tree: stays while the machine is warm
+if [ "$MODE" = stage ]; then  # keep what this call carried for the next one
+  mkdir -p "$STAGE"
+  for d in .gl/w1 .gl/w2 .gl/fmnist .whl; do [ -d "$d" ] && cp -r "$d" "$STAGE/"; done
+  du -sh "$STAGE"/* && exit 0
 fi
+for d in w1 w2 fmnist; do [ -d ".gl/$d" ] || { [ -d "$STAGE/$d" ] && mkdir -p .gl && cp -r "$STAGE/$d" .gl/; }; done
+[ -d .whl ] || { [ -d "$STAGE/.whl" ] && cp -r "$STAGE/.whl" .; }
 
 mkdir -p "$RES"
 exec > >(tee -a "$RES/session.log") 2>&1
@@ -66,8 +72,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ "$DEVICE" != cpu ]; then $PY -m pip instal
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -f .gl/w2/part2 ]; then  # join the halves, check the hash
   mkdir -p "$hub"
-  [ -f "$hub/.part1" ] || cp .gl/w1/part1 "$hub/.part1"
-  cat "$hub/.part1" .gl/w2/part2 > "$hub/$(cat .gl/w2/name)"
+  cat .gl/w1/part1 .gl/w2/part2 > "$hub/$(cat .gl/w2/name)"
   echo "$(cat .gl/w2/sha256)  $hub/$(cat .gl/w2/name)" | sha256sum -c -
 fi
 data=$PWD/data
