@@ -77,7 +77,7 @@ if [ -f .gl/w2/part2 ]; then  # join the halves, check the hash
 fi
 data=$PWD/data
 if [ -d .gl/fmnist ]; then data=$PWD/.gl; mkdir -p .gl/FashionMNIST && ln -sfn ../fmnist .gl/FashionMNIST/raw; fi
-export DIFFPROC_DATA=$data DIFFPROC_CACHE=$OUT/cache
+export DIFFPROC_DATA=$data DIFFPROC_CACHE=$RES/cache
 
 # 1. the study: six fits side by side on the one GPU, then the evaluation
 acc=$([ "$DEVICE" = cpu ] && echo cpu || echo gpu)
@@ -113,7 +113,7 @@ stamp "throughput done"
 # 3. resume on the GPU: 2R steps in one go vs R + R resumed
 rc=(--config configs/ddpm_fmnist.yaml --trainer.accelerator "$acc" --data.init_args.batch_size "$BATCH"
     --sample_grid.every_n_steps 0 --trainer.enable_progress_bar false --trainer.limit_val_batches 0
-    --trainer.logger.init_args.save_dir "$RES/resume")
+    --trainer.logger.init_args.save_dir "$RES/resume" --trainer.logger.init_args.version 0)
 $PY cli.py fit "${rc[@]}" --trainer.logger.init_args.name straight --trainer.max_steps $((2 * R)) > "$RES/resume.log" 2>&1
 $PY cli.py fit "${rc[@]}" --trainer.logger.init_args.name split --trainer.max_steps "$R" >> "$RES/resume.log" 2>&1
 $PY cli.py fit "${rc[@]}" --trainer.logger.init_args.name split --trainer.max_steps $((2 * R)) \
@@ -125,7 +125,7 @@ a, b = (torch.load(f"{res}/resume/{n}/version_0/checkpoints/last.ckpt", map_loca
         for n in ("straight", "split"))
 diff = max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in a["state_dict"])
 print(f"global_step {a['global_step']} vs {b['global_step']}; max |weight difference| {diff:.3e} "
-      f"({'bitwise equal' if diff == 0 else 'not bitwise: non-deterministic GPU kernels'})")
+      f"({'bitwise equal' if diff == 0 else 'not bitwise (on a GPU: non-deterministic kernels)'})")
 EOF
 stamp "done; packing into $OUT"
 mkdir -p "$OUT"
