@@ -259,13 +259,24 @@ def aggregate_blocks(blocks: list[dict]) -> dict:
     return {**agg["metrics"], **{k: agg[k] for k in ("std", "min") if k in agg}}
 
 
+def score(batches, extractor, ref, device) -> dict:
+    """FID, KID, precision and recall of ``batches`` (images in [-1, 1]) against ``ref``, the extractor's name
+    prefix stripped (``shapes_fid`` -> ``fid``): one block of a row, generated or real."""
+    from diffproc.metrics.suite import MetricSuite
+
+    suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"]).to(device)
+    suite.set_reference(ref)
+    for batch in batches:
+        suite.update(batch.to(device))
+    return {k.removeprefix(extractor.name + "_"): v for k, v in suite.compute().items()}
+
+
 def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[list[dict], dict]:
     """Rows of every (method, solver, NFE); the default-solver samples at the largest NFE per method."""
     from benchmarks.nfe_sweep import load
     from diffproc.callbacks.metrics import resolve_extractor_name
     from diffproc.metrics.features import build_extractor
     from diffproc.metrics.reference import load_or_compute_reference
-    from diffproc.metrics.suite import MetricSuite
 
     device = torch.device(args.device)
     samples_dir = args.out / "samples"
@@ -283,19 +294,17 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
             ex_name = resolve_extractor_name(args.extractor, dm)
             extractor = build_extractor(ex_name, args.feature_extractor_weights_path).to(device).eval()
             dm.prepare_data()
-            num_ref = args.reference_num or len(dm.dataset("train") if hasattr(dm, "dataset") else dm.build_dataset("train"))
-            if args.reference_split != "train":
-                num_ref = args.reference_num or len(dm.dataset(args.reference_split))
+            split = args.reference_split
+            num_ref = args.reference_num or len(dm.dataset(split) if hasattr(dm, "dataset") else dm.build_dataset(split))
             ref, ref_id = load_or_compute_reference(dm, args.reference_split, extractor, num=num_ref, device=device,
                                                     progress=True)
             keep["_real_dm"] = dm
             log(f"reference statistics: {ref_id}")
             if args.floor:
                 rows.append(floor_row(args, dm, extractor, ref, ref_id, cached, device))
-        own = [getattr(model, "solver", None) or model.process.default_solver]
-        combos = plan(model.process, args.nfe, own if args.solvers == ["config"] else args.solvers)
-        evaluated = [c for c in combos if c["skip"] is None]
         preferred = getattr(model, "solver", None) or model.process.default_solver  # the config's solver
+        combos = plan(model.process, args.nfe, [preferred] if args.solvers == ["config"] else args.solvers)
+        evaluated = [c for c in combos if c["skip"] is None]
         default = preferred if any(c["solver"] == preferred for c in evaluated) else (
             evaluated[0]["solver"] if evaluated else None)
         top_nfe = max((c["target_nfe"] for c in evaluated if c["solver"] == default), default=None)
@@ -327,12 +336,7 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
                 images, secs, nfe = sample_all(model, c["solver"], c["steps"], args.num_samples, args.eval_batch_size,
                                                args.seed, device, offset=b)
                 secs_total += secs
-                suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"]).to(device)
-                suite.set_reference(ref)
-                for chunk in images.split(args.eval_batch_size):
-                    suite.update(chunk.to(device))
-                m = {k.removeprefix(extractor.name + "_"): v for k, v in suite.compute().items()}
-                blocks.append({"seed": b, **m})
+                blocks.append({"seed": b, **score(images.split(args.eval_batch_size), extractor, ref, device)})
                 top_images = images if top_images is None else top_images
             row = {**base, "skip": None, "nfe": nfe, "sec_per_image": secs_total / (args.num_samples * len(blocks)),
                    "extractor": extractor.name, **aggregate_blocks(blocks), "blocks": blocks}
@@ -357,8 +361,6 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
 def floor_row(args: argparse.Namespace, dm, extractor, ref, ref_id: str, cached: dict, device) -> dict:
     """The floor: ``--num-samples`` real training images (dataset order, block offsets as for samples) in place
     of generated ones, against the same reference with the same metric code: what a perfect model would score."""
-    from diffproc.metrics.suite import MetricSuite
-
     key = (FLOOR, "real", 0)
     old = cached.get(key)
     if old and old.get("num_samples") == args.num_samples and old.get("reference") == ref_id \
@@ -369,14 +371,10 @@ def floor_row(args: argparse.Namespace, dm, extractor, ref, ref_id: str, cached:
     blocks = []
     for b in args.seeds:
         log(f"floor: {args.num_samples} real train images (offset {b}) vs {ref_id}")
-        suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"]).to(device)
-        suite.set_reference(ref)
         idx = list(range(b, b + args.num_samples))
-        for lo in range(0, len(idx), args.eval_batch_size):
-            batch = torch.stack([train_set[i % len(train_set)][0] for i in idx[lo:lo + args.eval_batch_size]])
-            suite.update(batch.to(device))
-        m = {k.removeprefix(extractor.name + "_"): v for k, v in suite.compute().items()}
-        blocks.append({"seed": b, **m})
+        batches = (torch.stack([train_set[i % len(train_set)][0] for i in idx[lo:lo + args.eval_batch_size]])
+                   for lo in range(0, len(idx), args.eval_batch_size))
+        blocks.append({"seed": b, **score(batches, extractor, ref, device)})
     row = {"method": FLOOR, "solver": "real", "target_nfe": 0, "steps": 0, "nfe": 0, "note": "train split, dataset order",
            "train_step": 0, "num_samples": args.num_samples, "seed": args.seed, "seeds": args.seeds, "unet_params": 0,
            "reference": ref_id, "skip": None, "sec_per_image": float("nan"), "extractor": extractor.name,

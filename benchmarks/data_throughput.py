@@ -36,7 +36,7 @@ from diffproc.data.celeba import CelebADataModule  # noqa: E402
 from diffproc.data.cifar10 import CIFAR10DataModule  # noqa: E402
 from diffproc.data.folder import ImageFolderDataModule  # noqa: E402
 from diffproc.data.lsun import LSUNDataModule  # noqa: E402
-from diffproc.data.mnist import FashionMNISTDataModule, MNISTDataModule  # noqa: E402
+from diffproc.data.mnist import FashionMNISTDataModule, MNISTDataModule, idx_bytes  # noqa: E402
 from diffproc.data.shapes import ShapesDataModule  # noqa: E402
 
 MODULES = {"shapes": ShapesDataModule, "cifar10": CIFAR10DataModule, "celeba": CelebADataModule,
@@ -94,8 +94,7 @@ def write_fixtures(root: Path, n: int) -> None:
             arrays = {"images-idx3-ubyte": rng.integers(0, 256, (m, 28, 28), dtype=np.uint8),
                       "labels-idx1-ubyte": rng.integers(0, 10, m).astype(np.uint8)}
             for name, arr in arrays.items():
-                head = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
-                (raw / f"{prefix}-{name}").write_bytes(head + arr.tobytes())
+                (raw / f"{prefix}-{name}").write_bytes(idx_bytes(arr))
     f = root / "folder"
     for i in range(n):
         sub = f / f"part{i % 3}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import subprocess
 import sys
 import tarfile
@@ -21,14 +20,9 @@ import torch
 from clitools import REPO, run_cli
 from diffproc.data import get as getmod
 from diffproc.data.base import CorruptImageError, DatasetNotFoundError
-from diffproc.data.mnist import FashionMNISTDataModule, MNISTDataModule, read_idx
+from diffproc.data.mnist import FashionMNISTDataModule, MNISTDataModule, idx_bytes, read_idx
 
 N_TRAIN, N_TEST = 300, 100
-
-
-def idx_bytes(arr: np.ndarray) -> bytes:
-    head = bytes([0, 0, 0x08, arr.ndim]) + np.asarray(arr.shape, dtype=">u4").tobytes()
-    return head + arr.astype(np.uint8).tobytes()
 
 
 def make_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

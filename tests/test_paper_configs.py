@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from clitools import REPO
+from diffproc.data.mnist import idx_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -91,8 +92,7 @@ def data_root(tmp_path_factory) -> Path:
         for prefix, n in (("train", 16), ("t10k", 8)):
             for name, arr in (("images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
                               ("labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))):
-                head = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
-                (raw / f"{prefix}-{name}").write_bytes(head + arr.tobytes())
+                (raw / f"{prefix}-{name}").write_bytes(idx_bytes(arr))
     (root / "lsun").mkdir()
     for k, cat in enumerate(("church_outdoor", "bedroom")):
         _lmdb(root / "lsun" / f"{cat}_train_lmdb", 12, 2 * k)

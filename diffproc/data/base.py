@@ -105,6 +105,12 @@ def pil_to_tensor(img: Image.Image) -> Tensor:
     return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
+def resize_uint8(images: Tensor, size: int) -> Tensor:
+    """uint8 ``(N, C, H, W)`` images resized to ``size`` x ``size`` (bicubic, antialiased), rounded back to uint8."""
+    x = torch.nn.functional.interpolate(images.float(), size=size, mode="bicubic", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
 def uint8_to_float(x: Tensor) -> Tensor:
     """uint8 ``[0, 255]`` -> float32 ``[-1, 1]``."""
     return x.float().div_(127.5).sub_(1.0)

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from diffproc.data.base import ImageDataModule, TensorImageDataset, missing_dataset_error
+from diffproc.data.base import ImageDataModule, TensorImageDataset, missing_dataset_error, resize_uint8
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
@@ -95,6 +94,5 @@ class CIFAR10DataModule(ImageDataModule):
         else:
             images, labels = read_cifar_batches(self.folder, TEST_FILES)
         if self.image_size != 32:
-            x = F.interpolate(images.float(), size=self.image_size, mode="bicubic", antialias=True)
-            images = x.round().clamp(0, 255).to(torch.uint8)
+            images = resize_uint8(images, self.image_size)
         return TensorImageDataset(images.contiguous(), labels)

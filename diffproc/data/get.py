@@ -88,12 +88,14 @@ def _unpack(source: Path, work: Path) -> Path:
     raise GetError(f"{source} holds no {FILES['train'][0]}[.gz]")
 
 
-def _md5_of_content(path: Path) -> str:
+def _copy_content(src: Path, dst: Path) -> str:
+    """Copy ``src``'s idx content (decompressed when ``.gz``) to ``dst``; return its md5, read in the same pass."""
     h = hashlib.md5()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    opener = gzip.open if src.suffix == ".gz" else open
+    with opener(src, "rb") as fin, open(dst, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
             h.update(chunk)
+            fout.write(chunk)
     return h.hexdigest()
 
 
@@ -115,13 +117,15 @@ def install(dataset: str, root: Path, source: Path | None = None) -> Path:
             src = next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
             if src is None:
                 raise GetError(f"{folder} has no {name}[.gz]")
-            got = _md5_of_content(src)
+            tmp_out = dest / f".{name}.tmp"
+            got = None
+            try:
+                got = _copy_content(src, tmp_out)
+            finally:
+                if got != md5:  # wrong content or a failed read: leave nothing behind
+                    tmp_out.unlink(missing_ok=True)
             if got != md5:
                 raise GetError(f"{src}: md5 of the idx content is {got}, expected {md5} (a different or corrupt file)")
-            tmp_out = dest / f".{name}.tmp"
-            opener = gzip.open if src.suffix == ".gz" else open
-            with opener(src, "rb") as fin, open(tmp_out, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
             tmp_out.replace(dest / name)
     return dest
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from diffproc.data.base import CorruptImageError, DatasetNotFoundError, ImageDataModule, TensorImageDataset
+from diffproc.data.base import (CorruptImageError, DatasetNotFoundError, ImageDataModule, TensorImageDataset,
+                                resize_uint8)
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -55,6 +56,12 @@ def _open(path: Path) -> bytes:
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise CorruptImageError(f"cannot read idx file {path} ({type(err).__name__}: {err}); the file is truncated "
                                 f"or corrupt. Fetch the dataset again (python -m diffproc.data.get).", str(path)) from err
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (unsigned bytes) in the idx format :func:`read_idx` reads: the inverse of ``read_idx``."""
+    head = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return head + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
 def read_idx(path: str | Path, expect_ndim: int | None = None, expect_count: int | None = None) -> np.ndarray:
@@ -111,7 +118,7 @@ def _has_all(folder: Path) -> bool:
     return all(_find_file(folder, n).is_file() for pair in FILES.values() for n in pair)
 
 
-def resize_uint8(images: torch.Tensor, size: int, upscale: Upscale) -> torch.Tensor:
+def to_size(images: torch.Tensor, size: int, upscale: Upscale) -> torch.Tensor:
     """28x28 uint8 images to ``size``: unchanged at 28, 2-pixel zero padding for ``pad`` at 32, else
     bicubic antialiased resizing (rounded back to uint8)."""
     h = images.shape[-1]
@@ -123,8 +130,7 @@ def resize_uint8(images: torch.Tensor, size: int, upscale: Upscale) -> torch.Ten
     if upscale == "pad":
         raise ValueError(f"upscale: pad makes {h}px images {h}+2k px (e.g. 32); for image_size={size} use "
                          f"upscale: resize")
-    x = F.interpolate(images.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    return resize_uint8(images, size)
 
 
 class MNISTDataModule(ImageDataModule):
@@ -159,7 +165,7 @@ class MNISTDataModule(ImageDataModule):
         if int(val_holdout) < 0:
             raise ValueError(f"val_holdout must be >= 0, got {val_holdout}")
         if upscale == "pad" and self.image_size != 28:
-            resize_uint8(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), self.image_size, "pad")  # fail early
+            to_size(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), self.image_size, "pad")  # fail early
         self.upscale, self.rgb, self.val_holdout, self.download = upscale, bool(rgb), int(val_holdout), bool(download)
         self.channels = 3 if self.rgb else 1
         if self.image_size != 28:
@@ -209,7 +215,7 @@ class MNISTDataModule(ImageDataModule):
                 raise ValueError(f"val_holdout={self.val_holdout} leaves no training images out of {len(images)}")
             sl = slice(cut, None) if split == "val" else slice(0, cut)
             images, labels = images[sl], labels[sl]
-        images = resize_uint8(images, self.image_size, self.upscale)
+        images = to_size(images, self.image_size, self.upscale)
         if self.rgb:
             images = images.expand(-1, 3, -1, -1)
         return TensorImageDataset(images.contiguous(), labels)
