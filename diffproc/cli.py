@@ -18,8 +18,8 @@ import sys
 from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffproc.callbacks.checkpoint import Checkpoint
@@ -49,11 +49,56 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
 
 
+class ShortUsageParser(LightningArgumentParser):
+    """On a parsing error, one usage line instead of argparse's listing of all ~250 options (``--help`` still
+    prints them): the ``error:`` line is then what the user sees."""
+
+    def print_usage(self, file: Any = None) -> None:
+        (file or sys.stderr).write(f"usage: {self.prog.replace(' [options]', '')} [--config FILE.yaml] "
+                                   f"[--<section>.<key> VALUE ...]\n")
+
+    def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        for path in _config_files(sys.argv[1:] if args is None else args):
+            check_yaml(path)
+        return super().parse_args(args, *rest, **kwargs)
+
+
+def _config_files(args: Any) -> list[str]:
+    """The files given to ``-c`` / ``--config`` on a command line (list form only)."""
+    if not isinstance(args, (list, tuple)):
+        return []
+    out = []
+    for i, a in enumerate(args):
+        if a in ("-c", "--config") and i + 1 < len(args):
+            out.append(str(args[i + 1]))
+        elif isinstance(a, str) and a.startswith("--config="):
+            out.append(a.split("=", 1)[1])
+    return out
+
+
+def check_yaml(path: str) -> None:
+    """A config file that exists but is not valid YAML: an error naming the file and the line (jsonargparse's
+    own message names neither)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        return  # jsonargparse says it does not exist
+    try:
+        with open(path) as f:
+            yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+
+
 class DiffprocCLI(LightningCLI):
     def __init__(self, args: Any = None, run: bool = True) -> None:
         super().__init__(
             DiffusionModule,
             ImageDataModule,
+            parser_class=ShortUsageParser,
             subclass_mode_model=True,
             subclass_mode_data=True,
             trainer_defaults=TRAINER_DEFAULTS,
@@ -110,6 +155,20 @@ class DiffprocCLI(LightningCLI):
                 f"{self._run_root(cfg)}/version_N/checkpoints/last.ckpt), or use `--ckpt_path last` with "
                 "`fit` to resume the newest run of this config.")
 
+    # --- every value a constructor refuses, and every unusable checkpoint: one `error:` block ---------
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except USER_ERRORS:
+            raise
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            # a constructor (model, process, data, trainer, callback) refused a value: the user's to fix
+            raise ConfigError(f"invalid configuration: {err}") from err
+        if self.subcommand is not None:
+            ckpt = self.config[self.subcommand].get("ckpt_path")
+            if ckpt and ckpt not in _SPECIAL_CKPT and "://" not in str(ckpt):
+                check_checkpoint(str(ckpt), self.model)
+
     @staticmethod
     def _logger_cfg(cfg) -> Any:
         logger = cfg["trainer"].get("logger")
@@ -139,6 +198,70 @@ class DiffprocCLI(LightningCLI):
         logger = self._logger_cfg(cfg)
         if version and logger is not None and "init_args" in logger:
             logger["init_args"]["version"] = version
+
+
+def _describe(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _differing_hparams(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: <checkpoint> -> <this config>`` for every hyper-parameter that differs (nested dicts flattened)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if key.startswith("_instantiator"):
+            continue
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_hparams(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append(f"{prefix}{key}: {_describe(a)} in the checkpoint, {_describe(b)} here")
+    return out
+
+
+def check_checkpoint(path: str, model: DiffusionModule) -> None:
+    """Open ``path`` (memory-mapped: no copy of the weights) and refuse it, with :class:`ConfigError`, when it
+    cannot restore ``model``: truncated, not a PyTorch / Lightning checkpoint, written by another method, or
+    by a config whose network differs (the differing keys and hyper-parameters are named)."""
+    import zipfile
+
+    import torch
+
+    size = os.path.getsize(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - every way a file is not a checkpoint ends here
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+            what = "is truncated or damaged (a zip archive without its central directory)"
+        elif magic == b"PK\x03\x04":
+            what = f"is a damaged or foreign PyTorch file ({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+        else:
+            what = "is not a PyTorch checkpoint (no zip archive)"
+        raise ConfigError(f"checkpoint {path} ({size} bytes) {what}. Pass a last.ckpt / step=N.ckpt written by "
+                          f"`cli.py fit`; an interrupted copy can be fetched again.") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict'); a diffusers export "
+                          f"folder goes to --model.init_args.init_from instead")
+    saved = ckpt.get("hyper_parameters") or {}
+    here = f"{type(model).__module__}.{type(model).__qualname__}"
+    if saved.get("_class_path") and saved["_class_path"] != here:
+        raise ConfigError(f"checkpoint {path} was written by {saved['_class_path']}, this config builds {here}: "
+                          f"use the config the run was trained with (runs/<name>/version_N/config.yaml)")
+    state, mine = ckpt["state_dict"], model.state_dict()
+    missing = [k for k in mine if k not in state]
+    unexpected = [k for k in state if k not in mine]
+    shapes = [f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} here"
+              for k, v in mine.items() if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        diff = _differing_hparams(saved, dict(model.hparams))
+        parts = ([f"{len(missing)} weights missing (e.g. {', '.join(missing[:3])})"] if missing else []) + (
+            [f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})"] if unexpected else []) + (
+            [f"{len(shapes)} of another shape (e.g. {'; '.join(shapes[:2])})"] if shapes else [])
+        raise ConfigError(f"checkpoint {path} does not fit this model: {'; '.join(parts)}. "
+                          + (f"Its config differs: {'; '.join(diff[:6])}. " if diff else "")
+                          + "Use the config the run was trained with (runs/<name>/version_N/config.yaml)")
 
 
 #: errors that are the user's to fix (config, missing or corrupt data): ``error: <message>``, exit code 2

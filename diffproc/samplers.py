@@ -67,6 +67,20 @@ class SampleResult:
         return max(0, len(self.timesteps) - 1)
 
 
+def sampling_grid(process: DiffusionProcess, num_steps: int | None, solver: str | None = None) -> list:
+    """The descending time grid ``solver`` visits with ``num_steps`` steps (``ode_timesteps`` for the ODE
+    solvers). Refuses, rather than silently shortens, a request for more steps than the process has."""
+    grid_fn = process.timesteps
+    if solver in ODE_SOLVERS:
+        grid_fn = getattr(process, "ode_timesteps", grid_fn)
+    grid = list(grid_fn(num_steps))
+    if num_steps is not None and len(grid) - 1 < int(num_steps):
+        raise ValueError(f"num_steps={num_steps} is more than {type(process).__name__} can take: its grid has "
+                         f"{len(grid) - 1} steps at most (num_timesteps={getattr(process, 'num_timesteps', '?')}). "
+                         f"Ask for {len(grid) - 1} or fewer steps")
+    return grid
+
+
 def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[int],
                 num_steps: int | None = None, solver: str | None = None,
                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
@@ -84,7 +98,7 @@ def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[in
     if solver in ODE_SOLVERS:
         return ode_sample(process, model_fn, shape, num_steps, solver, generator, device, dtype,
                           z_init=z_init, timesteps=timesteps, progress=progress, desc=desc)
-    grid = list(timesteps) if timesteps is not None else list(process.timesteps(num_steps))
+    grid = list(timesteps) if timesteps is not None else sampling_grid(process, num_steps, solver)
     counted = CountingModelFn(model_fn)
     z = z_init if z_init is not None else process.prior(tuple(shape), generator, device, dtype)
     pairs = list(zip(grid[:-1], grid[1:]))
@@ -149,11 +163,7 @@ def ode_sample(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[int
     if solver not in ODE_SOLVERS:
         raise ValueError(f"unknown ODE solver {solver!r}; choose one of {ODE_SOLVERS}")
     _velocity_fn(process)  # fail before drawing anything
-    if timesteps is not None:
-        grid = list(timesteps)
-    else:
-        grid_fn = getattr(process, "ode_timesteps", process.timesteps)
-        grid = list(grid_fn(num_steps))
+    grid = list(timesteps) if timesteps is not None else sampling_grid(process, num_steps, solver)
     counted = CountingModelFn(model_fn)
     z = z_init if z_init is not None else process.prior(tuple(shape), generator, device, dtype)
     pairs = list(zip(grid[:-1], grid[1:]))

@@ -13,6 +13,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from diffproc.callbacks import lightning_api
+
 
 class Checkpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that also writes ``last.ckpt`` when fit ends between two periodic saves
@@ -32,15 +34,15 @@ class Checkpoint(ModelCheckpoint):
         # StopDeadlineExceeded (its subclass, diffproc.callbacks.fault) may come from anywhere
         consistent = type(exception) is SIGTERMException or (
             isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.fit_loop.done)
-        if consistent and trainer.global_step != self._last_global_step_saved:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if consistent and trainer.global_step != lightning_api.last_global_step_saved(self):
+            lightning_api.save_last_checkpoint(self, trainer)
             rank_zero_info(f"interrupted ({type(exception).__name__}): saved the state at step "
                            f"{trainer.global_step} to {self.last_model_path}")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._requeue_requested = False
-        env = trainer._accelerator_connector.cluster_environment
+        env = lightning_api.cluster_environment(trainer)
         if stage == "fit" and isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal:
             # SLURM's requeue signal (SIGUSR1 of `--signal=SIGUSR1@90` or `scancel --signal=USR1`) only sets a
             # flag; the next batch boundary saves last.ckpt and requeues (on_train_batch_end). Lightning's own
@@ -71,14 +73,15 @@ class Checkpoint(ModelCheckpoint):
         # on_train_end, or where Lightning raises SIGTERMException after an epoch's last batch, the fit loop
         # has already counted the epoch as finished and a resume would skip data (issue 16). Under DDP the
         # ranks decide together (one signalled rank is enough).
-        if not self.save_last or trainer.fast_dev_run or trainer.global_step == self._last_global_step_saved:
+        if (not self.save_last or trainer.fast_dev_run
+                or trainer.global_step == lightning_api.last_global_step_saved(self)):
             return
         requeue, stop = getattr(self, "_requeue_requested", False), trainer.received_sigterm
         if trainer.world_size > 1:  # one small all-reduce per step (Lightning broadcasts its own flag too)
             flags = torch.tensor([float(requeue), float(stop)], device=pl_module.device)
             requeue, stop = (v > 0 for v in trainer.strategy.reduce(flags, reduce_op="sum").tolist())
         if requeue or stop or 0 < trainer.max_steps <= trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            lightning_api.save_last_checkpoint(self, trainer)
             if requeue:
                 self._requeue(trainer)
             elif stop:
@@ -99,8 +102,8 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (self.save_last and not trainer.fast_dev_run and trainer.state.fn == "fit"
-                and trainer.global_step != self._last_global_step_saved):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                and trainer.global_step != lightning_api.last_global_step_saved(self)):
+            lightning_api.save_last_checkpoint(self, trainer)
 
 
 def mark_resume_in_tensorboard(trainer: L.Trainer, step: int) -> None:
@@ -116,5 +119,6 @@ def mark_resume_in_tensorboard(trainer: L.Trainer, step: int) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             writer = logger.experiment
-            writer._get_file_writer().add_event(Event(step=int(step), session_log=SessionLog(status=SessionLog.START)))
+            lightning_api.tensorboard_add_event(writer, Event(step=int(step),
+                                                              session_log=SessionLog(status=SessionLog.START)))
             writer.flush()

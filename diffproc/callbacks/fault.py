@@ -28,13 +28,14 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol, get_filesystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from diffproc.callbacks import lightning_api
 from diffproc.methods.base import images_of
 
 _TMP_PREFIX = ".tmp-"
@@ -55,7 +56,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         path = str(path)
-        if not _is_local_file_protocol(path):  # object stores: Lightning's own (transactional) upload
+        if not lightning_api.is_local_path(path):  # object stores: Lightning's own (transactional) upload
             return super().save_checkpoint(checkpoint, path, storage_options)
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options")
@@ -174,7 +175,7 @@ class ImageThroughputMonitor(ThroughputMonitor):
     def _compute(self, trainer: L.Trainer, iter_num: Optional[int] = None) -> None:
         stage = trainer.state.stage
         in_fit_validation = stage == RunningStage.VALIDATING and trainer.state.fn == TrainerFn.FITTING
-        if stage is None or not (in_fit_validation or trainer._logger_connector.should_update_logs):
+        if stage is None or not (in_fit_validation or lightning_api.should_update_logs(trainer)):
             return
         metrics = self._throughputs[stage].compute()
         metrics = {f"{stage.value}/{k}": v for k, v in metrics.items() if k not in self.CUMULATIVE}
@@ -187,7 +188,7 @@ class ImageThroughputMonitor(ThroughputMonitor):
                 "gpu/memory_reserved_gb": torch.cuda.memory_reserved(device) / gb,
             })
             torch.cuda.reset_peak_memory_stats(device)
-        trainer._logger_connector.log_metrics(metrics, step=iter_num)
+        lightning_api.log_metrics(trainer, metrics, step=iter_num)
 
     # validation inside fit: one point per validation run, at the training step (not at a per-process
     # count of validation batches, which starts again after every resume)
@@ -197,7 +198,7 @@ class ImageThroughputMonitor(ThroughputMonitor):
         if trainer.state.fn != TrainerFn.FITTING:
             return super().on_validation_batch_end(trainer, pl_module, outputs, batch, *args, **kwargs)
         if not trainer.sanity_checking:
-            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
+            self._update(trainer, pl_module, batch, lightning_api.evaluation_batches_ready(trainer))
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, *args: Any) -> None:

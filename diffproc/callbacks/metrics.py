@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from diffproc.callbacks.sample_grid import check_sampling
 from diffproc.methods.base import resolve_renamed
 from diffproc.metrics.features import build_extractor
 from diffproc.metrics.reference import ReferenceStats, load_or_compute_reference
@@ -89,6 +90,7 @@ def format_blocks(agg: dict, num_blocks: int) -> str:
         return ", ".join(f"{k}={v:.4g}" for k, v in agg["metrics"].items())
     return ", ".join(f"{k}={v:.4g} ± {agg['std'][k]:.2g} (min {agg['min'][k]:.4g})" for k, v in agg["metrics"].items()) \
         + f" over {num_blocks} seed blocks"
+
 
 
 class _MetricsBase(L.Callback):
@@ -259,6 +261,7 @@ class TestMetricsCallback(_MetricsBase):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "test" or self.num_samples == 0:
             return
+        check_sampling(pl_module, self.num_steps, self.solver, "metrics")
         self._build(trainer)  # before any sampling: missing weights / bad reference fail here
         starts = sorted(self.block_seeds)
         for a, b in zip(starts[:-1], starts[1:]):
@@ -341,6 +344,7 @@ class FIDCallback(_MetricsBase):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.num_samples and (self.every_n_train_steps or self.every_n_epochs):
+            check_sampling(pl_module, self.num_steps, self.solver, "fid")
             self._build(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:

@@ -16,6 +16,14 @@ from torchvision.utils import make_grid, save_image
 from diffproc.methods.base import resolve_renamed
 
 
+def check_sampling(pl_module: L.LightningModule, num_steps: Optional[int], solver: Optional[str], prefix: str) -> None:
+    """A callback's own ``num_steps`` / ``solver`` checked against the model's process when the run is set up
+    (not after training, when the callback first samples); ``prefix`` is the callback's CLI group."""
+    check = getattr(pl_module, "check_sampling", None)
+    if check is not None and (num_steps is not None or solver is not None):
+        check(num_steps if num_steps is not None else pl_module.num_steps, solver, f"--{prefix}.num_steps/solver")
+
+
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimiser steps (and at the end of fit) rank 0 samples ``num_images``
     with the EMA weights from a fixed seed, logs the grid to TensorBoard (``samples``) and writes
@@ -45,6 +53,10 @@ class SampleGrid(L.Callback):
         self.at_train_end = at_train_end
         self.min_tile = min_tile
         self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.every_n_steps > 0:
+            check_sampling(pl_module, self.num_steps, self.solver, "sample_grid")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step

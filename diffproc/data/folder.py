@@ -16,8 +16,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from diffproc.data.base import (IMAGE_EXTENSIONS, ImageDataModule, ImageFileDataset, OnCorrupt, list_images,
-                                missing_dataset_error, resize_shorter_center_crop, split_counts)
+from diffproc.data.base import (IMAGE_EXTENSIONS, DatasetNotFoundError, ImageDataModule, ImageFileDataset, OnCorrupt,
+                                list_images, missing_dataset_error, resize_shorter_center_crop, split_counts)
 
 
 def split_files(files: list[Path], root: Path, val_fraction: float, test_fraction: float) -> dict[str, list[Path]]:
@@ -51,6 +51,12 @@ class ImageFolderDataModule(ImageDataModule):
     def _split(self) -> dict[str, list[Path]]:
         if self._splits is None:
             files = list_images(self.root) if self.root.is_dir() else []
+            if not files and self.root.is_dir():
+                n = sum(1 for p in self.root.rglob("*") if p.is_file())
+                raise DatasetNotFoundError(
+                    f"Image folder {self.root} exists but holds no images: {n} file(s), none ending in "
+                    f"{', '.join(IMAGE_EXTENSIONS)} (any depth). Put the images there, or point "
+                    f"--data.init_args.root at the folder that holds them.")
             if not files:
                 raise missing_dataset_error(
                     "Image folder", self.root,

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffproc.data.base import (IMAGE_EXTENSIONS, ImageDataModule, ImageFileDataset, default_root, list_images,
-                                resize_shorter_center_crop)
+from diffproc.data.base import (IMAGE_EXTENSIONS, DatasetNotFoundError, ImageDataModule, ImageFileDataset,
+                                default_root, list_images, resize_shorter_center_crop)
 
 SHORT_NAMES = {
     "shapes": "diffproc.data.shapes.ShapesDataModule",
@@ -183,7 +183,7 @@ class StrokesDataModule(ImageDataModule):
                 folder = default_root(self.guide_dir)
                 files = list_images(folder) if folder.is_dir() else []
                 if not files:
-                    raise FileNotFoundError(f"no guide images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}; "
+                    raise DatasetNotFoundError(f"no guide images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}; "
                                             f"set data.init_args.guide_dir to a folder of paintings")
                 files = files[: self.num] if self.num else files
                 self._guides = GuideFolderDataset(files, self.image_size, self.k, self.kmeans_iters, seed,

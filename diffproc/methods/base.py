@@ -21,7 +21,7 @@ from torchvision.utils import make_grid, save_image
 
 from diffproc.processes.base import ODE_SOLVERS, DiffusionProcess, deprecated, seeded_generator
 from diffproc.processes.ddpm import DDPMProcess
-from diffproc.samplers import NFE_PER_STEP, SampleResult, sample_loop
+from diffproc.samplers import NFE_PER_STEP, SampleResult, sample_loop, sampling_grid
 
 #: a small CPU-friendly default backbone (overridden by every paper config)
 DEFAULT_UNET: dict[str, Any] = {
@@ -303,6 +303,12 @@ class DiffusionModule(L.LightningModule):
         solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
                                             sampling_steps=sampling_steps)
         self.hparams.update(solver=solver, num_steps=num_steps, sampler=None, sampling_steps=None)
+        for name, value, ok, want in (("lr", lr, lr > 0, "> 0"), ("ema_decay", ema_decay, 0 <= ema_decay < 1, "in [0, 1)"),
+                                      ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
+                                      ("predict_num_samples", predict_num_samples, predict_num_samples >= 1, ">= 1"),
+                                      ("predict_batch_size", predict_batch_size, predict_batch_size >= 1, ">= 1")):
+            if not ok:
+                raise ConfigError(f"model.init_args.{name} must be {want}, got {value}")
         if lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         for name, mode in (("compile_train", compile_train), ("compile_sample", compile_sample)):
@@ -317,6 +323,9 @@ class DiffusionModule(L.LightningModule):
         self.image_size, self.channels = int(image_size), int(channels)
         self.solver = solver or process.default_solver
         self.num_steps = num_steps
+        if num_steps is not None and int(num_steps) < 1:
+            raise ConfigError(f"num_steps must be >= 1 (or null for the process's full chain), got {num_steps}")
+        self.check_sampling(num_steps, self.solver, "model.init_args.num_steps")
         self.unet = build_unet(unet, self.image_size, process.input_channels(self.channels),
                                process.output_channels(self.channels))
         if init_from is not None and not os.path.isfile(os.path.expanduser(str(init_from))):
@@ -520,10 +529,19 @@ class DiffusionModule(L.LightningModule):
     def planned_nfe(self, num_steps: Optional[int] = None, solver: Optional[str] = None) -> int:
         """Network evaluations :meth:`sample` will spend per image with these settings."""
         solver = solver or self.solver
-        grid_fn = self.process.timesteps
-        if solver in ODE_SOLVERS:
-            grid_fn = getattr(self.process, "ode_timesteps", grid_fn)
-        return (len(grid_fn(num_steps or self.num_steps)) - 1) * NFE_PER_STEP.get(solver, 1)
+        return (len(sampling_grid(self.process, num_steps or self.num_steps, solver)) - 1) * NFE_PER_STEP.get(solver, 1)
+
+    def check_sampling(self, num_steps: Optional[int], solver: Optional[str] = None, where: str = "num_steps") -> None:
+        """Refuse, with :class:`ConfigError`, a ``(num_steps, solver)`` request this process cannot run as asked
+        (``where`` names the option in the message); callbacks that sample call it when they are set up."""
+        solver = solver or self.solver
+        if solver not in self.process.solvers:
+            raise ConfigError(f"{where}: solver {solver!r} is not available for {type(self.process).__name__}; "
+                              f"choose one of {list(self.process.solvers)}")
+        try:
+            sampling_grid(self.process, num_steps, solver)
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from None
 
     @torch.no_grad()
     def seconds_per_evaluation(self, num: int) -> float:
