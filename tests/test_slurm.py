@@ -221,7 +221,7 @@ def test_two_nodes_sigusr1_requeue_resume(cluster, two_nodes, tmp_path):
     (2, 1, ("--trainer.num_nodes", "2", "--trainer.devices=2"),
      "--trainer.devices 2 differs from --ntasks-per-node=1 (one task per device)"),
     (1, 1, ("--trainer.num_nodes", "2"), "--trainer.num_nodes 2 differs from the job's 1 node(s) (--nodes)"),
-])
+], ids=["devices-one-node", "devices-two-nodes", "num-nodes"])
 def test_sbatch_refuses_tasks_devices_mismatch(cluster, tmp_path, nodes, ntasks_per_node, extra, message):
     """A job whose tasks per node are not Lightning's devices (or nodes not num_nodes) would stall (Lightning
     #19883): train.sbatch refuses it with one line on stderr and exit code 2 before srun starts."""
