@@ -34,7 +34,7 @@ from diffproc.processes.gaussian import ddim_dual_step, gaussian_pf_velocity
 # core (processes/gaussian.py) and are re-exported here.
 #: network evaluations per step of each solver
 NFE_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ddim_dual": 1,
-                                "ddim": 1, "ancestral": 1}
+                                "ddim": 1, "ancestral": 1, "euler_maruyama": 1}
 
 
 class CountingModelFn:
