@@ -33,6 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffproc.ops import dct2, idct2
+from diffproc.ops.finite_diff import neumann_eigenvalues
+from diffproc.processes.blur import BlurProcess
+from diffproc.processes.ddpm import DDPMProcess
+from diffproc.processes.gaussian import MultistepState, dpmpp_step
+from diffproc.processes.gradient import GradientDomainProcess
+from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.processes.vp_sde import VPSDEProcess
 from diffproc.samplers import CountingModelFn, sample_loop
 
@@ -69,17 +76,24 @@ def paper_process() -> VPSDEProcess:
     return VPSDEProcess(beta_min=0.1, beta_max=20.0, eps=1e-3, prediction="eps", clip_x0=False)
 
 
-def exact_denoiser(process: VPSDEProcess, lam: Tensor):
-    """``model_fn(z, t)`` returning the exact ε̂ (or x̂0, per ``process.prediction``) of data N(0, diag λ),
-    λ shaped like one sample in the process basis (the pixels here)."""
-    if process.prediction not in ("eps", "x0"):
+def exact_denoiser(process, lam: Tensor):
+    """``model_fn(z, t)`` returning the exact ε̂ (or x̂0, per ``process.prediction``; SIE's dual heads
+    ``[x̂0 | ε̂]``) of data N(0, diag λ) in the process basis, λ shaped like one sample's basis coefficients
+    (the pixels for VP SDE / DDPM, DCT coefficients for blur). Per coordinate
+    ``ε̂ = σ u / (α² λ + σ²)``, ``x̂0 = α λ u / (α² λ + σ²)``, ``u = M z``."""
+    heads = getattr(process, "heads", None)
+    if heads != "dual" and process.prediction not in ("eps", "x0"):
         raise ValueError(f"exact_denoiser supports prediction 'eps' or 'x0', not {process.prediction!r}")
 
     def model_fn(z: Tensor, t: Tensor) -> Tensor:
-        a, s = process.coefficients(t, z)
-        lam_z = lam.to(z)
+        u = process.to_basis(z)
+        a, s = process.coefficients(t, u)
+        lam_z = lam.to(u)
         var = a * a * lam_z + s * s
-        return s * z / var if process.prediction == "eps" else a * lam_z * z / var
+        eps, x0 = s * u / var, a * lam_z * u / var
+        if heads == "dual":
+            return torch.cat([process.from_basis(x0), process.from_basis(eps)], dim=1)
+        return process.from_basis(eps if process.prediction == "eps" else x0)
 
     return model_fn
 
@@ -90,12 +104,14 @@ def pT_variance(process: VPSDEProcess, lam: Tensor) -> Tensor:
     return a[0] ** 2 * lam + s[0] ** 2
 
 
-def deterministic_gain(process: VPSDEProcess, model_fn, num_steps: int, solver: str) -> tuple[Tensor, int]:
-    """``(a, nfe)``: the solver maps ``x_1`` to ``a ⊙ x_1`` (run by ``sample_loop`` on ``z_init = 1``)."""
-    z_init = torch.ones((1, *SHAPE), dtype=torch.float64)
+def deterministic_gain(process, model_fn, num_steps: int, solver: str, shape=SHAPE,
+                       timesteps=None) -> tuple[Tensor, int]:
+    """``(a, nfe)``: the solver maps the basis coefficients ``u_T`` to ``a ⊙ u_T`` (run by ``sample_loop`` on
+    the state whose coefficients are all 1; ``timesteps`` overrides the process's grid)."""
+    z_init = process.from_basis(torch.ones((1, *shape), dtype=torch.float64))
     res = sample_loop(process, model_fn, z_init.shape, num_steps=num_steps, solver=solver,
-                      dtype=torch.float64, z_init=z_init)
-    return res.sample[0], res.nfe
+                      dtype=torch.float64, z_init=z_init, timesteps=timesteps)
+    return process.to_basis(res.sample)[0], res.nfe
 
 
 def sde_variance(process: VPSDEProcess, model_fn, num_steps: int, var_init: Tensor) -> tuple[Tensor, int]:
@@ -139,11 +155,210 @@ def w2_table(lam: Tensor, schemes=tuple(PUBLISHED), grid_points=GRID_POINTS) -> 
     return {s: {n: w2_cell(s, n, lam, process) for n in grid_points} for s in schemes}
 
 
+# --- exponential integrators (DPM-Solver++) against DDIM on every Gaussian process ------------------------
+#: NFE budgets of the solver table (1 NFE a step for every solver below)
+SOLVER_NFE = (5, 10, 20, 50, 100)
+#: solvers of the table: DDIM (η = 0), DPM-Solver++(2M), DPM-Solver++(2M) SDE
+TABLE_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde")
+#: time grids: the process's own ``timesteps`` (what ``sample_loop`` uses), uniform in t, quadratic in t
+#: (dense near the data end), uniform in the log-SNR of a reference coordinate
+GRIDS = ("process", "uniform_t", "quadratic", "logsnr")
+RESULTS = REPO / "docs" / "results" / "gaussian_w2"
+
+
+def stationary_spectrum(lam: Tensor, shape=SHAPE) -> Tensor:
+    """A stationary image law with CIFAR-10's eigenvalues: its covariance is diagonal in the (per-channel) DCT
+    basis, and the eigenvalues, sorted decreasingly, go to the DCT modes sorted by increasing frequency
+    ``ω² = (πk/H)² + (πl/W)²`` (channels interleaved). λ for the DCT-basis processes (blur)."""
+    c, h, w = shape
+    k = torch.arange(h, dtype=torch.float64)[:, None] / h
+    l = torch.arange(w, dtype=torch.float64)[None, :] / w
+    freq = (k**2 + l**2).expand(c, h, w).flatten()
+    order = torch.argsort(freq * (1 + 1e-9) + torch.arange(c).repeat_interleave(h * w) * 1e-12, stable=True)
+    out = torch.empty(c * h * w, dtype=torch.float64)
+    out[order] = torch.sort(lam.flatten(), descending=True).values
+    return out.reshape(shape)
+
+
+def gddm_spectrum(process: GradientDomainProcess, lam_dct: Tensor) -> Tensor:
+    """Eigenvalues of the GDDM domain data ``z0 = to_domain(x0)`` for ``x0`` with DCT-diagonal covariance
+    ``lam_dct`` (C, H, W), laid out in the domain state's shape (zeros in the null space). GDDM's algebra is
+    DDPM's (scalar α, σ, identity basis, i.i.d. noise), so it acts on each eigen-coordinate of the domain
+    covariance alone: running it on a state holding these eigenvalues gives the exact domain W2."""
+    c, h, w = lam_dct.shape
+    cols = idct2(torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w))  # images of the DCT modes
+    t_cols = process.to_domain(cols).reshape(h * w, -1)  # (modes, domain coords of one channel)
+    gram = t_cols @ t_cols.T
+    eig = []
+    for ch in range(c):
+        r = lam_dct[ch].flatten().sqrt()
+        eig.append(torch.linalg.eigvalsh(r[:, None] * gram * r[None, :]).clamp_min(0.0))
+    dom = process.to_domain(torch.zeros(1, c, h, w, dtype=torch.float64)).shape[1:]
+    out = torch.zeros(int(np.prod(dom)), dtype=torch.float64)
+    vals = torch.sort(torch.cat(eig), descending=True).values
+    out[: vals.numel()] = vals
+    return out.reshape(dom)
+
+
+def solver_processes(lam: Tensor) -> dict[str, tuple]:
+    """``{name: (process, λ in the process basis, state shape)}`` of the table: VP SDE (score_sde, as in the
+    published table), DDPM (T = 1000, linear β), SIE (sin schedule, dual heads), blur diffusion (DCT basis,
+    quartic blur, data range [-1, 1]) and GDDM (gradient domain, aux DC); clipping off everywhere."""
+    blur = BlurProcess(image_size=SHAPE[1], channels=SHAPE[0], clip_x0=False, data_range="minus_one_one")
+    lam_dct = stationary_spectrum(lam)
+    gddm = GradientDomainProcess(clip_x0=False)
+    lam_g = gddm_spectrum(gddm, lam_dct)
+    return {
+        "VP-SDE": (paper_process(), lam, SHAPE),
+        "DDPM": (DDPMProcess(clip_x0=False), lam, SHAPE),
+        "SIE": (InterpolationProcess(clip_x0=False), lam, SHAPE),
+        "blur": (blur, lam_dct, SHAPE),
+        "GDDM": (gddm, lam_g, tuple(lam_g.shape)),
+    }
+
+
+def _ref_log_snr(process, ts: list, shape) -> np.ndarray:
+    a, s = process.alpha_sigma(torch.as_tensor(ts, dtype=torch.float64 if isinstance(ts[0], float) else torch.long))
+    lam = (torch.log(a) - torch.log(s)).reshape(len(ts), -1)
+    return lam.median(dim=1).values.numpy()  # reference coordinate: the median mode (the scalar itself if scalar)
+
+
+def make_grid(process, num_steps: int, kind: str = "process", shape=SHAPE) -> list:
+    """The descending grid of ``num_steps`` steps of kind ``kind`` (:data:`GRIDS`) between the ends of the
+    process's full grid ``timesteps()``: ``process`` = ``timesteps(num_steps)``; ``uniform_t``; ``quadratic``
+    (``t_min + (t_max − t_min)(k/S)²``); ``logsnr`` (uniform in the log-SNR of the median coordinate; a last
+    step to σ = 0 is kept as its own step). Discrete-time processes round to integers (duplicates dropped:
+    the grid may then have fewer steps; the NFE counted says so)."""
+    if kind == "process":
+        return list(process.timesteps(num_steps))
+    full = list(process.timesteps(None))
+    t_max, t_min = full[0], full[-1]
+    discrete = isinstance(t_max, int)
+    S = int(num_steps)
+    if kind in ("uniform_t", "quadratic"):
+        k = np.arange(S, -1, -1) / S
+        ts = t_min + (t_max - t_min) * (k if kind == "uniform_t" else k**2)
+    elif kind == "logsnr":
+        ends_clean = _ref_log_snr(process, [t_min], shape)[0] == np.inf
+        lo = (1 if discrete else 1e-4) if ends_clean else t_min
+        S_in = S - 1 if ends_clean else S
+        dense = np.arange(lo, t_max + 1) if discrete else np.linspace(lo, t_max, 20001)
+        lam_d = _ref_log_snr(process, [type(t_max)(x) for x in dense], shape)
+        target = np.linspace(lam_d[-1], lam_d[0], S_in + 1)  # from t_max (low λ) to lo (high λ)
+        ts = np.interp(target, lam_d[::-1], dense[::-1])
+        if ends_clean:
+            ts = np.append(ts, t_min)
+    else:
+        raise ValueError(f"unknown grid {kind!r}; choose one of {GRIDS}")
+    if discrete:
+        out = []
+        for x in np.rint(ts).astype(int).tolist():
+            if not out or x < out[-1]:
+                out.append(x)
+        return out
+    return [float(x) for x in ts]
+
+
+def multistep_sde_variance(process, model_fn, grid: list, var_init: Tensor, shape=SHAPE) -> tuple[Tensor, int]:
+    """``(var_out, nfe)`` of DPM-Solver++(2M) SDE from a centred Gaussian of basis variances ``var_init``,
+    exactly: the chain is linear in the start state and the step noises, so it is run once (through
+    :func:`dpmpp_step`, the code ``sample_loop`` runs) on a batch whose row 0 starts at coefficients 1 with no
+    noise and row j ≥ 1 starts at 0 with noise e_j only at step j; ``var = a_0² var_init + Σ_j a_j²``."""
+    S = len(grid) - 1
+    counted = CountingModelFn(model_fn)
+    u = torch.zeros((S + 1, *shape), dtype=torch.float64)
+    u[0] = 1.0
+    z = process.from_basis(u)
+    state = MultistepState()
+    for j, (t, t_next) in enumerate(zip(grid[:-1], grid[1:]), start=1):
+        xi = torch.zeros_like(u)
+        xi[j] = 1.0
+        z = dpmpp_step(process, counted, z, t, t_next, "dpmpp_2m_sde", state, noise=process.from_basis(xi))
+    gains = process.to_basis(z)
+    return gains[0] ** 2 * var_init + (gains[1:] ** 2).sum(0), counted.calls
+
+
+def start_variance(process, lam: Tensor, t0) -> Tensor:
+    """Basis variances of the exact marginal at the grid's first time ``t0``: ``α² λ + σ²``."""
+    tt = torch.as_tensor([t0], dtype=torch.float64 if isinstance(t0, float) else torch.long)
+    a, s = process.alpha_sigma(tt)
+    return a[0] ** 2 * lam + s[0] ** 2
+
+
+def solver_w2(process, lam: Tensor, shape, solver: str, num_steps: int, grid: str = "process") -> tuple[float, int]:
+    """``(W2, nfe)`` of ``solver`` with ``num_steps`` steps on ``grid``, started from the exact marginal at
+    the grid's first time, with the exact denoiser of N(0, diag λ)."""
+    model_fn = exact_denoiser(process, lam)
+    ts = make_grid(process, num_steps, grid, shape)
+    var_init = start_variance(process, lam, ts[0])
+    if solver == "dpmpp_2m_sde":
+        var, nfe = multistep_sde_variance(process, model_fn, ts, var_init, shape)
+    else:
+        a, nfe = deterministic_gain(process, model_fn, None, solver, shape, timesteps=ts)
+        var = a * a * var_init
+    return w2_diag(var, lam), nfe
+
+
+def solver_table(lam: Tensor, nfes=SOLVER_NFE, solvers=TABLE_SOLVERS, grid: str = "process",
+                 processes: dict | None = None) -> dict[str, dict[str, dict[int, tuple[float, int]]]]:
+    """``{process: {solver: {NFE: (W2, nfe counted)}}}``."""
+    processes = processes or solver_processes(lam)
+    return {name: {s: {n: solver_w2(p, l, shape, s, n, grid) for n in nfes} for s in solvers}
+            for name, (p, l, shape) in processes.items()}
+
+
+def write_solver_results(table, out_dir: Path = RESULTS, grid: str = "process", secs: float | None = None) -> None:
+    """``table.md`` (markdown, W2 per process × solver × NFE) and ``w2_vs_nfe.png`` (one panel a process)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nfes = sorted(next(iter(next(iter(table.values())).values())))
+    lines = [f"# Exact W2 on N(0, diag λ) (CIFAR-10 eigenvalues), grid `{grid}`", "",
+             "Generated by `python benchmarks/gaussian_w2.py --solvers` (exact: linear denoiser, no Monte Carlo; "
+             "started from the exact marginal at the grid's first time). VP-SDE/DDPM/SIE: λ in pixels; blur: "
+             "the same eigenvalues on DCT modes by frequency (stationary law); GDDM: the eigenvalues of that "
+             "law's gradient-domain covariance (W2 in the domain). Counted NFE in brackets where it differs.", "",
+             "| process | solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|" + "---|" * len(nfes)]
+    for pname, rows in table.items():
+        for sname, row in rows.items():
+            cells = [f"{row[n][0]:.4f}" + ("" if row[n][1] == n else f" [{row[n][1]}]") for n in nfes]
+            lines.append(f"| {pname} | {sname} | " + " | ".join(cells) + " |")
+    if secs is not None:
+        lines += ["", f"({secs:.1f} s on one CPU core)"]
+    (out_dir / "table.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(table), figsize=(3.2 * len(table), 3.0), sharey=False)
+    for ax, (pname, rows) in zip(np.atleast_1d(axes), table.items()):
+        for sname, row in rows.items():
+            ax.loglog([row[n][1] for n in nfes], [row[n][0] for n in nfes], marker="o", label=sname)
+        ax.set_title(pname)
+        ax.set_xlabel("NFE")
+    np.atleast_1d(axes)[0].set_ylabel("W2")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "w2_vs_nfe.png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--eigenvalues", default=str(EIGENVALUES))
+    ap.add_argument("--solvers", action="store_true",
+                    help="DDIM / DPM-Solver++(2M) / 2M SDE on every Gaussian process: write table.md and "
+                         "w2_vs_nfe.png into docs/results/gaussian_w2/ (instead of the published EM/Euler/Heun table)")
+    ap.add_argument("--grid", default="process", choices=GRIDS, help="time grid of --solvers")
+    ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     lam = load_eigenvalues(args.eigenvalues)
+    if args.solvers:
+        t0 = time.perf_counter()
+        table = solver_table(lam, grid=args.grid)
+        secs = time.perf_counter() - t0
+        out = Path(args.out) if args.grid == "process" else Path(args.out) / args.grid
+        write_solver_results(table, out, args.grid, secs)
+        print((out / "table.md").read_text())
+        return
     t0 = time.perf_counter()
     table = w2_table(lam)
     secs = time.perf_counter() - t0

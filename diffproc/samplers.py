@@ -13,8 +13,14 @@ define ``alpha_sigma_dot(t) -> (dα/dt, dσ/dt)``: the PF-ODE is ``du/dt = α' �
 (Song et al. 2021's ODE with score = −ε̂/σ, rewritten with û0 = (u − σ ε̂)/α). Any Gaussian process
 can also offer ``ddim_dual`` through :func:`ddim_dual_step`.
 
+Multistep exponential integrators (:data:`~diffproc.processes.base.MULTISTEP_SOLVERS`: ``dpmpp_2m``,
+``dpmpp_2m_sde``) run on any diagonal Gaussian process that lists them in ``solvers``: :func:`sample_loop`
+steps :func:`~diffproc.processes.gaussian.dpmpp_step` along the process's own :meth:`timesteps` grid (the grid
+of ``ancestral``/``ddim``), carrying a :class:`~diffproc.processes.gaussian.MultistepState`. The log-SNR step is
+per coordinate of the process basis; the last step to σ = 0 is first order (returns α' û0).
+
 NFE: every solver counts calls through :class:`CountingModelFn`; per step Euler 1, Heun 2,
-midpoint 2, RK4 4 (:data:`NFE_PER_STEP`), reported as ``SampleResult.nfe``.
+midpoint 2, RK4 4, DPM-Solver++ 1 (:data:`NFE_PER_STEP`), reported as ``SampleResult.nfe``.
 """
 
 from __future__ import annotations
@@ -26,15 +32,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffproc.processes.base import ODE_SOLVERS, DiffusionProcess, ModelFn
-from diffproc.processes.gaussian import ddim_dual_step, gaussian_pf_velocity
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, DiffusionProcess, ModelFn
+from diffproc.processes.gaussian import MultistepState, ddim_dual_step, dpmpp_step, gaussian_pf_velocity
 
 # ODE_SOLVERS (defined with the process API, processes/base.py): the probability-flow ODE solvers run by
 # :func:`sample_loop` through the ODE protocol. gaussian_pf_velocity / ddim_dual_step live with the Gaussian
 # core (processes/gaussian.py) and are re-exported here.
 #: network evaluations per step of each solver
 NFE_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ddim_dual": 1,
-                                "ddim": 1, "ancestral": 1, "euler_maruyama": 1}
+                                "ddim": 1, "ancestral": 1, "euler_maruyama": 1,
+                                "dpmpp_2m": 1, "dpmpp_2m_sde": 1}
 
 
 class CountingModelFn:
@@ -94,7 +101,7 @@ def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[in
     """
     solver = solver or process.default_solver
     if solver not in process.solvers:
-        raise ValueError(f"{type(process).__name__} has no solver {solver!r}; choose one of {process.solvers}")
+        raise ValueError(process.unknown_solver_message(solver))
     if solver in ODE_SOLVERS:
         return ode_sample(process, model_fn, shape, num_steps, solver, generator, device, dtype,
                           z_init=z_init, timesteps=timesteps, progress=progress, desc=desc)
@@ -102,8 +109,12 @@ def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[in
     counted = CountingModelFn(model_fn)
     z = z_init if z_init is not None else process.prior(tuple(shape), generator, device, dtype)
     pairs = list(zip(grid[:-1], grid[1:]))
+    state = MultistepState() if solver in MULTISTEP_SOLVERS else None
     for t, t_next in tqdm(pairs, desc=desc, disable=not progress, leave=False):
-        z = process.reverse_step(counted, z, t, t_next, solver=solver, generator=generator)
+        if state is not None:
+            z = dpmpp_step(process, counted, z, t, t_next, solver, state, generator=generator)
+        else:
+            z = process.reverse_step(counted, z, t, t_next, solver=solver, generator=generator)
     return SampleResult(sample=z, nfe=counted.calls, timesteps=grid, solver=solver)
 
 

@@ -317,8 +317,7 @@ class DiffusionModule(L.LightningModule):
         self.compile_train, self.compile_sample = compile_train, compile_sample
         self.channels_last, self.fused_optimizer = bool(channels_last), bool(fused_optimizer)
         if solver is not None and solver not in process.solvers:
-            raise ConfigError(f"solver {solver!r} is not available for {type(process).__name__}; "
-                              f"choose one of {list(process.solvers)}")
+            raise ConfigError(f"solver: {process.unknown_solver_message(solver)}")
         self.process = process
         self.image_size, self.channels = int(image_size), int(channels)
         self.solver = solver or process.default_solver
@@ -536,8 +535,7 @@ class DiffusionModule(L.LightningModule):
         (``where`` names the option in the message); callbacks that sample call it when they are set up."""
         solver = solver or self.solver
         if solver not in self.process.solvers:
-            raise ConfigError(f"{where}: solver {solver!r} is not available for {type(self.process).__name__}; "
-                              f"choose one of {list(self.process.solvers)}")
+            raise ConfigError(f"{where}: {self.process.unknown_solver_message(solver)}")
         try:
             sampling_grid(self.process, num_steps, solver)
         except ValueError as err:

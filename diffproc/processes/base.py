@@ -18,6 +18,10 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 
 #: probability-flow ODE solvers (run by ``diffproc.samplers.sample_loop`` through the ODE protocol)
 ODE_SOLVERS: tuple[str, ...] = ("euler", "heun", "midpoint", "rk4")
+#: exponential-integrator multistep solvers of diagonal Gaussian processes (DPM-Solver++ family; a step needs
+#: the previous step's prediction, so ``diffproc.samplers.sample_loop`` runs them with a small state, not
+#: through ``reverse_step``): see :func:`diffproc.processes.gaussian.dpmpp_step`
+MULTISTEP_SOLVERS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde")
 
 
 class DiffusionProcess(ABC):
@@ -29,6 +33,10 @@ class DiffusionProcess(ABC):
     default_solver: str = ""
     #: solvers that only run the full chain (no strided grids), e.g. blur diffusion's ``official``
     full_chain_solvers: tuple[str, ...] = ()
+
+    def unknown_solver_message(self, solver: str) -> str:
+        """The message of the error raised when ``solver`` is not in :attr:`solvers` (a process may say why)."""
+        return f"{type(self).__name__} has no solver {solver!r}; choose one of {list(self.solvers)}"
 
     # --- domain -------------------------------------------------------------------------------
     def domain_channels(self, channels: int) -> int:

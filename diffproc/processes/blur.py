@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from diffproc.ops import SeparableBasis, kernel_spectrum
-from diffproc.processes.base import ModelFn, batch_times, bcast, deprecated, randn, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, ModelFn, batch_times, bcast, deprecated, randn, randn_like
 from diffproc.processes.ddpm import Spacing, ddim_timesteps
 from diffproc.processes.ddpm import make_betas
 from diffproc.processes.gaussian import GaussianProcess, Prediction, Variance
@@ -123,7 +123,7 @@ class BlurProcess(GaussianProcess):
             mean). spacing: sub-sequence for strided ``ancestral``/``ddim``. default_solver: ``official``.
     """
 
-    solvers = ("official", "ancestral", "ddim")
+    solvers = ("official", "ancestral", "ddim", *MULTISTEP_SOLVERS)
     full_chain_solvers = ("official",)
 
     def __init__(self, image_size: int | tuple[int, int] = 64, channels: int = 3, num_timesteps: int = 1000,

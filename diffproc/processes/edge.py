@@ -36,7 +36,9 @@ import torch
 from torch import Tensor
 
 from diffproc.ops import edge_map, perona_malik
+from diffproc.processes.base import MULTISTEP_SOLVERS
 from diffproc.processes.ddpm import DDPMProcess
+from diffproc.processes.gaussian import DATA_DEPENDENT_REFUSAL
 
 Transition = Literal["linear", "linear_continuous", "cosine", "sigmoid", "constant"]
 TRANSITIONS = ("linear", "linear_continuous", "cosine", "sigmoid", "constant")
@@ -70,6 +72,12 @@ class EdgePreservingProcess(DDPMProcess):
 
     solvers = ("ancestral", "ddim")
     default_solver = "ancestral"
+
+    def unknown_solver_message(self, solver: str) -> str:
+        """The DPM-Solver++ family is refused with the reason (σ_t depends on x0; docs/epdm.md)."""
+        if solver in MULTISTEP_SOLVERS:
+            return DATA_DEPENDENT_REFUSAL.format(name=type(self).__name__, solver=solver)
+        return super().unknown_solver_message(solver)
     data_dependent = True
     work_dtype = torch.float64
 

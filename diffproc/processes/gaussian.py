@@ -21,12 +21,14 @@ unchanged. See ``docs/core.md``.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import DiffusionProcess, ModelFn, batch_times, bcast, randn, randn_like
+from diffproc.processes.base import (MULTISTEP_SOLVERS, DiffusionProcess, ModelFn, batch_times, bcast, randn,
+                                     randn_like)
 
 Prediction = Literal["eps", "x0", "v", "sigma_eps"]
 Variance = Literal["fixedsmall", "fixedlarge"]
@@ -56,7 +58,7 @@ class GaussianProcess(DiffusionProcess):
         loss_reduction: ``mean`` over all elements, or ``sum`` over pixels then mean over batch.
     """
 
-    solvers = ("ancestral", "ddim")
+    solvers = ("ancestral", "ddim", *MULTISTEP_SOLVERS)
     default_solver = "ancestral"
     #: valid range of a clean sample in the process domain (for ``clip_x0``); None disables clipping
     x0_range: tuple[float, float] | None = (-1.0, 1.0)
@@ -206,6 +208,10 @@ class GaussianProcess(DiffusionProcess):
         """Ancestral (posterior) or DDIM(η) step from ``t`` to ``t_next`` on any sub-grid (algebra in
         ``work_dtype``; the result in ``z_t``'s dtype)."""
         solver = solver or self.default_solver
+        if solver in MULTISTEP_SOLVERS:
+            raise ValueError(f"{solver!r} is a multistep solver (each step uses the previous step's prediction): "
+                             "run it with diffproc.samplers.sample_loop, or step it with "
+                             "diffproc.processes.gaussian.dpmpp_step and a MultistepState")
         if solver not in ("ancestral", "ddim"):
             raise ValueError(f"unknown solver {solver!r} for {type(self).__name__}; choose one of {self.solvers}")
         tb = batch_times(t, z_t.shape[0], z_t.device)
@@ -288,4 +294,86 @@ def gaussian_reverse_sde_step(process, model_fn: ModelFn, z: Tensor, t: Tensor, 
     h = h.view(-1, *([1] * (a.ndim - 1)))
     drift = bcast(h * f, u) * u + bcast(h * g2 / s, u) * eps
     out = u - drift + bcast((g2 * h).clamp_min(0.0).sqrt(), u) * process.to_basis(noise.to(wd))
+    return process.from_basis(out).to(z.dtype)
+
+
+# --- exponential integrators (DPM-Solver++ family) ---------------------------------------------------
+#: why a process whose σ_t depends on x0 cannot run the exponential integrators (EPDM)
+DATA_DEPENDENT_REFUSAL = (
+    "{name} cannot run {solver!r}: DPM-Solver++ integrates the probability-flow ODE in the log-SNR "
+    "λ = log(α/σ) of a schedule fixed in advance, but this process's σ_t depends on the clean image x0 "
+    "(σ_t(x0), re-evaluated at every step's estimate x̂0), so λ and the step h = λ(t_next) − λ(t) are not "
+    "known before the network is called and the multistep correction mixes predictions made under different "
+    "schedules. Use solver 'ancestral' or 'ddim' (see docs/epdm.md, 'Exponential integrators').")
+
+
+@dataclass
+class MultistepState:
+    """What a multistep exponential integrator carries from one step to the next: the previous step's data
+    prediction ``u0`` (basis coefficients, work dtype) and its per-coordinate log-SNR step ``h`` (float64
+    grid, ``(B,)`` or ``(B, H, W)``). Empty before the first step (which is then first order)."""
+
+    u0: Tensor | None = None
+    h: Tensor | None = None
+    steps: int = 0
+
+
+def dpmpp_step(process, model_fn: ModelFn, z: Tensor, t, t_next, solver: str, state: MultistepState,
+               generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+    """One step ``t → t_next`` of DPM-Solver++(2M) (``dpmpp_2m``; Lu et al. 2022, "DPM-Solver++", Alg. 2) or
+    its stochastic variant (``dpmpp_2m_sde``; k-diffusion's ``sample_dpmpp_2m_sde``, midpoint form, η = 1 =
+    diffusers' ``sde-dpmsolver++``) with data prediction, on any diagonal Gaussian process. 1 NFE.
+
+    Everything is per coordinate of the process basis: ``λ_k(t) = log(α_k(t)/σ_k(t))``,
+    ``h_k = λ_k(t_next) − λ_k(t)`` (so blur diffusion's per-DCT-mode α, σ are integrated mode by mode). With
+    ``D = û0 + (1/(2 r)) (û0 − û0_prev)``, ``r = h_prev / h`` (``D = û0`` on the first step)::
+
+        ODE:  u' = (σ'/σ) u + α' (1 − e^{−h}) D
+        SDE:  u' = (σ'/σ) e^{−h} u + α' (1 − e^{−2h}) D + σ' √(1 − e^{−2h}) ξ
+
+    The first-order ODE step is DDIM (η = 0) exactly: ``(σ'/σ) u + α' (1 − e^{−h}) û0 = α' û0 + σ' ε̂``.
+
+    **Final step to σ = 0** (``t_next = 0`` on DDPM/blur/GDDM/SIE grids; λ = +∞): the step is taken first
+    order, which is the formulas' limit ``h → ∞``: ``u' = α' û0`` (= û0 when α' = 1), no noise — DDIM's last
+    step and k-diffusion's ``x = denoised``. (The 2M correction's weight ``α'(1 − e^{−h}) h / (2 h_prev)``
+    diverges there, so it is dropped; diffusers' ``lower_order_final`` does the same.) Coordinates are
+    handled one by one, so a grid where only some σ_k vanish is fine. A grid that stops at ``σ > 0``
+    (VP SDE's ``t = eps``) keeps the second-order step to the end.
+
+    ``state`` (a :class:`MultistepState`) is updated in place. ``noise`` (SDE only) is a standard-normal draw
+    shaped like ``z`` in the process domain; by default ``process.noise_like(z, generator)`` (a
+    :class:`~diffproc.processes.base.PerSampleGenerator` makes each sample's stream its own). The grid is
+    whatever the caller passes: ``sample_loop`` uses the process's own :meth:`timesteps`.
+    """
+    if solver not in MULTISTEP_SOLVERS:
+        raise ValueError(f"unknown multistep solver {solver!r}; choose one of {MULTISTEP_SOLVERS}")
+    if getattr(process, "data_dependent", False):
+        raise ValueError(DATA_DEPENDENT_REFUSAL.format(name=type(process).__name__, solver=solver))
+    B, dev = z.shape[0], z.device
+    # continuous times in float64 (a python float would become float32); discrete ones stay integers
+    tb = batch_times(torch.as_tensor(t, dtype=torch.float64) if isinstance(t, float) else t, B, dev)
+    sb = batch_times(torch.as_tensor(t_next, dtype=torch.float64) if isinstance(t_next, float) else t_next, B, dev)
+    wd = process.work_dtype or z.dtype
+    u = process.to_basis(z.to(wd))
+    u0, _ = process.predict(model_fn, z, tb)
+    a_t, s_t = process.alpha_sigma(tb)
+    a_n, s_n = process.alpha_sigma(sb)
+    a_t, s_t, a_n, s_n = (x.to(torch.float64) for x in (a_t, s_t, a_n, s_n))
+    final = s_n == 0
+    h = (torch.log(a_n) - torch.log(s_n)) - (torch.log(a_t) - torch.log(s_t))  # +inf where σ' = 0
+    sde = solver == "dpmpp_2m_sde"
+    ratio = torch.where(final, torch.zeros_like(s_n), s_n / s_t)
+    hh = 2.0 * h if sde else h
+    c_d = a_n * -torch.expm1(-hh)  # α' (1 − e^{−h}) or α' (1 − e^{−2h}); = α' at the final step
+    c_u = ratio * torch.exp(-h) if sde else ratio
+    out = bcast(c_u, u) * u + bcast(c_d, u) * u0
+    if state.u0 is not None:
+        half_inv_r = torch.where(final | ~torch.isfinite(state.h), torch.zeros_like(h), h / (2.0 * state.h))
+        out = out + bcast(c_d * half_inv_r, u) * (u0 - state.u0)
+    if sde:
+        c_n = torch.where(final, torch.zeros_like(s_n), s_n * (-torch.expm1(-hh)).clamp_min(0.0).sqrt())
+        if not bool(final.all()):
+            xi = noise if noise is not None else process.noise_like(z, generator)
+            out = out + bcast(c_n, u) * process.to_basis(xi.to(wd))
+    state.u0, state.h, state.steps = u0, h, state.steps + 1
     return process.from_basis(out).to(z.dtype)

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import ODE_SOLVERS, ModelFn, batch_times, bcast, deprecated, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, ModelFn, batch_times, bcast, deprecated, randn_like
 from diffproc.processes.ddpm import ddim_timesteps, make_betas
 from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
 
@@ -107,7 +107,7 @@ class InterpolationProcess(GaussianProcess):
     and the core's ``ddim`` (η from ``eta``) and ``ancestral``.
     """
 
-    solvers = ODE_SOLVERS + ("ddim_dual", "ddim", "ancestral")
+    solvers = ODE_SOLVERS + ("ddim_dual", "ddim", "ancestral", *MULTISTEP_SOLVERS)
     default_solver = "euler"
 
     def __init__(self, num_timesteps: int = 1000, schedule: Schedule = "sin", heads: Heads = "dual",

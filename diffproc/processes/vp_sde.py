@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import ODE_SOLVERS, ModelFn, batch_times, rand
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, ModelFn, batch_times, rand
 from diffproc.processes.gaussian import (Basis, GaussianProcess, Prediction, Variance,
                                          gaussian_reverse_sde_step)
 
@@ -51,7 +51,7 @@ class VPSDEProcess(GaussianProcess):
     covariance Σ is ``N(0, α_1² Σ + σ_1² I)`` (``α_1 ≈ 6.7e-3`` by default): pass a draw of it as ``z_init``.
     """
 
-    solvers = ("euler_maruyama", *ODE_SOLVERS, "ancestral", "ddim")
+    solvers = ("euler_maruyama", *ODE_SOLVERS, "ancestral", "ddim", *MULTISTEP_SOLVERS)
     default_solver = "euler_maruyama"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-3,
