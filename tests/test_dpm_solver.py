@@ -1,0 +1,223 @@
+"""DPM-Solver++(2M) and its SDE variant on the Gaussian core (processes/gaussian.py ``dpmpp_step``), driven by
+the exact denoiser of Gaussian data N(0, diag λ) (benchmarks/gaussian_w2.py): first-order step = DDIM, the
+final step to σ = 0, convergence orders, exact NFE, per-sample noise, exact W2 against DDIM, EPDM's refusal."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.gaussian_w2 import (EIGENVALUES, deterministic_gain, exact_denoiser, load_eigenvalues, make_grid,
+                                    multistep_sde_variance, paper_process, solver_processes, solver_w2,
+                                    start_variance)
+from diffproc.processes.base import MULTISTEP_SOLVERS, PerSampleGenerator, randn
+from diffproc.processes.blur import BlurProcess
+from diffproc.processes.ddpm import DDPMProcess
+from diffproc.processes.edge import EdgePreservingProcess
+from diffproc.processes.gaussian import GaussianProcess, MultistepState, dpmpp_step
+from diffproc.processes.gradient import GradientDomainProcess
+from diffproc.processes.interpolation import InterpolationProcess
+from diffproc.processes.vp_sde import VPSDEProcess
+from diffproc.samplers import NFE_PER_STEP, sample_loop
+
+F64 = torch.float64
+
+
+class PerModeVP(GaussianProcess):
+    """A continuous-time VP process with per-coordinate schedules ``α_k = exp(−c_k B(t))`` on a 2x2 grid of
+    modes (the shape of blur's per-DCT-mode grids, but smooth in t): for the convergence order."""
+
+    def __init__(self) -> None:
+        super().__init__(prediction="eps", clip_x0=False)
+        self.vp = VPSDEProcess()
+        self.rate = torch.tensor([[0.5, 1.0], [2.0, 4.0]], dtype=F64)
+
+    def alpha_sigma(self, t):
+        b = self.vp.integrated_beta(t.to(F64)).view(-1, 1, 1) * self.rate
+        return torch.exp(-b), torch.sqrt(-torch.expm1(-2.0 * b))
+
+    def sample_time(self, batch, generator=None, device=None):
+        return self.vp.sample_time(batch, generator, device)
+
+    def timesteps(self, num_steps=None):
+        return self.vp.timesteps(num_steps)
+
+
+def _blur() -> BlurProcess:
+    return BlurProcess(image_size=8, channels=1, clip_x0=False, data_range="minus_one_one")
+
+
+def _lam(shape, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.randn(shape, generator=g, dtype=F64) * 2.0 - 2.0)
+
+
+@pytest.mark.parametrize("make", [lambda: DDPMProcess(clip_x0=False), _blur], ids=["ddpm", "blur"])
+def test_first_order_step_is_ddim(make):
+    """The first (first-order) DPM-Solver++ step equals the DDIM η = 0 step, coordinate by coordinate (blur:
+    per-DCT-mode α, σ), on any sub-grid; the final step to t = 0 equals DDIM's last step (α' û0 = û0)."""
+    p = make()
+    shape = (3, 1, 8, 8)
+    lam = _lam(shape[1:])
+    model_fn = exact_denoiser(p, lam)
+    z = randn(shape, torch.Generator().manual_seed(1), dtype=F64)
+    for t, s in ((900, 700), (400, 399), (50, 1), (20, 0)):
+        got = dpmpp_step(p, model_fn, z, t, s, "dpmpp_2m", MultistepState())
+        ref = p.reverse_step(model_fn, z, t, s, solver="ddim")
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        one = sample_loop(p, model_fn, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=[t, s])
+        torch.testing.assert_close(one.sample, ref, rtol=1e-10, atol=1e-12)
+    # final step returns û0 even after a second-order history
+    grid = p.timesteps(10)
+    assert grid[-1] == 0
+    res = sample_loop(p, model_fn, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=grid[:-1])
+    u0, _ = p.predict(model_fn, res.sample, torch.full((3,), grid[-2]))
+    full = sample_loop(p, model_fn, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=grid)
+    torch.testing.assert_close(full.sample, p.from_basis(u0), rtol=1e-12, atol=1e-12)
+    for solver in MULTISTEP_SOLVERS:  # and no noise is added on the last step of the SDE variant
+        a = sample_loop(p, model_fn, shape, solver=solver, dtype=F64, z_init=res.sample,
+                        timesteps=[grid[-2], 0], generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(a.sample, p.from_basis(u0), rtol=1e-12, atol=1e-12)
+
+
+def _order(process, lam, solver, ns=(100, 200, 400, 800)) -> float:
+    """Order = −slope of log max|a(N) − a_exact| against log N: the deterministic gain against the exact flow map of
+    the probability-flow ODE, ``√(var(t_end)/var(t_start))`` per coordinate."""
+    grid = process.timesteps(ns[0])
+    shape = tuple(lam.shape)
+    exact = (start_variance(process, lam, grid[-1]) / start_variance(process, lam, grid[0])).sqrt()
+    model_fn = exact_denoiser(process, lam)
+    errs = []
+    for n in ns:
+        a, nfe = deterministic_gain(process, model_fn, n, solver, shape)
+        assert nfe == n
+        errs.append(float((a - exact).abs().max()))
+    return -float(np.polyfit(np.log(ns), np.log(errs), 1)[0])
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: VPSDEProcess(clip_x0=False), (1, 4)), (PerModeVP, (1, 2, 2))],
+                         ids=["vp_sde", "per_mode"])
+def test_convergence_order(make, shape):
+    """Measured order ≈ 2 for DPM-Solver++(2M), ≈ 1 for DDIM (error of the deterministic gain against the exact
+    ODE flow, N = 100..800 on the process's uniform grid)."""
+    p = make()
+    lam = torch.tensor([1e-3, 0.1, 1.0, 5.0], dtype=F64).reshape(shape)
+    o2 = _order(p, lam, "dpmpp_2m")
+    o1 = _order(p, lam, "ddim")
+    assert 1.7 < o2 < 2.3, o2
+    assert 0.9 < o1 < 1.1, o1
+
+
+def _processes_small():
+    c = 1
+    gddm = GradientDomainProcess(clip_x0=False)
+    return {
+        "ddpm": (DDPMProcess(clip_x0=False), (c, 8, 8)),
+        "vp_sde": (VPSDEProcess(clip_x0=False), (c, 8, 8)),
+        "sie": (InterpolationProcess(clip_x0=False), (c, 8, 8)),
+        "blur": (_blur(), (c, 8, 8)),
+        "gddm": (gddm, (gddm.domain_channels(c), 8, 8)),
+    }
+
+
+@pytest.mark.parametrize("name", ["ddpm", "vp_sde", "sie", "blur", "gddm"])
+def test_registered_and_nfe_exact(name):
+    """Every Gaussian process lists both solvers; ``sample_loop`` spends exactly 1 NFE a step on its own grid;
+    ``reverse_step`` refuses them (multistep) with a pointer to sample_loop."""
+    p, shape = _processes_small()[name]
+    lam = _lam(shape)
+    model_fn = exact_denoiser(p, lam)
+    for solver in MULTISTEP_SOLVERS:
+        assert solver in p.solvers and NFE_PER_STEP[solver] == 1
+        for n in (1, 2, 7):
+            res = sample_loop(p, model_fn, (2, *shape), num_steps=n, solver=solver, dtype=F64,
+                              generator=torch.Generator().manual_seed(0))
+            assert res.nfe == n == res.steps and res.timesteps == list(p.timesteps(n)), (name, solver, n)
+            assert torch.isfinite(res.sample).all()
+    grid = p.timesteps(4)
+    with pytest.raises(ValueError, match="multistep"):
+        p.reverse_step(model_fn, torch.zeros(1, *shape, dtype=F64), grid[0], grid[1], solver="dpmpp_2m")
+
+
+@pytest.mark.parametrize("make", [lambda: DDPMProcess(clip_x0=False), _blur], ids=["ddpm", "blur"])
+def test_sde_samples_independent_of_batch(make):
+    """Per-sample generators: sample i of DPM-Solver++(2M) SDE is the same in a batch of 4 and of 2."""
+    p = make()
+    lam = _lam((1, 8, 8))
+    model_fn = exact_denoiser(p, lam)
+    big = sample_loop(p, model_fn, (4, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
+                      generator=PerSampleGenerator(7, range(4))).sample
+    small = sample_loop(p, model_fn, (2, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
+                        generator=PerSampleGenerator(7, [2, 3])).sample
+    torch.testing.assert_close(big[2:], small, rtol=1e-12, atol=1e-12)
+    other = sample_loop(p, model_fn, (2, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
+                        generator=PerSampleGenerator(8, [2, 3])).sample
+    assert not torch.allclose(other, small)
+
+
+def test_sde_variance_matches_monte_carlo():
+    """The exact propagated variance of the 2M SDE chain (benchmark helper, explicit noise) equals the
+    empirical variance of ``sample_loop`` (4 coordinates, 20 000 samples, 15 steps: within 5 SE)."""
+    lam4 = torch.tensor([1e-3, 0.1, 1.0, 5.0], dtype=F64)
+    p = VPSDEProcess(clip_x0=False)
+    model_fn = exact_denoiser(p, lam4)
+    grid = p.timesteps(15)
+    var0 = start_variance(p, lam4, grid[0])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((20000, 4), generator=g, dtype=F64) * var0.sqrt()
+    out = sample_loop(p, model_fn, x.shape, solver="dpmpp_2m_sde", generator=g, dtype=F64, z_init=x,
+                      timesteps=grid).sample
+    var, nfe = multistep_sde_variance(p, model_fn, grid, var0, (4,))
+    assert nfe == 15
+    emp = out.var(0)
+    assert torch.all((emp - var).abs() <= 5 * var * math.sqrt(2 / 20000)), (emp, var)
+
+
+@pytest.fixture(scope="module")
+def lam_cifar():
+    if not EIGENVALUES.is_file():
+        pytest.skip(f"{EIGENVALUES} missing (see shared/data/README.md)")
+    return load_eigenvalues()
+
+
+def test_w2_dpmpp_20_vs_ddim_100(lam_cifar):
+    """Exact W2 on N(0, diag λ_CIFAR): on a log-SNR-uniform grid DPM-Solver++(2M) at 20 NFE beats DDIM at 100 NFE
+    (VP SDE and DDPM); on the processes' own uniform grids it beats DDIM at equal NFE but not 5x the NFE (the
+    numbers of docs/results/gaussian_w2/table.md)."""
+    procs = solver_processes(lam_cifar)
+    for name in ("VP-SDE", "DDPM"):
+        p, lam, shape = procs[name]
+        w_dpm, n_dpm = solver_w2(p, lam, shape, "dpmpp_2m", 20, "logsnr")
+        w_ddim, n_ddim = solver_w2(p, lam, shape, "ddim", 100, "logsnr")
+        assert n_dpm == 20 and n_ddim <= 100 and w_dpm < w_ddim, (name, w_dpm, w_ddim)
+        for n in (20, 100):
+            assert solver_w2(p, lam, shape, "dpmpp_2m", n)[0] < solver_w2(p, lam, shape, "ddim", n)[0]
+    p = paper_process()
+    assert solver_w2(p, lam_cifar, tuple(lam_cifar.shape), "dpmpp_2m", 20)[0] == pytest.approx(2.1449, abs=1e-3)
+
+
+def test_grids():
+    """``make_grid``: every kind is descending between the ends of the process's full grid."""
+    for p in (DDPMProcess(), VPSDEProcess(), InterpolationProcess()):
+        full = p.timesteps(None)
+        for kind in ("process", "uniform_t", "quadratic", "logsnr"):
+            g = make_grid(p, 10, kind, (1, 2, 2))
+            assert all(a > b for a, b in zip(g[:-1], g[1:])), (kind, g)
+            assert g[-1] == full[-1] and 9 <= len(g) - 1 <= 10, (kind, g)
+            if kind != "process":
+                assert g[0] == pytest.approx(full[0])
+
+
+def test_epdm_refuses_with_reason():
+    """EPDM (σ_t depends on x0) refuses the exponential integrators with one clear message, through
+    sample_loop and through the step function."""
+    p = EdgePreservingProcess(num_timesteps=20)
+    assert not set(MULTISTEP_SOLVERS) & set(p.solvers)
+    for solver in MULTISTEP_SOLVERS:
+        with pytest.raises(ValueError, match="depends on the clean image x0"):
+            sample_loop(p, lambda z, t: z, (1, 1, 8, 8), num_steps=3, solver=solver)
+        with pytest.raises(ValueError, match="depends on the clean image x0"):
+            dpmpp_step(p, lambda z, t: z, torch.zeros(1, 1, 8, 8), 10, 5, solver, MultistepState())
