@@ -221,3 +221,27 @@ def test_epdm_refuses_with_reason():
             sample_loop(p, lambda z, t: z, (1, 1, 8, 8), num_steps=3, solver=solver)
         with pytest.raises(ValueError, match="depends on the clean image x0"):
             dpmpp_step(p, lambda z, t: z, torch.zeros(1, 1, 8, 8), 10, 5, solver, MultistepState())
+
+
+@pytest.mark.parametrize("solver", MULTISTEP_SOLVERS)
+def test_module_sample_through_diffusion_module(solver):
+    """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.solver``): exact
+    NFE, and the same images whatever the batch split (per-sample noise of the SDE variant)."""
+    from diffproc.methods.ddpm import DDPM
+
+    torch.manual_seed(0)
+    m = DDPM(num_timesteps=50, image_size=8, channels=3, ema_decay=0,
+             unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6)
+    whole = m.sample(5, seed=11, progress=False)
+    assert whole.nfe == 6 and whole.solver == solver
+    parts = torch.cat([m.sample(len(ix), seed=11, indices=ix, progress=False).images for ix in ([0, 1], [2, 3, 4])])
+    torch.testing.assert_close(parts, whole.images, rtol=0, atol=1e-5)
+
+
+def test_epdm_module_refuses_at_config_time():
+    from diffproc.methods.base import ConfigError
+    from diffproc.methods.epdm import EPDM
+
+    with pytest.raises(ConfigError, match="depends on the clean image x0"):
+        EPDM(image_size=8, channels=1, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1},
+             solver="dpmpp_2m")
