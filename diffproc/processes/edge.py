@@ -72,14 +72,14 @@ class EdgePreservingProcess(DDPMProcess):
 
     solvers = ("ancestral", "ddim")
     default_solver = "ancestral"
+    data_dependent = True
+    work_dtype = torch.float64
 
     def unknown_solver_message(self, solver: str) -> str:
         """The DPM-Solver++ family is refused with the reason (σ_t depends on x0; docs/epdm.md)."""
         if solver in MULTISTEP_SOLVERS:
             return DATA_DEPENDENT_REFUSAL.format(name=type(self).__name__, solver=solver)
         return super().unknown_solver_message(solver)
-    data_dependent = True
-    work_dtype = torch.float64
 
     def __init__(self, num_timesteps: int = 500, beta_start: float = 1e-4, beta_end: float = 2e-2,
                  lambda_min: float = 1e-6, lambda_max: float = 1e-1, t_phi: float = 0.5,
