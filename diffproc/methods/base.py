@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import ODE_SOLVERS, DiffusionProcess, deprecated, seeded_generator
+from diffproc.processes.base import DiffusionProcess, deprecated, seeded_generator
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.samplers import NFE_PER_STEP, SampleResult, sample_loop, sampling_grid
 
@@ -316,15 +316,13 @@ class DiffusionModule(L.LightningModule):
                 raise ConfigError(f"{name} must be one of {list(COMPILE_MODES)}, got {mode!r}")
         self.compile_train, self.compile_sample = compile_train, compile_sample
         self.channels_last, self.fused_optimizer = bool(channels_last), bool(fused_optimizer)
-        if solver is not None and solver not in process.solvers:
-            raise ConfigError(f"solver: {process.unknown_solver_message(solver)}")
         self.process = process
         self.image_size, self.channels = int(image_size), int(channels)
         self.solver = solver or process.default_solver
         self.num_steps = num_steps
         if num_steps is not None and int(num_steps) < 1:
             raise ConfigError(f"num_steps must be >= 1 (or null for the process's full chain), got {num_steps}")
-        self.check_sampling(num_steps, self.solver, "model.init_args.num_steps")
+        self.check_sampling(num_steps, self.solver, "model.init_args.solver/num_steps")
         self.unet = build_unet(unet, self.image_size, process.input_channels(self.channels),
                                process.output_channels(self.channels))
         if init_from is not None and not os.path.isfile(os.path.expanduser(str(init_from))):
