@@ -1,7 +1,9 @@
 """Exact resume (issue 16), end to end through ``cli.py fit`` as subprocesses (marked ``slow``).
 
-An interrupted run — stopped at a step limit, killed with ``kill -9``, stopped by SIGTERM, on one process or
-on 2 DDP ranks (gloo) — resumed with ``--ckpt_path last`` must end with the very tensors of an
+An interrupted run — stopped at a step limit, killed with ``kill -9`` (in a training step, or in the
+validation right after a checkpoint), stopped by SIGTERM (mid-epoch, at an epoch's last step), on one process
+or on 2 DDP ranks (gloo); the signals are sent by a callback at a given step, so every machine tests the same
+moment — resumed with ``--ckpt_path last`` must end with the very tensors of an
 uninterrupted run: raw weights, EMA weights, AdamW moments and step counts, the LR schedule, compared
 bitwise (CPU, one thread). Its TensorBoard log must be one curve: the same (step, value) pairs as the
 uninterrupted run's, no step twice. A checkpoint written during validation holds the raw weights as
@@ -13,12 +15,11 @@ every scenario crosses epoch boundaries, including a stop exactly at the end of 
 
 from __future__ import annotations
 
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -88,34 +89,52 @@ def test_stop_and_resume_equals_straight_run(straight, tmp_path, stop):
     assert_one_continuous_log(tmp_path, straight)
 
 
-def _start_and_interrupt(root: Path, sig: int, seed: int) -> subprocess.CompletedProcess:
-    """Start the full run, wait for its first periodic checkpoint, then send ``sig`` after a random delay."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, "cli.py", *fit_args(root, STEPS)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ckpts = run_dir(root) / "checkpoints"
-    deadline = time.time() + 240
-    while not list(ckpts.glob("*-step=4.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.05)
-    time.sleep(random.Random(seed).uniform(0.0, 1.0))
-    proc.send_signal(sig)
-    out = proc.communicate(timeout=120)[0]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+SIGNALLER = '''
+import os
+import lightning as L
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
-def test_interrupted_run_resumes_exactly(straight, tmp_path, sig):
-    done = _start_and_interrupt(tmp_path, sig, seed=int(sig))
-    if done.returncode == 0:
-        pytest.skip("the run finished before the signal arrived (machine too fast for this test's timing)")
-    assert done.returncode == (-9 if sig == signal.SIGKILL else 143), done.stdout[-3000:]
+class SignalAt(L.Callback):
+    """Send signal ``sig`` to this process at the end of training step ``step``, or of the validation after it."""
+
+    def __init__(self, sig: int, step: int, during: str = "train"):
+        self.sig, self.step, self.during = sig, step, during
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.during == "train" and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.during == "validation" and not trainer.sanity_checking and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+'''
+
+
+def _fit_interrupted(root: Path, sig: int, step: int, during: str) -> subprocess.CompletedProcess:
+    """The full run, sent ``sig`` by a callback at a given step (the same moment whatever the machine's speed)."""
+    (root / "signaller.py").write_text(SIGNALLER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{root}", PYTHONWARNINGS="ignore")
+    signaller = {"class_path": "signaller.SignalAt", "init_args": {"sig": int(sig), "step": step, "during": during}}
+    return subprocess.run([sys.executable, "cli.py", *fit_args(root, STEPS),
+                           f"--trainer.callbacks+={json.dumps(signaller)}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("sig, step, during, resumes_from", [
+    (signal.SIGKILL, 6, "train", 4),  # mid-epoch, two steps after a checkpoint
+    # during the validation that follows the step-8 checkpoint: that checkpoint is not on disk yet (Lightning
+    # does not rerun the validation when resuming from it, so its point would be missing from the log)
+    (signal.SIGKILL, 8, "validation", 4),
+    (signal.SIGTERM, 7, "train", 7),
+    (signal.SIGTERM, 10, "train", 10),  # the last step of an epoch: saved there, not as a finished epoch
+], ids=["kill-9-mid-epoch", "kill-9-in-validation", "sigterm-mid-epoch", "sigterm-end-of-epoch"])
+def test_interrupted_run_resumes_exactly(straight, tmp_path, sig, step, during, resumes_from):
+    done = _fit_interrupted(tmp_path, sig, step, during)
+    assert done.returncode == (-9 if sig == signal.SIGKILL else 143), done.stderr[-3000:]
     last = run_dir(tmp_path) / "checkpoints" / "last.ckpt"
-    step = load(last)["global_step"]
-    assert 4 <= step < STEPS
-    # the checkpoint a resume starts from is the uninterrupted run's state at that step
-    if step % 4 == 0:
-        assert_same_training_state(last, checkpoint_at(straight, step))
+    assert load(last)["global_step"] == resumes_from
+    if resumes_from % 4 == 0:  # the checkpoint a resume starts from is the uninterrupted run's state at that step
+        assert_same_training_state(last, checkpoint_at(straight, resumes_from))
     run_cli(*fit_args(tmp_path, STEPS), "--ckpt_path", "last")
     assert_same_training_state(last, run_dir(straight) / "checkpoints" / "last.ckpt")
     assert_one_continuous_log(tmp_path, straight)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from weakref import proxy
 
 import lightning as L
 import torch
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.apply_func import apply_to_collection
 
 from diffproc.callbacks import lightning_api
 
@@ -25,9 +27,18 @@ class Checkpoint(ModelCheckpoint):
     stops at a batch boundary, or diffproc's samplers stop between two network evaluations) in any phase
     of ``fit``, and after Ctrl+C once training itself has finished (e.g. during the end-of-fit sample
     grid). A Ctrl+C in the middle of a training step writes nothing: the previous checkpoint stays.
+
+    A checkpoint taken at the end of a training step (``every_n_train_steps``, ``max_steps``, SIGTERM) holds
+    the state of that moment, but its file is written at the next safe point (the next training step's
+    start, the end of training, an exception), after the validation that follows the step and after the
+    loggers are flushed. Lightning does not rerun that validation when it resumes from such a checkpoint,
+    so a process killed (``kill -9``, node failure) between the two would otherwise lose the validation
+    point from the log for good; now every event logged up to a checkpoint's step is on disk before the
+    checkpoint is.
     """
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.write_pending(trainer, barrier=False)  # another rank may not be here: no collective
         if trainer.state.fn != "fit" or trainer.sanity_checking or not self.save_last:
             return
         # a plain SIGTERMException comes from a safe point (batch boundary, between two evaluations); a
@@ -42,6 +53,9 @@ class Checkpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._requeue_requested = False
+        self._deferring = False
+        self._pending: list[tuple[str, dict]] = []  # (path, state taken at the end of a training step)
+        self._pending_removals: list[str] = []
         env = lightning_api.cluster_environment(trainer)
         if stage == "fit" and isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal:
             # SLURM's requeue signal (SIGUSR1 of `--signal=SIGUSR1@90` or `scancel --signal=USR1`) only sets a
@@ -55,6 +69,7 @@ class Checkpoint(ModelCheckpoint):
             signal.signal(env.requeue_signal, on_requeue_signal)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.write_pending(trainer, barrier=False)
         super().teardown(trainer, pl_module, stage)
         previous = getattr(self, "_previous_requeue_handler", None)
         if previous is not None:
@@ -66,7 +81,18 @@ class Checkpoint(ModelCheckpoint):
         if trainer.ckpt_path and trainer.global_step > 0:
             mark_resume_in_tensorboard(trainer, trainer.global_step)
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        self.write_pending(trainer)
+        super().on_train_batch_start(trainer, pl_module, *args, **kwargs)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        self._deferring = True
+        try:
+            self._save_at_batch_end(trainer, pl_module, *args, **kwargs)
+        finally:
+            self._deferring = False
+
+    def _save_at_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         # The step that reaches max_steps, and the step during which a SIGTERM arrived, are saved here, where
         # the loops' state is the one of the periodic checkpoints (a resume continues it exactly). At
@@ -90,6 +116,7 @@ class Checkpoint(ModelCheckpoint):
     def _requeue(self, trainer: L.Trainer) -> None:
         """After the requeue signal: ``scontrol requeue`` this job (rank 0) and stop every rank. The requeued
         job resumes from the last.ckpt just written (docker/slurm/train.sbatch)."""
+        self.write_pending(trainer)  # before scontrol: the requeue ends this job at once
         if trainer.is_global_zero:
             array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
@@ -101,9 +128,47 @@ class Checkpoint(ModelCheckpoint):
         raise SIGTERMException()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.write_pending(trainer)
         if (self.save_last and not trainer.fast_dev_run and trainer.state.fn == "fit"
                 and trainer.global_step != lightning_api.last_global_step_saved(self)):
             lightning_api.save_last_checkpoint(self, trainer)
+
+
+    # --- deferred writes ----------------------------------------------------------------------------------
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """``ModelCheckpoint``'s write, deferred when called from the end of a training step: the state is
+        taken now (tensors copied to CPU), the file written by :meth:`write_pending`."""
+        if not getattr(self, "_deferring", False):
+            self.write_pending(trainer)
+            return lightning_api.write_checkpoint(self, trainer, filepath)
+        state = lightning_api.dump_checkpoint(trainer, self.save_weights_only)
+        state = apply_to_collection(state, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+        self._pending = [(p, s) for p, s in self._pending if p != filepath] + [(filepath, state)]
+        lightning_api.mark_saved(self, trainer.global_step, filepath)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if getattr(self, "_pending", None):  # a file is removed only once the one replacing it is written
+            self._pending_removals.append(filepath)
+        else:
+            lightning_api.remove_checkpoint(self, trainer, filepath)
+
+    def write_pending(self, trainer: L.Trainer, barrier: bool = True) -> None:
+        """Flush the loggers, then write the checkpoints taken at the end of the last training step."""
+        pending, removals = getattr(self, "_pending", None), getattr(self, "_pending_removals", [])
+        if not pending:
+            return
+        self._pending, self._pending_removals = [], []
+        for logger in trainer.loggers:
+            logger.save()  # every event logged up to the checkpoint's step reaches the disk first
+        for filepath, state in pending:
+            trainer.strategy.save_checkpoint(state, filepath)
+        if barrier:
+            trainer.strategy.barrier("Checkpoint.write_pending")
+        for filepath in removals:
+            lightning_api.remove_checkpoint(self, trainer, filepath)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
 
 def mark_resume_in_tensorboard(trainer: L.Trainer, step: int) -> None:

@@ -25,6 +25,10 @@ PRIVATE: tuple[tuple[str, str, str], ...] = (
     ("ModelCheckpoint", "_save_last_checkpoint", "checkpoint.Checkpoint (last.ckpt at a safe point)"),
     ("ModelCheckpoint", "_monitor_candidates", "checkpoint.Checkpoint (the metrics a save records)"),
     ("ModelCheckpoint", "_last_global_step_saved", "checkpoint.Checkpoint (skip a save already made)"),
+    ("ModelCheckpoint", "_last_checkpoint_saved", "checkpoint.Checkpoint (a deferred save counts as made)"),
+    ("ModelCheckpoint", "_save_checkpoint", "checkpoint.Checkpoint (overridden: deferred writes)"),
+    ("ModelCheckpoint", "_remove_checkpoint", "checkpoint.Checkpoint (overridden: deferred removals)"),
+    ("Trainer", "_checkpoint_connector.dump_checkpoint", "checkpoint.Checkpoint (the state a deferred write holds)"),
     ("SummaryWriter", "_get_file_writer", "checkpoint.mark_resume_in_tensorboard (restart marker)"),
     ("cloud_io", "_is_local_file_protocol", "fault.AtomicCheckpointIO (local files are written atomically)"),
     ("LightningCLI", "_parse_ckpt_path", "diffproc.cli.DiffprocCLI (config stays authoritative on a resume)"),
@@ -59,6 +63,27 @@ def save_last_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer) -> None:
 def last_global_step_saved(callback: ModelCheckpoint) -> int:
     """The global step of the last checkpoint ``callback`` wrote."""
     return int(callback._last_global_step_saved)
+
+
+def mark_saved(callback: ModelCheckpoint, step: int, filepath: str) -> None:
+    """Record in ``callback`` that the checkpoint of ``step`` at ``filepath`` is saved (as its own write does)."""
+    callback._last_global_step_saved = step
+    callback._last_checkpoint_saved = filepath
+
+
+def write_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer, filepath: str) -> None:
+    """``ModelCheckpoint``'s own write of a checkpoint file (what ``checkpoint.Checkpoint`` overrides to defer)."""
+    ModelCheckpoint._save_checkpoint(callback, trainer, filepath)
+
+
+def remove_checkpoint(callback: ModelCheckpoint, trainer: L.Trainer, filepath: str) -> None:
+    """``ModelCheckpoint``'s own removal of a superseded checkpoint file."""
+    ModelCheckpoint._remove_checkpoint(callback, trainer, filepath)
+
+
+def dump_checkpoint(trainer: L.Trainer, weights_only: bool = False) -> dict[str, Any]:
+    """The checkpoint dict ``trainer.save_checkpoint`` would write now (every ``on_save_checkpoint`` hook run)."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only)
 
 
 def tensorboard_add_event(writer: Any, event: Any) -> None:
