@@ -3,7 +3,8 @@
 Each test names its reference, its tolerance and prints the measured figure (``pytest -s`` shows them;
 they are also in the assertion messages). docs/metrics.md's table lists them. Every comparison has an
 independent in-test reference written from the published formula; the packages themselves
-(pytorch-fid, torch-fidelity, torchmetrics) are compared as well where installed (``importorskip``).
+(pytorch-fid, a dev dependency; torch-fidelity and torchmetrics, which torchmetrics[image] installs) are compared
+as well.
 
 Inputs: synthetic features (full rank, rank-deficient with N > D, and N < D) and real images of the
 embedded ``shapes`` dataset through the offline ``shapes`` extractor; the Inception path runs on an
@@ -179,8 +180,8 @@ def test_frechet_distance_vs_pytorch_fid_formula(case):
 
 @pytest.mark.parametrize("case", list(FD_CASES))
 def test_frechet_distance_vs_pytorch_fid_package(case):
-    """The same cases against the pytorch-fid package itself (when installed); same tolerances."""
-    pfid = pytest.importorskip("pytorch_fid.fid_score")
+    """The same cases against the pytorch-fid package itself (a dev dependency); same tolerances."""
+    import pytorch_fid.fid_score as pfid
     d, n1, n2, rank, tol = FD_CASES[case]
     x, y = synthetic(d, n1, n2, rank)
     ours = _ours_fd(x, y)
@@ -224,7 +225,8 @@ def test_frechet_distance_on_ill_conditioned_full_rank_covariances(d, n1, n2, ra
           f"sqrtm {ref:.12g} (rel {rel(ours, ref):.1e}, tol 1e-6)  exact {exact:.12g} (rel {rel(ours, exact):.1e}, tol 1e-10)")
     assert rel(ours, ref) <= 1e-6
     assert rel(ours, exact) <= 1e-10
-    pfid = pytest.importorskip("pytorch_fid.fid_score")
+    import pytorch_fid.fid_score as pfid
+
     pkg = float(pfid.calculate_frechet_distance(m1.numpy(), s1.numpy(), m2.numpy(), s2.numpy()))
     assert rel(ours, pkg) <= 1e-6, f"vs pytorch-fid {pkg:.12g}: rel {rel(ours, pkg):.2e}"
 

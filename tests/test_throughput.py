@@ -210,9 +210,27 @@ def test_checkpoints_load_and_resume_across_options(tmp_path, saved, loaded):
 
 
 def test_export_with_channels_last(tmp_path):
+    """A channels-last module exports the very weights it samples with, loadable by diffusers: every tensor
+    bitwise, except the time embedding's first layer, into which the export folds diffusers' one-step timestep
+    shift (so the exported net at diffusers' t is ours at t + 1)."""
+    from diffusers import UNet2DModel
+
+    from diffproc.methods.base import diffusers_timestep_shift
+
     m = _make(**OPTIONS)
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in m.sampling_net.parameters())
     out = export_module(m, tmp_path / "export")
-    assert (out / "unet").is_dir() or any(out.iterdir())
+    net = UNet2DModel.from_pretrained(out / "unet").eval()
+    loaded, ours = net.state_dict(), m.sampling_net.state_dict()
+    assert loaded.keys() == ours.keys()
+    assert [k for k in ours if not torch.equal(loaded[k], ours[k])] == ["time_embedding.linear_1.weight"]
+    x, t = _images(2), torch.tensor([3, 17])
+    shift = diffusers_timestep_shift(m.process)
+    assert shift == 1
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t).sample, m.sampling_net.eval()(x, t + shift).sample,
+                                   rtol=1e-4, atol=1e-5)
 
 
 # --- every method's config ---------------------------------------------------------------------------------
