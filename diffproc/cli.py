@@ -23,12 +23,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from diffproc.callbacks.checkpoint import Checkpoint
-from diffproc.callbacks.fault import (ImageThroughputMonitor, NonFiniteGuard, cancel_stop_deadline,
-                                     install_stop_deadline)
 from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics
 from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
+from diffproc.callbacks.nonfinite import NonFiniteGuard
 from diffproc.callbacks.posthoc_ema import PostHocEMA
 from diffproc.callbacks.sample_grid import SampleGrid
+from diffproc.callbacks.stop_deadline import cancel_stop_deadline, install_stop_deadline
+from diffproc.callbacks.throughput import ImageThroughputMonitor
 from diffproc.data.base import CorruptImageError, DatasetNotFoundError, ImageDataModule
 from diffproc.methods.base import ConfigError, DiffusionModule
 
@@ -42,8 +43,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     # diffusion training is counted in steps: validate every N steps, across epoch boundaries
     "val_check_interval": 1000,
     "check_val_every_n_epoch": None,
-    # atomic, fsynced checkpoint writes; weights_only=True loads (diffproc/callbacks/fault.py)
-    "plugins": [{"class_path": "diffproc.callbacks.fault.AtomicCheckpointIO"}],
+    # atomic, fsynced checkpoint writes; weights_only=True loads (diffproc/callbacks/atomic_io.py)
+    "plugins": [{"class_path": "diffproc.callbacks.atomic_io.AtomicCheckpointIO"}],
 }
 
 _SPECIAL_CKPT = {"last", "best", "hpc", "registry"}
@@ -294,7 +295,7 @@ def _main(args: Any) -> None:
     except SIGTERMException:  # Lightning's SystemExit subclass carries no exit code: 143 = 128 + SIGTERM
         print("error: stopped by SIGTERM (the last consistent state of a fit is in last.ckpt)", file=sys.stderr)
         sys.exit(143)
-    except FloatingPointError as err:  # NaN/inf loss or weights (methods/base.py, callbacks/fault.py)
+    except FloatingPointError as err:  # NaN/inf loss or weights (methods/base.py, callbacks/nonfinite.py)
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
         if rank_zero_only.rank == 0:
             print(f"error: {err}", file=sys.stderr)

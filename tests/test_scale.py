@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from clitools import REPO, TINY, run_cli
-from diffproc.callbacks.fault import AtomicCheckpointIO, NonFiniteGuard, atomic_torch_save
+from diffproc.callbacks.atomic_io import AtomicCheckpointIO, atomic_torch_save
+from diffproc.callbacks.nonfinite import NonFiniteGuard
 
 
 def _ckpt(path: Path) -> dict:
@@ -191,7 +192,7 @@ def test_atomic_save_survives_crash_mid_write(tmp_path, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # temp file removed
 
     # a real SIGKILL in the middle of writing big checkpoints, repeatedly
-    script = ("import sys, torch\nfrom diffproc.callbacks.fault import atomic_torch_save\n"
+    script = ("import sys, torch\nfrom diffproc.callbacks.atomic_io import atomic_torch_save\n"
               "i = 0\nwhile True:\n    i += 1\n"
               "    atomic_torch_save({'i': i, 'w': torch.full((2_000_000,), float(i))}, sys.argv[1])\n"
               "    print(i, flush=True)\n")

@@ -42,7 +42,7 @@ class Checkpoint(ModelCheckpoint):
         if trainer.state.fn != "fit" or trainer.sanity_checking or not self.save_last:
             return
         # a plain SIGTERMException comes from a safe point (batch boundary, between two evaluations); a
-        # StopDeadlineExceeded (its subclass, diffproc.callbacks.fault) may come from anywhere
+        # StopDeadlineExceeded (its subclass, diffproc.callbacks.stop_deadline) may come from anywhere
         consistent = type(exception) is SIGTERMException or (
             isinstance(exception, (KeyboardInterrupt, SIGTERMException)) and trainer.fit_loop.done)
         if consistent and trainer.global_step != lightning_api.last_global_step_saved(self):

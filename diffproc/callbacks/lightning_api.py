@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 #: (object it lives on, private attribute path, the diffproc code that needs it)
 PRIVATE: tuple[tuple[str, str, str], ...] = (
-    ("Trainer", "_logger_connector.should_update_logs", "fault.ImageThroughputMonitor (log on Lightning's cadence)"),
-    ("Trainer", "_logger_connector.log_metrics", "fault.ImageThroughputMonitor (log at a chosen step)"),
-    ("Trainer", "_evaluation_loop.batch_progress.total.ready", "fault.ImageThroughputMonitor (validation batches)"),
+    ("Trainer", "_logger_connector.should_update_logs", "throughput.ImageThroughputMonitor (log on Lightning's cadence)"),
+    ("Trainer", "_logger_connector.log_metrics", "throughput.ImageThroughputMonitor (log at a chosen step)"),
+    ("Trainer", "_evaluation_loop.batch_progress.total.ready", "throughput.ImageThroughputMonitor (validation batches)"),
     ("Trainer", "_accelerator_connector.cluster_environment", "checkpoint.Checkpoint (SLURM requeue)"),
     ("ModelCheckpoint", "_save_last_checkpoint", "checkpoint.Checkpoint (last.ckpt at a safe point)"),
     ("ModelCheckpoint", "_monitor_candidates", "checkpoint.Checkpoint (the metrics a save records)"),
@@ -30,7 +30,7 @@ PRIVATE: tuple[tuple[str, str, str], ...] = (
     ("ModelCheckpoint", "_remove_checkpoint", "checkpoint.Checkpoint (overridden: deferred removals)"),
     ("Trainer", "_checkpoint_connector.dump_checkpoint", "checkpoint.Checkpoint (the state a deferred write holds)"),
     ("SummaryWriter", "_get_file_writer", "checkpoint.mark_resume_in_tensorboard (restart marker)"),
-    ("cloud_io", "_is_local_file_protocol", "fault.AtomicCheckpointIO (local files are written atomically)"),
+    ("cloud_io", "_is_local_file_protocol", "atomic_io.AtomicCheckpointIO (local files are written atomically)"),
     ("LightningCLI", "_parse_ckpt_path", "diffproc.cli.DiffprocCLI (config stays authoritative on a resume)"),
 )
 
