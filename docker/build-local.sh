@@ -12,7 +12,8 @@
 #      (its RUN pip install gets Lightning, diffusers, ... from PyPI and keeps the base's torch)
 #   5. checks inside the image: configs/, the installed package's shapes classifier weights, then
 #        python /opt/diffproc/cli.py fit --config configs/quickstart.yaml --trainer.max_steps 20
-#      with runs/ bind-mounted from the host; it must exit 0 and leave a last.ckpt at global step 20.
+#      (the image's ENTRYPOINT, in its WORKDIR) with runs/ bind-mounted from the host; it must exit 0 and
+#      leave a last.ckpt at global step 20.
 #
 # Usage (as root; apt-get installs buildah and mmdebstrap when missing):
 #   docker/build-local.sh            # keeps the images (and the rootfs/wheel caches) in $WORK
@@ -22,6 +23,7 @@
 #   STORAGE_DRIVER       overlay or vfs (default: overlay if this kernel mounts it here, else vfs)
 #   PYTHON               the Python whose pip collects the wheels (default python3)
 #   TORCH, TORCHVISION   versions for the base (default 2.14.1 / 0.29.1)
+#   CA_BUNDLE            CA bundle mounted into the image build for pip (default /etc/ssl/certs/ca-certificates.crt)
 # Any failure exits non-zero with the failing step named; nothing is skipped.
 # The images stay in buildah's storage under $WORK; use them with the same options, e.g.
 #   buildah --root $WORK/storage --runroot $WORK/run --storage-driver overlay images
@@ -41,19 +43,33 @@ for a in "$@"; do
 done
 
 WORK=${DIFFPROC_IMAGE_WORK:-/var/tmp/diffproc-image}
+case "$WORK" in /*/*) ;; *) echo "build-local.sh: DIFFPROC_IMAGE_WORK must be an absolute path below a top-level directory, not '$WORK'" >&2; exit 2 ;; esac
 TORCH=${TORCH:-2.14.1}
 TORCHVISION=${TORCHVISION:-0.29.1}
 PYTHON=${PYTHON:-python3}
 BASE_TAG=localhost/diffproc-base:local
 IMAGE_TAG=localhost/diffproc:local
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
 step=""
 t_start=$SECONDS
 t_step=$SECONDS
 begin() { step=$1; t_step=$SECONDS; echo; echo "=== build-local: $step"; }
 done_() { echo "=== build-local: $step done in $((SECONDS - t_step)) s"; }
-trap 'rc=$?; if [ $rc -ne 0 ]; then echo "build-local.sh: FAILED (exit $rc) in step: $step" >&2; fi' EXIT
+B=()
+ctr=""
+finish() {
+  local rc=$?
+  if [ -n "$ctr" ]; then "${B[@]}" rm "$ctr" >/dev/null 2>&1 || true; fi
+  [ "$rc" = 0 ] || echo "build-local.sh: FAILED (exit $rc) in step: $step" >&2
+  if [ "$clean" = 1 ] && [ -d "$WORK" ]; then   # also after a failure: CI must not keep ~15 GB
+    if [ "${#B[@]}" -gt 0 ]; then "${B[@]}" rmi -a -f >/dev/null 2>&1 || true; fi
+    rm -rf "$WORK" && echo "build-local.sh: removed $WORK"
+  fi
+  exit "$rc"
+}
+trap finish EXIT
 
 [ "$(id -u)" = 0 ] || { echo "build-local.sh: run as root (buildah with chroot isolation, mmdebstrap)" >&2; exit 2; }
 
@@ -64,6 +80,11 @@ if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null; then
 fi
 buildah --version
 mkdir -p "$WORK"
+free_gb=$(df -P -BG "$WORK" | awk 'NR == 2 {sub("G", "", $4); print $4}')
+if [ "$free_gb" -lt "${MIN_FREE_GB:-20}" ]; then
+  echo "build-local.sh: only ${free_gb} GB free under $WORK; the build needs about 20 GB at its peak (MIN_FREE_GB)" >&2
+  exit 1
+fi
 if [ -z "${STORAGE_DRIVER:-}" ]; then
   # overlay needs a kernel overlay mount here (root with CAP_SYS_ADMIN, a non-overlay /var/tmp); else vfs,
   # which works anywhere but copies the whole base for every container (slower, several times the disk)
@@ -109,17 +130,20 @@ begin "base image $BASE_TAG (docker/local-base/Containerfile)"
 done_
 
 begin "image $IMAGE_TAG (docker/Dockerfile, --build-arg BASE=$BASE_TAG)"
+# RUN pip install reaches PyPI through the host network; this machine's CA bundle (it holds the CA of the
+# TLS-intercepting proxy, if any) is bind-mounted over the base's for the build only (PIP_CERT points there)
+ca=()
+[ -s "$CA_BUNDLE" ] && ca=(-v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro")
 t_image=$SECONDS
-"${B[@]}" bud --isolation chroot --layers=false --pull=never \
+"${B[@]}" bud --isolation chroot --layers=false --pull=never "${ca[@]}" \
   --build-arg "BASE=$BASE_TAG" -f docker/Dockerfile -t "$IMAGE_TAG" .
 t_image=$((SECONDS - t_image))
+"${B[@]}" rmi --prune >/dev/null 2>&1 || true   # an earlier base or image that lost its tag
 "${B[@]}" images
 done_
 
 begin "what the image holds"
 ctr=$("${B[@]}" from --pull=never "$IMAGE_TAG")
-cleanup_ctr() { "${B[@]}" rm "$ctr" >/dev/null 2>&1 || true; }
-trap 'rc=$?; cleanup_ctr; if [ $rc -ne 0 ]; then echo "build-local.sh: FAILED (exit $rc) in step: $step" >&2; fi' EXIT
 "${B[@]}" run --isolation chroot "$ctr" -- sh -ec '
   cd /opt/diffproc && ls cli.py configs/quickstart.yaml && echo "configs: $(ls configs | tr "\n" " ")"
   cd / && python - <<EOF
@@ -138,11 +162,16 @@ done_
 
 begin "20-step fit inside the image"
 rm -rf "$WORK/runs"; mkdir -p "$WORK/runs"
-fit=(python /opt/diffproc/cli.py fit --config configs/quickstart.yaml --trainer.max_steps 20)
-echo "+ buildah run --isolation chroot -v $WORK/runs:/opt/diffproc/runs <container of $IMAGE_TAG> -- ${fit[*]}"
+# the image's own ENTRYPOINT and WORKDIR (buildah run uses neither by itself): what `docker run <image> fit ...` runs
+"${B[@]}" inspect --type image "$IMAGE_TAG" > "$WORK/image.json"
+mapfile -t entry < <("$PYTHON" -c 'import json, sys; print("\n".join(json.load(open(sys.argv[1]))["OCIv1"]["config"]["Entrypoint"]))' "$WORK/image.json")
+wdir=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["OCIv1"]["config"]["WorkingDir"])' "$WORK/image.json")
+[ "${#entry[@]}" -gt 0 ] && [ -n "$wdir" ] || { echo "the image has no ENTRYPOINT/WORKDIR" >&2; exit 1; }
+fit=("${entry[@]}" fit --config configs/quickstart.yaml --trainer.max_steps 20)
+echo "+ buildah run --isolation chroot --workingdir $wdir -v $WORK/runs:$wdir/runs <container of $IMAGE_TAG> -- ${fit[*]}"
 t_fit=$SECONDS
 set +e
-"${B[@]}" run --isolation chroot --workingdir /opt/diffproc -v "$WORK/runs:/opt/diffproc/runs" "$ctr" -- \
+"${B[@]}" run --isolation chroot --workingdir "$wdir" -v "$WORK/runs:$wdir/runs" "$ctr" -- \
   "${fit[@]}" > "$WORK/fit.log" 2>&1
 fit_rc=$?
 set -e
@@ -151,7 +180,7 @@ tr '\r' '\n' < "$WORK/fit.log" | grep -v '^\s*$' | tail -n 15
 [ "$fit_rc" = 0 ] || { echo "the fit inside the image exited with $fit_rc (log: $WORK/fit.log)" >&2; exit 1; }
 ckpt=$(cd "$WORK/runs" && ls quickstart/version_*/checkpoints/last.ckpt 2>/dev/null | tail -n1)
 [ -n "$ckpt" ] || { echo "no runs/quickstart/version_*/checkpoints/last.ckpt after the fit" >&2; find "$WORK/runs" >&2; exit 1; }
-"${B[@]}" run --isolation chroot --workingdir /opt/diffproc -v "$WORK/runs:/opt/diffproc/runs" "$ctr" -- \
+"${B[@]}" run --isolation chroot --workingdir "$wdir" -v "$WORK/runs:$wdir/runs" "$ctr" -- \
   python -c "import torch; c = torch.load('runs/$ckpt', weights_only=True, map_location='cpu'); \
 assert c['global_step'] == 20, c['global_step']; print('runs/$ckpt: global_step', c['global_step'])"
 done_
@@ -161,9 +190,3 @@ size_image=$("${B[@]}" images --format '{{.Size}}' "$IMAGE_TAG")
 echo
 echo "build-local: OK in $((SECONDS - t_start)) s (storage $STORAGE_DRIVER): $BASE_TAG $size_base, $IMAGE_TAG $size_image;" \
   "docker/Dockerfile build $t_image s; 20-step fit $t_fit s, exit 0, $ckpt at step 20"
-cleanup_ctr
-if [ "$clean" = 1 ]; then
-  "${B[@]}" rmi -a -f >/dev/null 2>&1 || true
-  rm -rf "$WORK"
-  echo "removed $WORK"
-fi
