@@ -81,8 +81,8 @@ fi
 buildah --version
 mkdir -p "$WORK"
 free_gb=$(df -P -BG "$WORK" | awk 'NR == 2 {sub("G", "", $4); print $4}')
-if [ "$free_gb" -lt "${MIN_FREE_GB:-20}" ]; then
-  echo "build-local.sh: only ${free_gb} GB free under $WORK; the build needs about 20 GB at its peak (MIN_FREE_GB)" >&2
+if [ "$free_gb" -lt "${MIN_FREE_GB:-30}" ]; then
+  echo "build-local.sh: only ${free_gb} GB free under $WORK; the build needs about 25 GB at its peak (MIN_FREE_GB, default 30)" >&2
   exit 1
 fi
 if [ -z "${STORAGE_DRIVER:-}" ]; then
