@@ -63,7 +63,7 @@ finish() {
   local rc=$?
   if [ -n "$ctr" ]; then "${B[@]}" rm "$ctr" >/dev/null 2>&1 || true; fi
   [ "$rc" = 0 ] || echo "build-local.sh: FAILED (exit $rc) in step: $step" >&2
-  if [ "$clean" = 1 ] && [ -d "$WORK" ]; then   # also after a failure: CI must not keep ~15 GB
+  if [ "$clean" = 1 ] && [ -d "$WORK" ]; then   # also after a failure: CI must not keep the ~10 GB of images and caches
     if [ "${#B[@]}" -gt 0 ]; then "${B[@]}" rmi -a -f >/dev/null 2>&1 || true; fi
     rm -rf "$WORK" && echo "build-local.sh: removed $WORK"
   fi
