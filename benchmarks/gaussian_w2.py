@@ -41,7 +41,7 @@ from diffproc.processes.gaussian import MultistepState, dpmpp_step
 from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.processes.vp_sde import VPSDEProcess
-from diffproc.samplers import CountingModelFn, sample_loop
+from diffproc.samplers import LOWER_ORDER_FINAL_BELOW, TIME_GRIDS as GRIDS, CountingModelFn, sample_loop, time_grid
 
 REPO = Path(__file__).resolve().parents[1]
 #: the eigenvalue file shipped beside the repository (``../shared/data``)
@@ -158,11 +158,8 @@ def w2_table(lam: Tensor, schemes=tuple(PUBLISHED), grid_points=GRID_POINTS) -> 
 # --- exponential integrators (DPM-Solver++) against DDIM on every Gaussian process ------------------------
 #: NFE budgets of the solver table (1 NFE a step for every solver below)
 SOLVER_NFE = (5, 10, 20, 50, 100)
-#: solvers of the table: DDIM (η = 0), DPM-Solver++(2M), DPM-Solver++(2M) SDE
-TABLE_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde")
-#: time grids: the process's own ``timesteps`` (what ``sample_loop`` uses), uniform in t, quadratic in t
-#: (dense near the data end), uniform in the log-SNR of a reference coordinate
-GRIDS = ("process", "uniform_t", "quadratic", "logsnr")
+#: solvers of the table: DDIM (η = 0), DPM-Solver++(2M), DPM-Solver++(2M) SDE, DPM-Solver++(3M)
+TABLE_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
 RESULTS = REPO / "docs" / "results" / "gaussian_w2"
 
 
@@ -217,46 +214,9 @@ def solver_processes(lam: Tensor) -> dict[str, tuple]:
     }
 
 
-def _ref_log_snr(process, ts: list, shape) -> np.ndarray:
-    a, s = process.alpha_sigma(torch.as_tensor(ts, dtype=torch.float64 if isinstance(ts[0], float) else torch.long))
-    lam = (torch.log(a) - torch.log(s)).reshape(len(ts), -1)
-    return lam.median(dim=1).values.numpy()  # reference coordinate: the median mode (the scalar itself if scalar)
-
-
 def make_grid(process, num_steps: int, kind: str = "process", shape=SHAPE) -> list:
-    """The descending grid of ``num_steps`` steps of kind ``kind`` (:data:`GRIDS`) between the ends of the
-    process's full grid ``timesteps()``: ``process`` = ``timesteps(num_steps)``; ``uniform_t``; ``quadratic``
-    (``t_min + (t_max − t_min)(k/S)²``); ``logsnr`` (uniform in the log-SNR of the median coordinate; a last
-    step to σ = 0 is kept as its own step). Discrete-time processes round to integers (duplicates dropped:
-    the grid may then have fewer steps; the NFE counted says so)."""
-    if kind == "process":
-        return list(process.timesteps(num_steps))
-    full = list(process.timesteps(None))
-    t_max, t_min = full[0], full[-1]
-    discrete = isinstance(t_max, int)
-    S = int(num_steps)
-    if kind in ("uniform_t", "quadratic"):
-        k = np.arange(S, -1, -1) / S
-        ts = t_min + (t_max - t_min) * (k if kind == "uniform_t" else k**2)
-    elif kind == "logsnr":
-        ends_clean = _ref_log_snr(process, [t_min], shape)[0] == np.inf
-        lo = (1 if discrete else 1e-4) if ends_clean else t_min
-        S_in = S - 1 if ends_clean else S
-        dense = np.arange(lo, t_max + 1) if discrete else np.linspace(lo, t_max, 20001)
-        lam_d = _ref_log_snr(process, [type(t_max)(x) for x in dense], shape)
-        target = np.linspace(lam_d[-1], lam_d[0], S_in + 1)  # from t_max (low λ) to lo (high λ)
-        ts = np.interp(target, lam_d[::-1], dense[::-1])
-        if ends_clean:
-            ts = np.append(ts, t_min)
-    else:
-        raise ValueError(f"unknown grid {kind!r}; choose one of {GRIDS}")
-    if discrete:
-        out = []
-        for x in np.rint(ts).astype(int).tolist():
-            if not out or x < out[-1]:
-                out.append(x)
-        return out
-    return [float(x) for x in ts]
+    """The library's time grid (:func:`diffproc.samplers.time_grid`) of ``num_steps`` steps of kind ``kind``."""
+    return time_grid(process, num_steps, kind)
 
 
 def multistep_sde_variance(process, model_fn, grid: list, var_init: Tensor, shape=SHAPE) -> tuple[Tensor, int]:
@@ -273,7 +233,9 @@ def multistep_sde_variance(process, model_fn, grid: list, var_init: Tensor, shap
     for j, (t, t_next) in enumerate(zip(grid[:-1], grid[1:]), start=1):
         xi = torch.zeros_like(u)
         xi[j] = 1.0
-        z = dpmpp_step(process, counted, z, t, t_next, "dpmpp_2m_sde", state, noise=process.from_basis(xi))
+        cap = S - j + 1 if S < LOWER_ORDER_FINAL_BELOW else None  # as sample_loop does
+        z = dpmpp_step(process, counted, z, t, t_next, "dpmpp_2m_sde", state, noise=process.from_basis(xi),
+                       max_order=cap)
     gains = process.to_basis(z)
     return gains[0] ** 2 * var_init + (gains[1:] ** 2).sum(0), counted.calls
 

@@ -187,7 +187,8 @@ class DiffprocPipeline(DiffusionPipeline):
         self.unet.eval()
         try:
             res = sample_loop(process, module.model_fn(self.unet), shape, num_inference_steps or cfg.num_steps,
-                              solver, generator, device, progress=progress, desc=f"sampling ({solver})")
+                              solver, generator, device, progress=progress, desc=f"sampling ({solver})",
+                              grid=module.time_grid)
         finally:
             self.unet.train(was_training)
         image = ((module.decode(res.sample).clamp(-1, 1) + 1) / 2).clamp(0, 1)

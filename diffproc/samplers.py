@@ -14,10 +14,15 @@ define ``alpha_sigma_dot(t) -> (dα/dt, dσ/dt)``: the PF-ODE is ``du/dt = α' �
 can also offer ``ddim_dual`` through :func:`ddim_dual_step`.
 
 Multistep exponential integrators (:data:`~diffproc.processes.base.MULTISTEP_SOLVERS`: ``dpmpp_2m``,
-``dpmpp_2m_sde``) run on any diagonal Gaussian process that lists them in ``solvers``: :func:`sample_loop`
-steps :func:`~diffproc.processes.gaussian.dpmpp_step` along the process's own :meth:`timesteps` grid (the grid
-of ``ancestral``/``ddim``), carrying a :class:`~diffproc.processes.gaussian.MultistepState`. The log-SNR step is
-per coordinate of the process basis; the last step to σ = 0 is first order (returns α' û0).
+``dpmpp_2m_sde``, ``dpmpp_3m``) run on any diagonal Gaussian process that lists them in ``solvers``:
+:func:`sample_loop` steps :func:`~diffproc.processes.gaussian.dpmpp_step` along the time grid, carrying a
+:class:`~diffproc.processes.gaussian.MultistepState`. The log-SNR step is per coordinate of the process basis;
+the last step to σ = 0 is first order (returns α' û0), and on grids of fewer than
+:data:`LOWER_ORDER_FINAL_BELOW` steps the last steps lower the order (diffusers' ``lower_order_final``).
+
+Time grids (:func:`time_grid`, :data:`TIME_GRIDS`): ``process`` (the process's own :meth:`timesteps`, the grid of
+``ancestral``/``ddim``), ``uniform_t``, ``quadratic`` (dense near the data) and ``logsnr`` (uniform in the
+log-SNR of the process's median coordinate). Any solver walks any of them.
 
 NFE: every solver counts calls through :class:`CountingModelFn`; per step Euler 1, Heun 2,
 midpoint 2, RK4 4, DPM-Solver++ 1 (:data:`NFE_PER_STEP`), reported as ``SampleResult.nfe``.
@@ -28,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -41,7 +47,14 @@ from diffproc.processes.gaussian import MultistepState, ddim_dual_step, dpmpp_st
 #: network evaluations per step of each solver
 NFE_PER_STEP: dict[str, int] = {"euler": 1, "heun": 2, "midpoint": 2, "rk4": 4, "ddim_dual": 1,
                                 "ddim": 1, "ancestral": 1, "euler_maruyama": 1,
-                                "dpmpp_2m": 1, "dpmpp_2m_sde": 1}
+                                "dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m": 1}
+#: time grids :func:`time_grid` makes
+TIME_GRIDS: tuple[str, ...] = ("process", "uniform_t", "quadratic", "logsnr")
+#: the ``logsnr`` grid starts no lower than this log-SNR (a process whose first time has α ≈ 0, SIE's t = 1 with
+#: λ ≈ −37, would otherwise spend its first steps where nothing is visible); the grid still starts at t_max
+LOGSNR_FLOOR: float = -10.0
+#: multistep solvers lower their order on the last steps of grids shorter than this (diffusers' rule)
+LOWER_ORDER_FINAL_BELOW: int = 15
 
 
 class CountingModelFn:
@@ -74,18 +87,84 @@ class SampleResult:
         return max(0, len(self.timesteps) - 1)
 
 
-def sampling_grid(process: DiffusionProcess, num_steps: int | None, solver: str | None = None) -> list:
-    """The descending time grid ``solver`` visits with ``num_steps`` steps (``ode_timesteps`` for the ODE
-    solvers). Refuses, rather than silently shortens, a request for more steps than the process has."""
-    grid_fn = process.timesteps
-    if solver in ODE_SOLVERS:
-        grid_fn = getattr(process, "ode_timesteps", grid_fn)
-    grid = list(grid_fn(num_steps))
-    if num_steps is not None and len(grid) - 1 < int(num_steps):
+def _median_log_snr(process: DiffusionProcess, ts: Sequence) -> np.ndarray:
+    """log(α/σ) of the process's median coordinate at each time of ``ts`` (the scalar itself for a scalar
+    schedule; blur: the median DCT mode)."""
+    dtype = torch.long if isinstance(ts[0], int) else torch.float64
+    a, s = process.alpha_sigma(torch.as_tensor(list(ts), dtype=dtype))
+    lam = (torch.log(a.double()) - torch.log(s.double())).reshape(len(ts), -1)
+    return lam.median(dim=1).values.cpu().numpy()
+
+
+def time_grid(process: DiffusionProcess, num_steps: int | None, kind: str = "process") -> list:
+    """The descending time grid of ``num_steps`` steps of kind ``kind`` (:data:`TIME_GRIDS`) between the ends of
+    the process's full grid ``timesteps()``.
+
+    ``process``: ``timesteps(num_steps)``; ``uniform_t``: ``t_k = t_min + (t_max − t_min) k/S``; ``quadratic``:
+    ``t_min + (t_max − t_min)(k/S)²``; ``logsnr``: uniform in the median coordinate's log-SNR from
+    ``max(λ(t_max), LOGSNR_FLOOR)`` to ``λ`` just before the end, the first point kept at ``t_max`` and a last step
+    to σ = 0 kept as its own step. Discrete-time processes round to integers and drop duplicates, so a dense
+    request may come back with fewer steps (the NFE counted says so).
+    """
+    if kind not in TIME_GRIDS:
+        raise ValueError(f"unknown time grid {kind!r}; choose one of {list(TIME_GRIDS)}")
+    if kind == "process" or num_steps is None:
+        return list(process.timesteps(num_steps))
+    if getattr(process, "data_dependent", False) and kind == "logsnr":
+        raise ValueError(f"{type(process).__name__}'s log-SNR depends on the image, so it has no 'logsnr' grid; "
+                         "use time_grid 'process', 'uniform_t' or 'quadratic'")
+    full = list(process.timesteps(None))
+    t_max, t_min = full[0], full[-1]
+    discrete = isinstance(t_max, int)
+    S = int(num_steps)
+    if kind in ("uniform_t", "quadratic"):
+        k = np.arange(S, -1, -1) / S
+        ts = t_min + (t_max - t_min) * (k if kind == "uniform_t" else k**2)
+    else:
+        ends_clean = bool(np.isinf(_median_log_snr(process, [t_min])[0]))
+        lo = (t_min + 1 if discrete else t_min + 1e-4 * (t_max - t_min)) if ends_clean else t_min
+        inner = S - 1 if ends_clean else S
+        lam_hi, lam_lo = _median_log_snr(process, [lo, t_max])  # λ decreases with t
+        target = np.linspace(max(lam_lo, LOGSNR_FLOOR), lam_hi, inner + 1)  # from the noisy end to lo
+        if discrete:
+            dense = np.arange(lo, t_max + 1)
+            ts = np.interp(target, _median_log_snr(process, dense.tolist())[::-1], dense[::-1])
+        else:  # invert λ(t) by bisection (float64, to ~1e-15 of the interval)
+            a, b = np.full_like(target, lo), np.full_like(target, t_max)
+            for _ in range(60):
+                mid = (a + b) / 2
+                above = _median_log_snr(process, mid.tolist()) > target
+                a, b = np.where(above, mid, a), np.where(above, b, mid)
+            ts = (a + b) / 2
+        ts[0], ts[-1] = t_max, lo
+        if ends_clean:
+            ts = np.append(ts, t_min)
+    if discrete:
+        out: list = []
+        for x in np.rint(ts).astype(int).tolist():
+            if not out or x < out[-1]:
+                out.append(x)
+        return out
+    return [float(x) for x in ts]
+
+
+def sampling_grid(process: DiffusionProcess, num_steps: int | None, solver: str | None = None,
+                  grid: str = "process") -> list:
+    """The descending time grid ``solver`` visits with ``num_steps`` steps: ``ode_timesteps`` for the ODE
+    solvers on the ``process`` grid, otherwise :func:`time_grid` of kind ``grid``. Refuses, rather than silently
+    shortens, a request for more steps than the process has."""
+    if grid == "process" and solver in ODE_SOLVERS and hasattr(process, "ode_timesteps"):
+        out = list(process.ode_timesteps(num_steps))
+    else:
+        out = time_grid(process, num_steps, grid)
+    most = len(out) - 1
+    if grid != "process":  # a dense discrete grid may lose duplicates: refuse only what the full chain lacks
+        most = max(most, len(process.timesteps(None)) - 1)
+    if num_steps is not None and int(num_steps) > most:
         raise ValueError(f"num_steps={num_steps} is more than {type(process).__name__} can take: its grid has "
-                         f"{len(grid) - 1} steps at most (num_timesteps={getattr(process, 'num_timesteps', '?')}). "
-                         f"Ask for {len(grid) - 1} or fewer steps")
-    return grid
+                         f"{most} steps at most (num_timesteps={getattr(process, 'num_timesteps', '?')}). "
+                         f"Ask for {most} or fewer steps")
+    return out
 
 
 def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[int],
@@ -93,8 +172,9 @@ def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[in
                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32, z_init: Tensor | None = None,
                 timesteps: Sequence | None = None, progress: bool = False,
-                desc: str = "sampling") -> SampleResult:
-    """Run ``process.reverse_step`` along ``process.timesteps(num_steps)`` (or an explicit grid).
+                desc: str = "sampling", grid: str = "process") -> SampleResult:
+    """Run ``process.reverse_step`` (or a multistep / ODE solver) along the ``grid`` time grid of ``num_steps``
+    steps (:func:`sampling_grid`) or an explicit descending grid ``timesteps``.
 
     ``z_init`` replaces the prior draw (e.g. SDEdit starts from a noised guide at ``timesteps[0]``).
     Returns the state at the last time of the grid, in the process domain.
@@ -103,19 +183,21 @@ def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[in
     if solver not in process.solvers:
         raise ValueError(process.unknown_solver_message(solver))
     if solver in ODE_SOLVERS:
-        return ode_sample(process, model_fn, shape, num_steps, solver, generator, device, dtype,
-                          z_init=z_init, timesteps=timesteps, progress=progress, desc=desc)
-    grid = list(timesteps) if timesteps is not None else sampling_grid(process, num_steps, solver)
+        return ode_sample(process, model_fn, shape, num_steps, solver, generator, device, dtype, z_init=z_init,
+                          timesteps=timesteps, progress=progress, desc=desc, grid=grid)
+    ts = list(timesteps) if timesteps is not None else sampling_grid(process, num_steps, solver, grid)
     counted = CountingModelFn(model_fn)
     z = z_init if z_init is not None else process.prior(tuple(shape), generator, device, dtype)
-    pairs = list(zip(grid[:-1], grid[1:]))
+    pairs = list(zip(ts[:-1], ts[1:]))
     state = MultistepState() if solver in MULTISTEP_SOLVERS else None
-    for t, t_next in tqdm(pairs, desc=desc, disable=not progress, leave=False):
-        if state is not None:
-            z = dpmpp_step(process, counted, z, t, t_next, solver, state, generator=generator)
+    short = len(pairs) < LOWER_ORDER_FINAL_BELOW
+    for j, (t, t_next) in enumerate(tqdm(pairs, desc=desc, disable=not progress, leave=False)):
+        if state is not None:  # on a short grid, the last step is first order and the one before at most second
+            cap = len(pairs) - j if short else None
+            z = dpmpp_step(process, counted, z, t, t_next, solver, state, generator=generator, max_order=cap)
         else:
             z = process.reverse_step(counted, z, t, t_next, solver=solver, generator=generator)
-    return SampleResult(sample=z, nfe=counted.calls, timesteps=grid, solver=solver)
+    return SampleResult(sample=z, nfe=counted.calls, timesteps=ts, solver=solver)
 
 
 # --- probability-flow ODE ---------------------------------------------------------------------------
@@ -168,16 +250,17 @@ def ode_sample(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[int
                generator: torch.Generator | None = None, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32, z_init: Tensor | None = None,
                timesteps: Sequence | None = None, progress: bool = False,
-               desc: str = "sampling") -> SampleResult:
-    """Integrate the process's probability-flow ODE from the prior along ``ode_timesteps(num_steps)``
-    (or an explicit descending grid) with ``solver`` in :data:`ODE_SOLVERS`; exact NFE is counted."""
+               desc: str = "sampling", grid: str = "process") -> SampleResult:
+    """Integrate the process's probability-flow ODE from the prior along ``ode_timesteps(num_steps)`` (or the
+    ``grid`` time grid, or an explicit descending grid) with ``solver`` in :data:`ODE_SOLVERS`; exact NFE is
+    counted."""
     if solver not in ODE_SOLVERS:
         raise ValueError(f"unknown ODE solver {solver!r}; choose one of {ODE_SOLVERS}")
     _velocity_fn(process)  # fail before drawing anything
-    grid = list(timesteps) if timesteps is not None else sampling_grid(process, num_steps, solver)
+    ts = list(timesteps) if timesteps is not None else sampling_grid(process, num_steps, solver, grid)
     counted = CountingModelFn(model_fn)
     z = z_init if z_init is not None else process.prior(tuple(shape), generator, device, dtype)
-    pairs = list(zip(grid[:-1], grid[1:]))
+    pairs = list(zip(ts[:-1], ts[1:]))
     for t, t_next in tqdm(pairs, desc=desc, disable=not progress, leave=False):
         z = ode_step(process, counted, z, t, t_next, solver)
-    return SampleResult(sample=z, nfe=counted.calls, timesteps=grid, solver=solver)
+    return SampleResult(sample=z, nfe=counted.calls, timesteps=ts, solver=solver)

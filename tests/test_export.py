@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DPMSolverMultistepScheduler, UNet2DModel
 from PIL import Image
 
 from clitools import REPO, TINY, run_cli
@@ -136,6 +136,13 @@ def test_ddpm_export_samples_like_diffproc_in_ddpm_and_ddim_pipelines(tmp_path, 
                                                           progress=False).images)
     print("max abs diff (DDPM export)", kw, diffs)
     assert max(diffs.values()) <= TOL, diffs
+    # the card names diffusers' scheduler of diffproc's DPM-Solver++ solvers, and the folder runs with it
+    assert "DPMSolverMultistepScheduler" in (out / "README.md").read_text()
+    pipe = DDPMPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_lu_lambdas=True)
+    img = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=8, output_type="pt").images
+    assert img.shape == (2, 3, SIZE, SIZE) and torch.isfinite(img).all()
 
 
 # --- export: every other method -> DiffprocPipeline, against cli.py predict ----------------------------------

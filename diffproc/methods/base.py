@@ -21,7 +21,7 @@ from torchvision.utils import make_grid, save_image
 
 from diffproc.processes.base import DiffusionProcess, deprecated, seeded_generator
 from diffproc.processes.ddpm import DDPMProcess
-from diffproc.samplers import NFE_PER_STEP, SampleResult, sample_loop, sampling_grid
+from diffproc.samplers import NFE_PER_STEP, TIME_GRIDS, SampleResult, sample_loop, sampling_grid
 
 #: a small CPU-friendly default backbone (overridden by every paper config)
 DEFAULT_UNET: dict[str, Any] = {
@@ -259,7 +259,10 @@ class DiffusionModule(L.LightningModule):
             ``ema_start_step``/``ema_every_n_steps`` as in the papers' code. Sampling, validation
             and checkpoints use/carry the EMA weights.
         solver, num_steps: default solver (one of the process's ``solvers``) and number of reverse steps
-            for :meth:`sample`. ``sampler``/``sampling_steps``: their former names (deprecated, still
+            for :meth:`sample`. time_grid: the time grid they walk (:data:`~diffproc.samplers.TIME_GRIDS`):
+            ``process`` (the process's own spacing), ``uniform_t``, ``quadratic`` or ``logsnr`` (uniform in the
+            log-SNR of the median coordinate; the best grid for the DPM-Solver++ family,
+            docs/results/gaussian_w2). ``sampler``/``sampling_steps``: their former names (deprecated, still
             accepted for one release).
         predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
         seed: base seed of sampling in predict/test: sample ``i`` draws all its noise from ``(seed, i)``
@@ -297,7 +300,7 @@ class DiffusionModule(L.LightningModule):
                  sampler: Optional[str] = None, sampling_steps: Optional[int] = None,
                  init_from: Optional[str] = None, compile_train: CompileMode = "none",
                  compile_sample: CompileMode = "none", channels_last: bool = False,
-                 fused_optimizer: bool = False) -> None:
+                 fused_optimizer: bool = False, time_grid: str = "process") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["process"])
         solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
@@ -320,6 +323,9 @@ class DiffusionModule(L.LightningModule):
         self.image_size, self.channels = int(image_size), int(channels)
         self.solver = solver or process.default_solver
         self.num_steps = num_steps
+        if time_grid not in TIME_GRIDS:
+            raise ConfigError(f"model.init_args.time_grid must be one of {list(TIME_GRIDS)}, got {time_grid!r}")
+        self.time_grid = time_grid
         if num_steps is not None and int(num_steps) < 1:
             raise ConfigError(f"num_steps must be >= 1 (or null for the process's full chain), got {num_steps}")
         self.check_sampling(num_steps, self.solver, "model.init_args.solver/num_steps")
@@ -517,7 +523,7 @@ class DiffusionModule(L.LightningModule):
 
             res = sample_loop(self.process, guarded, shape, num_steps or self.num_steps,
                               solver or self.solver, generator, self.device, progress=progress,
-                              desc=desc or f"sampling ({solver or self.solver})")
+                              desc=desc or f"sampling ({solver or self.solver})", grid=self.time_grid)
         finally:
             net.train(was_training)
         res.images = self.decode(res.sample).clamp(-1, 1)
@@ -526,7 +532,8 @@ class DiffusionModule(L.LightningModule):
     def planned_nfe(self, num_steps: Optional[int] = None, solver: Optional[str] = None) -> int:
         """Network evaluations :meth:`sample` will spend per image with these settings."""
         solver = solver or self.solver
-        return (len(sampling_grid(self.process, num_steps or self.num_steps, solver)) - 1) * NFE_PER_STEP.get(solver, 1)
+        grid = sampling_grid(self.process, num_steps or self.num_steps, solver, self.time_grid)
+        return (len(grid) - 1) * NFE_PER_STEP.get(solver, 1)
 
     def check_sampling(self, num_steps: Optional[int], solver: Optional[str] = None, where: str = "num_steps") -> None:
         """Refuse, with :class:`ConfigError`, a ``(num_steps, solver)`` request this process cannot run as asked
@@ -535,7 +542,7 @@ class DiffusionModule(L.LightningModule):
         if solver not in self.process.solvers:
             raise ConfigError(f"{where}: {self.process.unknown_solver_message(solver)}")
         try:
-            sampling_grid(self.process, num_steps, solver)
+            sampling_grid(self.process, num_steps, solver, self.time_grid)
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
 

@@ -21,7 +21,7 @@ ODE_SOLVERS: tuple[str, ...] = ("euler", "heun", "midpoint", "rk4")
 #: exponential-integrator multistep solvers of diagonal Gaussian processes (DPM-Solver++ family; a step needs
 #: the previous step's prediction, so ``diffproc.samplers.sample_loop`` runs them with a small state, not
 #: through ``reverse_step``): see :func:`diffproc.processes.gaussian.dpmpp_step`
-MULTISTEP_SOLVERS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde")
+MULTISTEP_SOLVERS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
 
 
 class DiffusionProcess(ABC):

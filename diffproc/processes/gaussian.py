@@ -309,46 +309,74 @@ DATA_DEPENDENT_REFUSAL = (
 
 @dataclass
 class MultistepState:
-    """What a multistep exponential integrator carries from one step to the next: the previous step's data
-    prediction ``u0`` (basis coefficients, work dtype) and its per-coordinate log-SNR step ``h`` (float64
-    grid, ``(B,)`` or ``(B, H, W)``). Empty before the first step (which is then first order)."""
+    """What a multistep exponential integrator carries from one step to the next: the data predictions of the
+    last two steps ``u0`` (newest) and ``u0_2`` (basis coefficients, work dtype) and their per-coordinate log-SNR
+    steps ``h``, ``h_2`` (float64 grids, ``(B,)`` or ``(B, H, W)``). Empty before the first step."""
 
     u0: Tensor | None = None
     h: Tensor | None = None
+    u0_2: Tensor | None = None
+    h_2: Tensor | None = None
     steps: int = 0
 
 
+#: order of each multistep solver (the first steps and, on short grids, the last ones run lower)
+MULTISTEP_ORDER: dict[str, int] = {"dpmpp_2m": 2, "dpmpp_2m_sde": 2, "dpmpp_3m": 3}
+
+
+def _usable(h_prev: Tensor | None, h: Tensor, final: Tensor) -> Tensor:
+    """Coordinates where a correction from a previous step with log-SNR step ``h_prev`` can be used: it exists
+    and is finite (a step from λ = −∞, SIE's t = 1, has none) and this step does not end at σ = 0."""
+    if h_prev is None:
+        return torch.zeros_like(final)
+    return torch.isfinite(h_prev) & ~final
+
+
 def dpmpp_step(process, model_fn: ModelFn, z: Tensor, t, t_next, solver: str, state: MultistepState,
-               generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
-    """One step ``t → t_next`` of DPM-Solver++(2M) (``dpmpp_2m``; Lu et al. 2022, "DPM-Solver++", Alg. 2) or
-    its stochastic variant (``dpmpp_2m_sde``; k-diffusion's ``sample_dpmpp_2m_sde``, midpoint form, η = 1 =
-    diffusers' ``sde-dpmsolver++``) with data prediction, on any diagonal Gaussian process. 1 NFE.
+               generator: torch.Generator | None = None, noise: Tensor | None = None,
+               max_order: int | None = None) -> Tensor:
+    """One step ``t → t_next`` of DPM-Solver++(2M) (``dpmpp_2m``; Lu et al. 2022, "DPM-Solver++", Alg. 2), its
+    stochastic variant (``dpmpp_2m_sde``; k-diffusion's ``sample_dpmpp_2m_sde``, midpoint form, η = 1 =
+    diffusers' ``sde-dpmsolver++``) or DPM-Solver++(3M) (``dpmpp_3m``; the third-order multistep update of Lu et
+    al.'s §3.2, with the second-difference term taken at full weight, see below) with data prediction, on any
+    diagonal Gaussian process. 1 NFE.
 
     Everything is per coordinate of the process basis: ``λ_k(t) = log(α_k(t)/σ_k(t))``,
     ``h_k = λ_k(t_next) − λ_k(t)`` (so blur diffusion's per-DCT-mode α, σ are integrated mode by mode). With
-    ``D = û0 + (1/(2 r)) (û0 − û0_prev)``, ``r = h_prev / h`` (``D = û0`` on the first step)::
+    ``φ1 = 1 − e^{−h}`` and the data predictions ``m0`` (this step), ``m1``, ``m2`` (the two before)::
 
-        ODE:  u' = (σ'/σ) u + α' (1 − e^{−h}) D
-        SDE:  u' = (σ'/σ) e^{−h} u + α' (1 − e^{−2h}) D + σ' √(1 − e^{−2h}) ξ
+        ODE 1st order:  u' = (σ'/σ) u + α' φ1 m0                      (= α' m0 + σ' ε̂: DDIM, η = 0, exactly)
+        2M:             + α' φ1 (h / 2h1) (m0 − m1)                   (h1: the previous step's h)
+        2M SDE:         u' = (σ'/σ) e^{−h} u + α' (1 − e^{−2h}) D + σ' √(1 − e^{−2h}) ξ,  D as in 2M
+        3M:             u' = (σ'/σ) u + α' φ1 m0 + α' φ2 d1 − α' φ3 d2,   φ2 = 1 − φ1/h,  φ3 = φ2/h − 1/2,
+                        r0 = h1/h, r1 = h2/h, e0 = (m0 − m1)/r0, e1 = (m1 − m2)/r1,
+                        d1 = e0 + r0 (e0 − e1)/(r0 + r1),  d2 = 2 (e0 − e1)/(r0 + r1)
 
-    The first-order ODE step is DDIM (η = 0) exactly: ``(σ'/σ) u + α' (1 − e^{−h}) û0 = α' û0 + σ' ε̂``.
+    3M is the Taylor expansion of ``x̂0(λ)`` to second order inside the exact integral
+    ``α' ∫_0^h e^{−(h−τ)} x̂0(λ + τ) dτ``: ``d1 ≈ h x̂0'``, ``d2 ≈ h² x̂0''`` and ``∫ e^{−(h−τ)} τ²/2 dτ = −h² φ3``.
+    The multistep third-order update of the DPM-Solver code and of diffusers (``solver_order=3``) takes
+    ``d2 = (e0 − e1)/(r0 + r1) ≈ h² x̂0''/2``, half that weight; with the exact denoiser of a Gaussian law on a
+    log-SNR-uniform grid it measures order 2.0 here, this form 3.0 (``tests/test_dpm_solver.py``,
+    ``test_convergence_order``).
+
+    The order rises with the history (first step 1st order, second step 2nd, ...) and is capped by
+    ``max_order`` (``sample_loop`` lowers it on the last steps of a short grid, diffusers'
+    ``lower_order_final``).
 
     **Final step to σ = 0** (``t_next = 0`` on DDPM/blur/GDDM/SIE grids; λ = +∞): the step is taken first
     order, which is the formulas' limit ``h → ∞``: ``u' = α' û0`` (= û0 when α' = 1), no noise — DDIM's last
-    step and k-diffusion's ``x = denoised``. (The 2M correction's weight ``α'(1 − e^{−h}) h / (2 h_prev)``
-    diverges there, so it is dropped; diffusers' ``lower_order_final`` does the same.) Coordinates are
-    handled one by one, so a grid where only some σ_k vanish is fine. A grid that stops at ``σ > 0``
-    (VP SDE's ``t = eps``) keeps the second-order step to the end.
+    step and k-diffusion's ``x = denoised``. (The correction weights diverge there, so they are dropped.)
+    Coordinates are handled one by one, so a grid where only some σ_k vanish is fine.
 
     ``state`` (a :class:`MultistepState`) is updated in place. ``noise`` (SDE only) is a standard-normal draw
     shaped like ``z`` in the process domain; by default ``process.noise_like(z, generator)`` (a
-    :class:`~diffproc.processes.base.PerSampleGenerator` makes each sample's stream its own). The grid is
-    whatever the caller passes: ``sample_loop`` uses the process's own :meth:`timesteps`.
+    :class:`~diffproc.processes.base.PerSampleGenerator` makes each sample's stream its own).
     """
     if solver not in MULTISTEP_SOLVERS:
         raise ValueError(f"unknown multistep solver {solver!r}; choose one of {MULTISTEP_SOLVERS}")
     if getattr(process, "data_dependent", False):
         raise ValueError(DATA_DEPENDENT_REFUSAL.format(name=type(process).__name__, solver=solver))
+    order = min(MULTISTEP_ORDER[solver], max_order or 3, state.steps + 1)
     B, dev = z.shape[0], z.device
     # continuous times in float64 (a python float would become float32); discrete ones stay integers
     tb = batch_times(torch.as_tensor(t, dtype=torch.float64) if isinstance(t, float) else t, B, dev)
@@ -364,16 +392,32 @@ def dpmpp_step(process, model_fn: ModelFn, z: Tensor, t, t_next, solver: str, st
     sde = solver == "dpmpp_2m_sde"
     ratio = torch.where(final, torch.zeros_like(s_n), s_n / s_t)
     hh = 2.0 * h if sde else h
-    c_d = a_n * -torch.expm1(-hh)  # α' (1 − e^{−h}) or α' (1 − e^{−2h}); = α' at the final step
+    phi1 = -torch.expm1(-hh)  # 1 − e^{−h} (1 − e^{−2h} for the SDE); = 1 at the final step
+    c_d = a_n * phi1
     c_u = ratio * torch.exp(-h) if sde else ratio
     out = bcast(c_u, u) * u + bcast(c_d, u) * u0
-    if state.u0 is not None:
-        half_inv_r = torch.where(final | ~torch.isfinite(state.h), torch.zeros_like(h), h / (2.0 * state.h))
-        out = out + bcast(c_d * half_inv_r, u) * (u0 - state.u0)
+    zero = torch.zeros_like(h)
+    use1 = _usable(state.h, h, final) if order >= 2 else torch.zeros_like(final)
+    use2 = use1 & _usable(state.h_2, h, final) if order >= 3 else torch.zeros_like(final)
+    if use2.any():  # third order where both previous steps are usable
+        hs = torch.where(use2, h, torch.ones_like(h))
+        r0 = torch.where(use2, state.h / hs, torch.ones_like(h))
+        r1 = torch.where(use2, state.h_2 / hs, torch.ones_like(h))
+        phi2 = 1.0 - phi1 / hs
+        phi3 = phi2 / hs - 0.5
+        e0 = bcast(1.0 / r0, u) * (u0 - state.u0)
+        e1 = bcast(1.0 / r1, u) * (state.u0 - state.u0_2)
+        d1 = e0 + bcast(r0 / (r0 + r1), u) * (e0 - e1)
+        d2 = bcast(2.0 / (r0 + r1), u) * (e0 - e1)  # ≈ h² x̂0''(λ) (see the docstring)
+        out = out + bcast(torch.where(use2, a_n * phi2, zero), u) * d1 - bcast(torch.where(use2, a_n * phi3, zero), u) * d2
+    if (use1 & ~use2).any():  # second order (2M's midpoint form) where only the last step is usable
+        w = torch.where(use1 & ~use2, h / (2.0 * torch.where(use1, state.h, torch.ones_like(h))), zero)
+        out = out + bcast(c_d * w, u) * (u0 - state.u0)
     if sde:
         c_n = torch.where(final, torch.zeros_like(s_n), s_n * (-torch.expm1(-hh)).clamp_min(0.0).sqrt())
         if not bool(final.all()):
             xi = noise if noise is not None else process.noise_like(z, generator)
             out = out + bcast(c_n, u) * process.to_basis(xi.to(wd))
+    state.u0_2, state.h_2 = state.u0, state.h
     state.u0, state.h, state.steps = u0, h, state.steps + 1
     return process.from_basis(out).to(z.dtype)
