@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--floor", action="store_true",
                     help="add the floor row: --num-samples real train images against the reference (with "
                          "--reference-split test), measured exactly like a method's samples")
+    ap.add_argument("--time-grid", default="process", choices=("process", "uniform_t", "quadratic", "logsnr"),
+                    help="time grid every solver walks in the evaluation (diffproc.samplers.time_grid; default: each "
+                         "process's own spacing)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="seed blocks for sampling (EDM convention, e.g. --seeds 0 1000 2000 with --num-samples 1000): "
                          "block s = samples s .. s+num_samples-1 of --seed, each measured separately; the tables "
@@ -290,6 +293,7 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
         step = checkpoint_step(ckpt)
         model, dm = load(str(rd / "config.yaml"), str(ckpt), [])
         model = model.to(device).eval()
+        model.time_grid = args.time_grid
         if extractor is None:
             ex_name = resolve_extractor_name(args.extractor, dm)
             extractor = build_extractor(ex_name, args.feature_extractor_weights_path).to(device).eval()
@@ -313,7 +317,8 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
             key = (name, c["solver"], c["target_nfe"])
             base = {"method": name, "solver": c["solver"], "target_nfe": c["target_nfe"], "steps": c["steps"],
                     "note": c["note"], "train_step": step, "num_samples": args.num_samples, "seed": args.seed,
-                    "seeds": args.seeds, "unet_params": n_params, "reference": ref_id}
+                    "seeds": args.seeds, "unet_params": n_params, "reference": ref_id,
+                    "time_grid": args.time_grid}
             is_top = c["solver"] == default and c["target_nfe"] == top_nfe
             spath = samples_dir / f"{name}.pt"
             old = cached.get(key)
@@ -322,7 +327,8 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
                 continue
             if (old and old.get("skip") is None and old.get("train_step") == step and old.get("num_samples") == args.num_samples
                     and old.get("seed") == args.seed and old.get("seeds", [0]) == args.seeds
-                    and old.get("reference") == ref_id and (not is_top or spath.is_file())):
+                    and old.get("reference") == ref_id and old.get("time_grid", "process") == args.time_grid
+                    and (not is_top or spath.is_file())):
                 log(f"{name} {c['solver']:>9} NFE {c['target_nfe']:>4}: cached")
                 rows.append(old)
                 if is_top:
