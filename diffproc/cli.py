@@ -1,7 +1,8 @@
 """``DiffprocCLI``: LightningCLI with diffproc's defaults.
 
 * ``fit | validate | test | predict`` with ``--config configs/<method>_<dataset>.yaml``;
-* ``model`` and ``data`` are chosen by class path (``diffproc.methods.ddpm.DDPM``, ...);
+* ``model`` and ``data`` are chosen by class path (``diffproc.methods.base.DiffusionModule`` with its
+  ``process`` by class path, ``diffproc.methods.gddm.GDDM``, ...);
 * ``data.image_size`` and ``data.channels`` are linked into the model (said once);
 * TensorBoard logger under ``runs/<name>/version_N`` with the resolved ``config.yaml`` saved there;
 * ``ModelCheckpoint(save_last=True)`` (also saved when fit ends) (``--checkpoint.*``), sample grids (``--sample_grid.*``);
