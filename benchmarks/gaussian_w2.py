@@ -204,7 +204,7 @@ def solver_processes(lam: Tensor) -> dict[str, tuple]:
     """``{name: (process, λ in the process basis, state shape)}`` of the table: VP SDE (score_sde, as in the
     published table), DDPM (T = 1000, linear β), SIE (sin schedule, dual heads), blur diffusion (DCT basis,
     quartic blur, data range [-1, 1]) and GDDM (gradient domain, aux DC); clipping off everywhere."""
-    blur = BlurProcess(image_size=SHAPE[1], channels=SHAPE[0], clip_x0=False, data_range="minus_one_one")
+    blur = BlurProcess(clip_x0=False, data_range="minus_one_one").set_geometry(SHAPE[1], SHAPE[0])
     lam_dct = stationary_spectrum(lam)
     gddm = GradientDomainProcess(clip_x0=False)
     lam_g = gddm_spectrum(gddm, lam_dct)

@@ -47,7 +47,7 @@ class PerModeVP(GaussianProcess):
 
 
 def _blur() -> BlurProcess:
-    return BlurProcess(image_size=8, channels=1, clip_x0=False, data_range="minus_one_one")
+    return BlurProcess(clip_x0=False, data_range="minus_one_one").set_geometry(8, 1)
 
 
 def _lam(shape, seed=0) -> torch.Tensor:
@@ -227,11 +227,11 @@ def test_epdm_refuses_with_reason():
 def test_module_sample_through_diffusion_module(solver):
     """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.solver``): exact
     NFE, and the same images whatever the batch split (per-sample noise of the SDE variant)."""
-    from diffproc.methods.ddpm import DDPM
+    from diffproc.methods.base import DiffusionModule
 
     torch.manual_seed(0)
-    m = DDPM(num_timesteps=50, image_size=8, channels=3, ema_decay=0,
-             unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6)
+    m = DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3, ema_decay=0,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6)
     whole = m.sample(5, seed=11, progress=False)
     assert whole.nfe == 6 and whole.solver == solver
     parts = torch.cat([m.sample(len(ix), seed=11, indices=ix, progress=False).images for ix in ([0, 1], [2, 3, 4])])
@@ -239,9 +239,8 @@ def test_module_sample_through_diffusion_module(solver):
 
 
 def test_epdm_module_refuses_at_config_time():
-    from diffproc.methods.base import ConfigError
-    from diffproc.methods.epdm import EPDM
+    from diffproc.methods.base import ConfigError, DiffusionModule
 
     with pytest.raises(ConfigError, match="depends on the clean image x0"):
-        EPDM(image_size=8, channels=1, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1},
-             solver="dpmpp_2m")
+        DiffusionModule(process=EdgePreservingProcess(), image_size=8, channels=1, ema_decay=0,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver="dpmpp_2m")

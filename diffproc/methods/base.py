@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from diffproc.methods.sdedit import sdedit_predict_step
-from diffproc.processes.base import DiffusionProcess, seeded_generator
+from diffproc.processes.base import DiffusionProcess, build_process, seeded_generator
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.samplers import NFE_PER_STEP, SampleResult, sample_loop, sampling_grid
 
@@ -238,6 +238,12 @@ def images_of(batch: Any) -> Tensor:
     return batch[0]
 
 
+def as_process(process: DiffusionProcess | dict) -> DiffusionProcess:
+    """``process``, or the process of a ``{class_path, init_args}`` config (what the hyperparameters hold, so that
+    ``load_from_checkpoint`` rebuilds a module)."""
+    return build_process(process) if isinstance(process, dict) else process
+
+
 def check_options(hp: Any) -> None:
     """Refuse, with :class:`ConfigError`, values of the module's own options that cannot work."""
     for name, ok, want in (("lr", hp.lr > 0, "> 0"), ("ema_decay", 0 <= hp.ema_decay < 1, "in [0, 1)"),
@@ -259,8 +265,9 @@ class DiffusionModule(L.LightningModule):
     """Shared LightningModule of all methods.
 
     Args:
-        process: the forward process, configured by class path (``{class_path, init_args}``); its arguments
-            are saved in the hyperparameters as ``process`` (its :attr:`~DiffusionProcess.config`).
+        process: the forward process, configured by class path (``{class_path, init_args}``; in Python a process
+            object, or that config as a dict); its arguments are saved in the hyperparameters as ``process`` (its
+            :attr:`~DiffusionProcess.config`).
         image_size, channels: image geometry (linked from the DataModule by the CLI), also given to the
             process (:meth:`~DiffusionProcess.set_geometry`).
         unet: backbone config, see :func:`build_unet`.
@@ -309,6 +316,7 @@ class DiffusionModule(L.LightningModule):
                  compile_sample: CompileMode = "none", channels_last: bool = False,
                  fused_optimizer: bool = False) -> None:
         super().__init__()
+        process = as_process(process)
         self.save_hyperparameters(ignore=["process"])
         self.hparams["process"] = process.config
         check_options(self.hparams)

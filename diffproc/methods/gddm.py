@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffproc.methods.base import ConfigError, DiffusionModule, build_unet, images_of
+from diffproc.methods.base import ConfigError, DiffusionModule, as_process, build_unet, images_of
 from diffproc.ops import dct2
 from diffproc.processes.base import randn_like
 from diffproc.processes.gradient import GradientDomainProcess
@@ -141,6 +141,7 @@ class GDDM(DiffusionModule):
                  poisson_net_stage: PoissonStage = "separate", poisson_residual: bool = True,
                  poisson_aug_sigma: float = 0.05, poisson_curl_noise: float = 0.0,
                  poisson_loss_weight: float = 1.0, poisson_lr: Optional[float] = None, **kwargs: Any) -> None:
+        process = as_process(process)
         check_gddm_options(process, reconstruction, sigma_data_mode, poisson_net_stage)
         super().__init__(process=process, **kwargs)
         self.process: GradientDomainProcess
