@@ -79,6 +79,14 @@ def blur_schedule(f_type: FType, num_timesteps: int, f_1: float, f_n: float) -> 
     raise ValueError(f"unknown f_type {f_type!r}; choose one of {F_TYPES}")
 
 
+def cumulative_tables(f: Tensor, betas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(F, ᾱ, log(1 − β))`` for i = 0..N (float64) from f(0..N) and β_1..β_N: ``F(i) = Σ_{1≤j≤i} f(j)``,
+    ``ᾱ_i = Π_{j≤i}(1 − β_j)`` with ``F(0) = 0``, ``ᾱ_0 = 1`` and ``log(1 − β_0) = 0``."""
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    return (torch.cat([zero, torch.cumsum(f[1:], 0)]), torch.cat([one, torch.cumprod(1.0 - betas, 0)]),
+            torch.cat([zero, torch.log1p(-betas)]))
+
+
 def official_layout_quirk(spectrum: Tensor, channels: int) -> Tensor:
     """The official code's channel-layout bug (§0 finding 2) as a ``(C, H, W)`` grid.
 
@@ -134,21 +142,18 @@ class BlurProcess(GaussianProcess):
                  variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
                  clip_x0: bool = True, loss_reduction: Literal["mean", "sum"] = "mean",
                  default_solver: str = "official") -> None:
-        if basis not in ("dct", "toeplitz_eig"):
-            raise ValueError(f"basis must be 'dct' or 'toeplitz_eig', got {basis!r}")
-        if kernel not in ("sampled", "heat"):
-            raise ValueError(f"kernel must be 'sampled' or 'heat', got {kernel!r}")
-        super().__init__(prediction=prediction, basis=None, variance=variance, eta=eta, clip_x0=clip_x0,
-                         loss_reduction=loss_reduction)
-        if default_solver not in self.solvers:
-            raise ValueError(f"default_solver must be one of {self.solvers}, got {default_solver!r}")
-        if data_range not in ("zero_one", "minus_one_one"):
-            raise ValueError(f"data_range must be 'zero_one' or 'minus_one_one', got {data_range!r}")
+        for name, value, allowed in (("basis", basis, ("dct", "toeplitz_eig")), ("kernel", kernel, ("sampled", "heat")),
+                                     ("default_solver", default_solver, self.solvers),
+                                     ("data_range", data_range, ("zero_one", "minus_one_one"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if sig <= 0 or sig_min < 0 or sig_max < 0:
             raise ValueError(f"need sig > 0 and sig_min, sig_max >= 0; got sig={sig}, sig_min={sig_min}, "
                              f"sig_max={sig_max}")
+        super().__init__(prediction=prediction, basis=None, variance=variance, eta=eta, clip_x0=clip_x0,
+                         loss_reduction=loss_reduction)
         self.default_solver = default_solver
-        self.image_size: tuple[int, int] | None = None
+        self.image_size: tuple[int, int] | None = None  # set_geometry
         self.channels: int | None = None
         self.spectrum_floor = float(spectrum_floor)
         self.num_timesteps = int(num_timesteps)
@@ -157,16 +162,10 @@ class BlurProcess(GaussianProcess):
         self.invert_spectrum, self.quirk = bool(invert_spectrum), bool(official_layout_quirk)
         self.data_range, self.spacing = data_range, spacing
         self.x0_range = (0.0, 1.0) if data_range == "zero_one" else (-1.0, 1.0)
-
         self.betas = make_betas(schedule, self.num_timesteps, beta_start, beta_end)
-        #: f(i), i = 0..N (float64); F(i) = Σ_{1≤j≤i} f(j), F(0) = 0
+        #: f(i), i = 0..N (float64); F(i) = Σ_{1≤j≤i} f(j), F(0) = 0; ᾱ_i (ᾱ_0 = 1); log(1 − β_i) (index 0: 0)
         self.f = blur_schedule(f_type, self.num_timesteps, (sig_min / sig) ** 2, (sig_max / sig) ** 2)
-        self.F = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.f[1:], 0)])
-        ab = torch.cumprod(1.0 - self.betas, 0)
-        #: ᾱ_i for i = 0..N (ᾱ_0 = 1), float64
-        self.alphas_bar = torch.cat([torch.ones(1, dtype=torch.float64), ab])
-        #: log(1 − β_i), i = 0..N (index 0 unused, = 0)
-        self.log_keep = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log1p(-self.betas)])
+        self.F, self.alphas_bar, self.log_keep = cumulative_tables(self.f, self.betas)
         #: spectrum D actually used: (H, W), or (C, H, W) with the layout quirk; float64 (:meth:`set_geometry`)
         self.spectrum: Tensor | None = None
         self._tables: dict[str, tuple[Tensor, ...]] = {}
