@@ -476,13 +476,15 @@ def test_cli_fit_gradient(tmp_path):
         assert key in s and math.isfinite(s[key]), key
     assert s["val/sparsity_domain_frac"] > s["val/sparsity_image_frac"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["hyper_parameters"]["domain"] == "gradient"
+    process = ckpt["hyper_parameters"]["process"]
+    assert process["class_path"] == "diffproc.processes.gradient.GradientDomainProcess"
+    assert process["init_args"]["domain"] == "gradient"
     # the default image view: the UNet sees and predicts a C-channel image, the state is 2C field + C aux
     assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 3
     assert ckpt["state_dict"]["unet.conv_out.weight"].shape[0] == 3
     # the config's sigma_data_mode: spectrum_colour (issue 14): estimated at fit start, kept in the checkpoint
     assert ckpt["hyper_parameters"]["sigma_data_mode"] == "spectrum_colour"
-    assert ckpt["hyper_parameters"]["noise_cap"] == 1.0  # docs/gddm.md §6
+    assert process["init_args"]["noise_cap"] == 1.0  # docs/gddm.md §6
     sd = ckpt["state_dict"]["sigma_data_spectrum"]
     assert sd.shape == (3, 16, 16) and float(ckpt["state_dict"]["sigma_data_count"]) > 0
     assert float(sd[0, 0, 0]) > float(sd[0, 8, 8]) > 0

@@ -13,7 +13,6 @@ of sample indices; :class:`~diffproc.methods.base.DiffusionModule` then runs
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Any, Literal, Optional
 
 import torch
