@@ -170,9 +170,8 @@ def test_nfe_accounting_and_grid():
         assert torch.isfinite(res.sample).all()
     # DDIM grids divided by T
     assert InterpolationProcess(spacing="uniform").timesteps(10)[:2] == [0.901, 0.801]
-    with pytest.warns(FutureWarning, match="spacing: ddim_uniform.*deprecated.*spacing: uniform"):
-        old = InterpolationProcess(spacing="ddim_uniform")
-    assert old.spacing == "uniform" and old.timesteps(10) == InterpolationProcess(spacing="uniform").timesteps(10)
+    with pytest.raises(ValueError, match="spacing"):  # 0.1's spelling (python -m diffproc.convert rewrites it)
+        InterpolationProcess(spacing="ddim_uniform")
 
 
 def test_ode_solvers_for_any_gaussian_process():
