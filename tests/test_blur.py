@@ -69,7 +69,7 @@ def test_sig_max_zero_is_ddpm(basis):
 # --- 2. marginal equals Markov recursion ------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [dict(), dict(basis="toeplitz_eig"), dict(kernel="heat", f_type="linear"),
                                  dict(f_type="triangular", sig_min=0.1),
-                                 dict(official_layout_quirk=True, channels=3)])
+                                 dict(official_layout_quirk=True)])
 def test_marginal_equals_markov(cfg):
     """(sqrt(Ā_i), 1−Ā_i) equals iterating u_i = sqrt(a_i) u_{i−1} + sqrt(b_i) z in (mean factor, var),
     per coefficient, for i ∈ {1, 10, 500, N}, to 1e-12."""
