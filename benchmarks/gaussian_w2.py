@@ -215,7 +215,7 @@ def solver_processes(lam: Tensor) -> dict[str, tuple]:
     published table), DDPM (T = 1000, linear β), SIE (sin schedule, dual heads), blur diffusion (DCT basis,
     quartic blur, data range [-1, 1]) and GDDM (gradient domain, aux DC); clipping off everywhere."""
     shape = tuple(lam.shape)
-    blur = BlurProcess(image_size=shape[1], channels=shape[0], clip_x0=False, data_range="minus_one_one")
+    blur = BlurProcess(clip_x0=False, data_range="minus_one_one").set_geometry(shape[1], shape[0])
     lam_dct = stationary_spectrum(lam, shape)
     gddm = GradientDomainProcess(clip_x0=False)
     lam_g = gddm_spectrum(gddm, lam_dct)

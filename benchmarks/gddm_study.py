@@ -5,7 +5,7 @@ results in docs/gddm.md and docs/results/gddm_shapes/).
     # runs come from `cli.py fit ... --checkpoint.save_top_k -1 --checkpoint.every_n_train_steps 500`
     python benchmarks/gddm_study.py --runs ddpm/s0=RUNS/ddpm_s0/version_0 gddm/s0=RUNS/gddm_s0/version_0 \
         --ckpt-steps 500 1000 2000 --num-samples 1000 --out docs/results/gddm_shapes \
-        --variant literal_sampling --model.init_args.clip_image false
+        --variant literal_sampling --model.init_args.process.init_args.clip_image false
 
 For every run (``LABEL=RUN_DIR``; the label's part before ``/`` names the method, the part after it the
 training seed), every checkpoint step in ``--ckpt-steps`` and every sampling variant (``default`` = the

@@ -22,13 +22,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffproc.data.shapes import generate_shapes
-from diffproc.methods.ddpm import DDPM
+from diffproc.methods.base import DiffusionModule
+from diffproc.processes.ddpm import DDPMProcess
 
 
-def make_module(args: argparse.Namespace) -> DDPM:
+def make_module(args: argparse.Namespace) -> DiffusionModule:
     unet = {"block_out_channels": args.widths, "layers_per_block": args.layers,
             "attention_resolutions": args.attention}
-    return DDPM(image_size=args.image_size, unet=unet, lr=2e-4, warmup_steps=10, ema_decay=0.999)
+    return DiffusionModule(process=DDPMProcess(), image_size=args.image_size, unet=unet, lr=2e-4, warmup_steps=10,
+                           ema_decay=0.999)
 
 
 def loader(args: argparse.Namespace) -> DataLoader:

@@ -1,7 +1,7 @@
 """diffproc: Lightning framework for image diffusion models with non-standard forward processes.
 
-Subpackages are imported lazily (``import diffproc.methods.ddpm``) so that importing one room never
+Subpackages are imported lazily (``import diffproc.methods.base``) so that importing one room never
 pulls in another.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

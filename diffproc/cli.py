@@ -1,7 +1,8 @@
 """``DiffprocCLI``: LightningCLI with diffproc's defaults.
 
 * ``fit | validate | test | predict`` with ``--config configs/<method>_<dataset>.yaml``;
-* ``model`` and ``data`` are chosen by class path (``diffproc.methods.ddpm.DDPM``, ...);
+* ``model`` and ``data`` are chosen by class path (``diffproc.methods.base.DiffusionModule`` with its
+  ``process`` by class path, ``diffproc.methods.gddm.GDDM``, ...);
 * ``data.image_size`` and ``data.channels`` are linked into the model (said once);
 * TensorBoard logger under ``runs/<name>/version_N`` with the resolved ``config.yaml`` saved there;
 * ``ModelCheckpoint(save_last=True)`` (also saved when fit ends) (``--checkpoint.*``), sample grids (``--sample_grid.*``);
@@ -246,10 +247,18 @@ def check_checkpoint(path: str, model: DiffusionModule) -> None:
         raise ConfigError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict'); a diffusers export "
                           f"folder goes to --model.init_args.init_from instead")
     saved = ckpt.get("hyper_parameters") or {}
+    process = saved["process"].get("class_path") if isinstance(saved.get("process"), dict) else None
+    if saved and process is None:
+        raise ConfigError(f"checkpoint {path} has no process in its hyperparameters: a diffproc 0.1 checkpoint? Convert "
+                          f"it with python -m diffproc.convert {path} NEW.ckpt (and its config the same way)")
     here = f"{type(model).__module__}.{type(model).__qualname__}"
     if saved.get("_class_path") and saved["_class_path"] != here:
         raise ConfigError(f"checkpoint {path} was written by {saved['_class_path']}, this config builds {here}: "
                           f"use the config the run was trained with (runs/<name>/version_N/config.yaml)")
+    here_process = model.process.config["class_path"]
+    if process is not None and process != here_process:
+        raise ConfigError(f"checkpoint {path} was written with the process {process}, this config builds "
+                          f"{here_process}: use the config the run was trained with (runs/<name>/version_N/config.yaml)")
     state, mine = ckpt["state_dict"], model.state_dict()
     missing = [k for k in mine if k not in state]
     unexpected = [k for k in state if k not in mine]

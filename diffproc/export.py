@@ -10,9 +10,9 @@ The folder holds
   the same folder. diffusers calls the UNet with the 0-based timestep ``t - 1`` for diffproc's ``t``: that shift is
   folded into the exported time embedding (:func:`~diffproc.methods.base.shift_time_input`), so both pipelines
   sample what diffproc samples from the same noise (DDIM grids agree when ``num_inference_steps`` divides T);
-* every other method: :class:`~diffproc.pipelines.DiffprocPipeline` (diffproc's process and reverse steps) with a
-  :class:`~diffproc.pipelines.DiffprocScheduler` config naming the method and its arguments, plus GDDM's Poisson
-  network when it has one;
+* every other process: :class:`~diffproc.pipelines.DiffprocPipeline` (diffproc's process and reverse steps) with a
+  :class:`~diffproc.pipelines.DiffprocScheduler` config holding the process's own config (class path and
+  arguments), plus GDDM's decoding options and Poisson network when it has one;
 * ``README.md``: a model card with the method, its config, the training steps and ``metrics.json`` when found
   (next to the run's checkpoints, or ``--metrics``).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import shutil
@@ -33,7 +34,9 @@ import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffproc.methods.base import ConfigError, DiffusionModule, diffusers_timestep_shift, shift_time_input
-from diffproc.pipelines import EXTRA_COMPONENTS, DiffprocPipeline, DiffprocScheduler, method_class, state_to_config
+from diffproc.methods.gddm import GDDM
+from diffproc.pipelines import EXTRA_COMPONENTS, DiffprocPipeline, DiffprocScheduler, state_to_config
+from diffproc.processes.base import build_process
 
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 VARIANCE_TYPES = {"fixedsmall": "fixed_small", "fixedlarge": "fixed_large"}
@@ -41,6 +44,19 @@ BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 
 # --- checkpoint -> module ---------------------------------------------------------------------------
+def method_class(path: str) -> type[DiffusionModule]:
+    """The ``DiffusionModule`` (sub)class named by ``path`` (``package.module.Class``). A module outside ``diffproc``
+    is imported only when the caller has imported it already (a checkpoint never makes us run new code)."""
+    module_name, _, name = str(path).rpartition(".")
+    if module_name.split(".")[0] == "diffproc":
+        importlib.import_module(module_name)
+    cls = getattr(sys.modules.get(module_name), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionModule)):
+        raise ConfigError(f"method {path!r} is not an importable diffproc DiffusionModule class (a 0.1 checkpoint "
+                          "converts with python -m diffproc.convert; a class outside diffproc must be imported first)")
+    return cls
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint not found: {path}")
@@ -66,7 +82,7 @@ def method_path_of(ckpt: dict, ckpt_path: str | os.PathLike, method: Optional[st
         if isinstance(model, dict) and model.get("class_path"):
             return str(model["class_path"])
     raise ConfigError(f"{ckpt_path}: cannot tell which method it holds (no class path in the checkpoint, no "
-                      f"{config}); pass --method, e.g. --method diffproc.methods.ddpm.DDPM")
+                      f"{config}); pass --method, e.g. --method diffproc.methods.base.DiffusionModule")
 
 
 def load_module(ckpt_path: str | os.PathLike, method: Optional[str] = None) -> tuple[DiffusionModule, dict]:
@@ -74,7 +90,10 @@ def load_module(ckpt_path: str | os.PathLike, method: Optional[str] = None) -> t
     ckpt = read_checkpoint(ckpt_path)
     cls = method_class(method_path_of(ckpt, ckpt_path, method))
     hparams = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    module = cls(**hparams)
+    if not isinstance(hparams.get("process"), dict):
+        raise ConfigError(f"{ckpt_path} has no process config in its hyperparameters: a 0.1 checkpoint? Convert it "
+                          "first: python -m diffproc.convert OLD.ckpt NEW.ckpt")
+    module = cls(process=build_process(hparams.pop("process")), **hparams)
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:
         raise ConfigError(f"{ckpt_path} does not fit {cls.__name__} built from its own hyperparameters "
@@ -86,7 +105,8 @@ def load_module(ckpt_path: str | os.PathLike, method: Optional[str] = None) -> t
 def ddpm_scheduler(module: DiffusionModule) -> DDPMScheduler:
     """A ``DDPMScheduler`` equal to a DDPM process (named schedule if diffusers computes the same alpha-bar to
     1e-6, else ``trained_betas``). Pair it with a UNet shifted by :func:`diffusers_timestep_shift`."""
-    p, hp = module.process, module.hparams
+    p = module.process
+    hp = p.config["init_args"]
     common = dict(num_train_timesteps=p.num_timesteps, variance_type=VARIANCE_TYPES[p.variance],
                   clip_sample=bool(p.clip_x0), clip_sample_range=1.0, prediction_type=PREDICTION_TYPES[p.prediction],
                   timestep_spacing="leading", steps_offset=0)
@@ -115,11 +135,13 @@ def build_pipeline(module: DiffusionModule, method: str):
         if name not in ("unet", "ema_unet", *EXTRA_COMPONENTS) and any(True for _ in child.parameters()):
             raise ConfigError(f"{method} has a network {name!r} that the export does not know how to carry")
     state = {k: v for k, v in module.state_dict().items() if not k.startswith(owned)}
-    hp = module.hparams
-    scheduler = DiffprocScheduler(method=method, method_args=json.loads(json.dumps(dict(hp), default=list)),
-                                  image_size=module.image_size, channels=module.channels, solver=module.solver,
-                                  num_steps=module.num_steps, seed=int(hp.get("seed", 0)),
-                                  module_state=state_to_config(state))
+    gddm = None
+    if isinstance(module, GDDM):
+        gddm = {"reconstruction": module.reconstruction, "poisson_residual": bool(module.hparams.poisson_residual)}
+    scheduler = DiffprocScheduler(process=module.process.config, image_size=module.image_size,
+                                  channels=module.channels, solver=module.solver, num_steps=module.num_steps,
+                                  seed=int(module.hparams.get("seed", 0)), gddm=gddm,
+                                  module_state=state_to_config(state), time_grid=module.time_grid)
     nets = {n: _export_unet(net, 0) for n, net in extra.items() if net is not None}
     return DiffprocPipeline(unet=unet, scheduler=scheduler, **nets)
 
@@ -191,13 +213,13 @@ def _usage(pipe, out_name: str) -> str:
         "images = pipe(batch_size=16, seed=0).images       # = cli.py predict's PNGs 0..15 (same seed)\n"
         "```\n\n"
         "The pipeline runs diffproc's own process (reverse steps and decoding), rebuilt from `scheduler/` "
-        f"(method `{pipe.scheduler.config.method}`). Options: `num_inference_steps`, `solver`, `generator` "
+        f"(process `{pipe.scheduler.config.process['class_path']}`). Options: `num_inference_steps`, `solver`, `generator` "
         "(one or one per sample), `seed`/`indices`, `output_type` (`pil`, `np`, `pt`).")
 
 
 def model_card(module: DiffusionModule, method: str, pipe, has_raw: bool, info: dict) -> str:
     hp = json.loads(json.dumps({k: v for k, v in dict(module.hparams).items() if not k.startswith("_")}, default=list))
-    name = method.rsplit(".", 1)[-1]
+    name = type(module.process).__name__
     weights = (f"EMA (`ema_decay` {hp.get('ema_decay')})" if module.ema_unet is not None else "raw (no EMA)")
     lines = [
         "---", "library_name: diffusers", "pipeline_tag: unconditional-image-generation",
@@ -242,8 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("checkpoint", help="a diffproc checkpoint (e.g. runs/<name>/version_N/checkpoints/last.ckpt)")
     ap.add_argument("out", help="output folder (diffusers format)")
     ap.add_argument("--raw", action="store_true", help="also write the raw (non-EMA) UNet to unet_raw/")
-    ap.add_argument("--method", help="method class path, when the checkpoint does not name it "
-                                     "(e.g. diffproc.methods.sie.SIE)")
+    ap.add_argument("--method", help="module class path, when the checkpoint does not name it "
+                                     "(e.g. diffproc.methods.gddm.GDDM)")
     ap.add_argument("--metrics", help="metrics.json for the model card (default: <run dir>/metrics.json if present)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     args = ap.parse_args(argv)
@@ -260,4 +282,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["export_checkpoint", "export_module", "load_module", "ddpm_scheduler", "build_pipeline", "main"]
+__all__ = ["export_checkpoint", "export_module", "load_module", "method_class", "ddpm_scheduler", "build_pipeline", "main"]

@@ -3,9 +3,10 @@
 * DDPM/DDIM export to diffusers' own ``DDPMPipeline`` / ``DDIMPipeline`` (a ``DDPMScheduler`` config equal to
   the process); loading those needs no diffproc.
 * Every other process (GDDM/LDDM, EPDM, blur diffusion, SIE) exports to :class:`DiffprocPipeline`: the UNet
-  (plus GDDM's Poisson network when it has one) and a :class:`DiffprocScheduler` whose config names the method
-  and its constructor arguments. The pipeline rebuilds that method's process and runs diffproc's own reverse
-  steps (:func:`diffproc.samplers.sample_loop`) and decoding, so it samples exactly what ``cli.py predict`` does::
+  (plus GDDM's Poisson network when it has one) and a :class:`DiffprocScheduler` whose config holds the process's
+  own config (class path and constructor arguments), the image geometry and GDDM's decoding options and state.
+  The pipeline rebuilds the process from that config and runs diffproc's own reverse steps
+  (:func:`diffproc.samplers.sample_loop`) and decoding, so it samples exactly what ``cli.py predict`` does::
 
       from diffproc.pipelines import DiffprocPipeline
       pipe = DiffprocPipeline.from_pretrained("export/sie")          # diffusers' from_pretrained, offline
@@ -14,45 +15,23 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from torch import Tensor
+from torch import Tensor, nn
 
-from diffproc.methods.base import ConfigError, DiffusionModule
-from diffproc.processes.base import PerSampleGenerator, seeded_generator
+from diffproc.methods.base import ConfigError
+from diffproc.methods.gddm import known_dc, poisson_reconstruct, use_sigma_data
+from diffproc.processes.base import DiffusionProcess, PerSampleGenerator, build_process, seeded_generator
 from diffproc.samplers import sample_loop
 
-#: backbone the method is built with inside the scheduler (only its process and decoding are used there)
-_PLACEHOLDER_UNET = {"block_out_channels": [4], "layers_per_block": 1, "attention_resolutions": []}
 #: components of a module that are exported as pipeline components, besides the (EMA) UNet
 EXTRA_COMPONENTS = ("poisson_net",)
 #: largest non-network state (e.g. GDDM's dataset mean) kept in the scheduler config, in elements
 MAX_MODULE_STATE = 65536
-
-
-def method_class(path: str) -> type[DiffusionModule]:
-    """The ``DiffusionModule`` subclass named by ``path`` (``package.module.Class``). A module outside ``diffproc``
-    is imported only when the caller has imported it already (a folder's config never makes us run new code)."""
-    module_name, _, name = str(path).rpartition(".")
-    if not module_name:
-        raise ConfigError(f"method {path!r} is not a class path (package.module.Class)")
-    if module_name in sys.modules:
-        module = sys.modules[module_name]
-    elif module_name == "diffproc" or module_name.startswith("diffproc."):
-        module = importlib.import_module(module_name)
-    else:
-        raise ConfigError(f"method {path!r}: import {module_name} before loading this pipeline (only diffproc's own "
-                          "methods are imported on demand)")
-    cls = getattr(module, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, DiffusionModule)):
-        raise ConfigError(f"method {path!r} is not a diffproc DiffusionModule subclass")
-    return cls
 
 
 def state_to_config(state: dict[str, Tensor]) -> dict[str, dict]:
@@ -71,45 +50,51 @@ def state_from_config(cfg: Optional[dict]) -> dict[str, Tensor]:
 
 
 class DiffprocScheduler(SchedulerMixin, ConfigMixin):
-    """The method behind a :class:`DiffprocPipeline`: which ``DiffusionModule`` subclass (``method``), its
-    constructor arguments (``method_args``, the checkpoint's hyperparameters), the image geometry, the sampling
-    defaults (``solver``, ``num_steps``, ``seed``) and the module's small state outside its networks
-    (``module_state``, e.g. GDDM's running dataset mean). :meth:`method_module` builds that method once (with a
-    placeholder backbone: only its process and :meth:`~DiffusionModule.decode` are used); its process defines the
-    time grid (:meth:`set_timesteps`) and the reverse steps (:meth:`step`).
+    """The process behind a :class:`DiffprocPipeline`: its config (``process``: ``{class_path, init_args}``, as
+    :attr:`~diffproc.processes.base.DiffusionProcess.config` writes it), the image geometry, the sampling defaults
+    (``solver``, ``num_steps``, ``seed``, ``time_grid``) and, for GDDM, its decoding options (``gddm``: ``reconstruction``,
+    ``poisson_residual``) and small state outside its networks (``module_state``: dataset mean, σ_data spectrum).
+    :attr:`process` rebuilds the process once; it defines the time grid (:meth:`set_timesteps`), the reverse steps
+    (:meth:`step`) and, with :meth:`decode`, the images.
     """
 
     config_name = "scheduler_config.json"
     order = 1
 
     @register_to_config
-    def __init__(self, method: str = "diffproc.methods.ddpm.DDPM", method_args: Optional[dict] = None,
-                 image_size: int = 32, channels: int = 3, solver: Optional[str] = None,
-                 num_steps: Optional[int] = None, seed: int = 0, module_state: Optional[dict] = None) -> None:
-        self._module: Optional[DiffusionModule] = None
+    def __init__(self, process: Optional[dict] = None, image_size: int = 32, channels: int = 3,
+                 solver: Optional[str] = None, num_steps: Optional[int] = None, seed: int = 0,
+                 gddm: Optional[dict] = None, module_state: Optional[dict] = None, time_grid: str = "process") -> None:
+        self._process: Optional[DiffusionProcess] = None
         self.timesteps: list = []
 
-    def method_module(self) -> DiffusionModule:
-        """The method (built once), in eval mode, with the exported non-network state loaded."""
-        if self._module is None:
-            cfg = self.config
-            args = {k: v for k, v in dict(cfg.method_args or {}).items() if not k.startswith("_")}
-            args.update(image_size=cfg.image_size, channels=cfg.channels, unet=_PLACEHOLDER_UNET, ema_decay=0.0,
-                        init_from=None)
-            module = method_class(cfg.method)(**args)
-            state = state_from_config(cfg.module_state)
-            if state:
-                missing = set(state) - set(module.state_dict())
-                if missing:
-                    raise ConfigError(f"{cfg.method} has no state {sorted(missing)}: this folder was exported from "
-                                      "another version of the method")
-                module.load_state_dict(state, strict=False)
-            self._module = module.eval().requires_grad_(False)
-        return self._module
-
     @property
-    def process(self):
-        return self.method_module().process
+    def process(self) -> DiffusionProcess:
+        """The process rebuilt from its config, with the image geometry and GDDM's σ_data state."""
+        if self._process is None:
+            cfg = self.config
+            if not cfg.process:
+                raise ConfigError("this scheduler config has no process: the folder was exported by another "
+                                  "version of diffproc; export the checkpoint again")
+            process = build_process(cfg.process).set_geometry(cfg.image_size, cfg.channels)
+            state = state_from_config(cfg.module_state)
+            if "sigma_data_spectrum" in state:
+                use_sigma_data(process, state["sigma_data_spectrum"], state.get("sigma_data_colour_basis"))
+            self._process = process
+        return self._process
+
+    def decode(self, z: Tensor, poisson_net: Optional[nn.Module] = None) -> Tensor:
+        """Final domain state -> images in [-1, 1] (not clipped): the process's ``from_domain``, or GDDM's
+        reconstruction (DC mode, Poisson network)."""
+        cfg = self.config
+        if cfg.gddm is None:
+            return self.process.from_domain(z)
+        state = state_from_config(cfg.module_state)
+        dc_mean = state.get("dc_mean", torch.zeros(cfg.channels, dtype=torch.float64))
+        known = self.process.dataset_mean is not None or float(state.get("dc_count", 0.0)) > 0
+        dc = known_dc(self.process, z, None, dc_mean, known)
+        return poisson_reconstruct(self.process, z, dc, poisson_net, cfg.gddm["reconstruction"],
+                                   cfg.gddm["poisson_residual"])
 
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Any = None) -> None:
         """The descending grid ``[t_N, ..., t_0]`` of the process for that many steps (config default if None)."""
@@ -153,17 +138,18 @@ class DiffprocPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, poisson_net=poisson_net)
 
-    def method_module(self) -> DiffusionModule:
-        """The scheduler's method with this pipeline's extra networks attached, on the pipeline's device."""
-        module = self.scheduler.method_module()
-        for name in EXTRA_COMPONENTS:
-            if getattr(module, name, None) is not None:
-                net = getattr(self, name, None)
-                if net is None:
-                    raise ConfigError(f"{self.scheduler.config.method} needs the component {name!r}, which this "
-                                      "pipeline folder does not have")
-                setattr(module, name, net)
-        return module.to(self.unet.device)
+    def model_fn(self, z: Tensor, t: Tensor) -> Tensor:
+        """The exported UNet as the process sees it (time in the process's network convention)."""
+        tt = self.scheduler.process.model_time(t.to(z.device)).expand(z.shape[0])
+        return self.unet(z, tt).sample.to(z.dtype)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Final domain state -> images in [-1, 1] (the scheduler's decoding with this pipeline's Poisson net)."""
+        net = getattr(self, "poisson_net", None)
+        gddm = self.scheduler.config.gddm
+        if net is None and gddm is not None and "poisson_net" in (gddm["reconstruction"], self.scheduler.process.dc_mode):
+            raise ConfigError("this GDDM needs the component 'poisson_net', which this pipeline folder does not have")
+        return self.scheduler.decode(z, net)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1,
@@ -171,7 +157,6 @@ class DiffprocPipeline(DiffusionPipeline):
                  num_inference_steps: Optional[int] = None, solver: Optional[str] = None,
                  seed: Optional[int] = None, indices: Optional[Sequence[int]] = None,
                  output_type: str = "pil", return_dict: bool = True, progress: bool = False):
-        module = self.method_module()
         cfg = self.scheduler.config
         device = self.unet.device
         if seed is not None:
@@ -180,18 +165,22 @@ class DiffprocPipeline(DiffusionPipeline):
             if len(generator) != batch_size:
                 raise ValueError(f"{len(generator)} generators for batch_size={batch_size}")
             generator = _GeneratorList(generator)
-        process = module.process
+        process = self.scheduler.process
         shape = (batch_size, process.domain_channels(cfg.channels), cfg.image_size, cfg.image_size)
         solver = solver or cfg.solver or process.default_solver
-        was_training = self.unet.training
-        self.unet.eval()
+        nets = [n for n in (self.unet, getattr(self, "poisson_net", None)) if n is not None]
+        was_training = [n.training for n in nets]
+        for n in nets:
+            n.eval()
         try:
-            res = sample_loop(process, module.model_fn(self.unet), shape, num_inference_steps or cfg.num_steps,
+            res = sample_loop(process, self.model_fn, shape, num_inference_steps or cfg.num_steps,
                               solver, generator, device, progress=progress, desc=f"sampling ({solver})",
-                              grid=module.time_grid)
+                              grid=cfg.get("time_grid", "process"))
+            image = self.decode(res.sample)
         finally:
-            self.unet.train(was_training)
-        image = ((module.decode(res.sample).clamp(-1, 1) + 1) / 2).clamp(0, 1)
+            for n, was in zip(nets, was_training):
+                n.train(was)
+        image = ((image.clamp(-1, 1) + 1) / 2).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
@@ -201,4 +190,4 @@ class DiffprocPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
 
-__all__ = ["DiffprocPipeline", "DiffprocScheduler", "method_class"]
+__all__ = ["DiffprocPipeline", "DiffprocScheduler"]

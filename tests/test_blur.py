@@ -39,7 +39,7 @@ def test_sig_max_zero_is_ddpm(basis):
     (to 1e-12), and the official step is Song et al.'s VP reverse-diffusion predictor
     ``x ← (2 − sqrt(1−β_i)) x − β_i ε̂ / sqrt(1−ᾱ_i) + sqrt(β_i) z``."""
     kw = dict(data_range="minus_one_one", clip_x0=True)
-    bp = BlurProcess(image_size=8, channels=2, sig_max=0.0, basis=basis, **kw)
+    bp = BlurProcess(sig_max=0.0, basis=basis, **kw).set_geometry(8, 2)
     dp = DDPMProcess(clip_x0=True)
     assert torch.equal(bp.F, torch.zeros_like(bp.F))
     x0, eps = _x((4, 2, 8, 8), 0).clamp(-1, 1), _x((4, 2, 8, 8), 1)
@@ -69,11 +69,11 @@ def test_sig_max_zero_is_ddpm(basis):
 # --- 2. marginal equals Markov recursion ------------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [dict(), dict(basis="toeplitz_eig"), dict(kernel="heat", f_type="linear"),
                                  dict(f_type="triangular", sig_min=0.1),
-                                 dict(official_layout_quirk=True, channels=3)])
+                                 dict(official_layout_quirk=True)])
 def test_marginal_equals_markov(cfg):
     """(sqrt(Ā_i), 1−Ā_i) equals iterating u_i = sqrt(a_i) u_{i−1} + sqrt(b_i) z in (mean factor, var),
     per coefficient, for i ∈ {1, 10, 500, N}, to 1e-12."""
-    p = BlurProcess(image_size=8, **cfg)
+    p = BlurProcess(**cfg).set_geometry(8, 3)
     shape = p.spectrum.shape
     mean_fac, var = torch.ones(shape, dtype=F64), torch.zeros(shape, dtype=F64)
     for i in range(1, N + 1):
@@ -95,7 +95,7 @@ def test_unit_variance_white_data():
     """White data with s = 1: Var(u_i) = Ā s² + 1 − Ā = 1 for all i, k (closed form to 1e-15), and the
     forward sampler's empirical coefficient variance is 1 (pooled over 64 coefficients x 4000 images:
     sd of the estimate sqrt(2/256000) = 0.0028, tolerance 5 sd)."""
-    p = BlurProcess(image_size=8, channels=1)
+    p = BlurProcess().set_geometry(8, 1)
     a, s = p.alpha_sigma(torch.arange(N + 1))
     assert (a**2 + s**2 - 1).abs().max() < 1e-15
     n = 4000
@@ -109,7 +109,7 @@ def test_unit_variance_white_data():
 def test_score_from_eps_matches_closed_form(basis):
     """Official ``fb.sanity``: −Mᵀ(σ⁻¹ ⊙ M ε) equals −Mᵀ((1−Ā)⁻¹ ⊙ M(x_i − mean_i)) (official MAE < 1e-2;
     here 1e-10 in float64)."""
-    p = BlurProcess(image_size=8, channels=3, basis=basis)
+    p = BlurProcess(basis=basis).set_geometry(8, 3)
     x0, eps = _x((4, 3, 8, 8), 0), _x((4, 3, 8, 8), 1)
     t = torch.tensor([1, 50, 500, 999])
     xi = p.forward(x0, t, eps)
@@ -126,14 +126,14 @@ def test_score_from_eps_matches_closed_form(basis):
 def test_coarse_to_fine_monotone(cfg):
     """Ā_i(k) is non-increasing in i for every k and in each frequency index k_h, k_w for every i;
     the DCT's DC coefficient decays exactly like DDPM (D = 1, no blur of the mean)."""
-    p = BlurProcess(image_size=16, channels=3, **cfg)
+    p = BlurProcess(**cfg).set_geometry(16, 3)
     A = p.alpha_sigma(torch.arange(N + 1))[0] ** 2  # (N+1, H, W)
     assert (A.diff(dim=0) <= 1e-15).all()
     assert (A.diff(dim=1) <= 1e-15).all() and (A.diff(dim=2) <= 1e-15).all()
     assert A[-1, -1, -1] < 0.5 * A[-1, 0, 0]  # real blur at the end
     if p.basis_kind == "dct":
         assert torch.allclose(A[:, 0, 0], p.alphas_bar, rtol=1e-14, atol=0)
-    inv = BlurProcess(image_size=16, channels=3, invert_spectrum=True, **cfg)
+    inv = BlurProcess(invert_spectrum=True, **cfg).set_geometry(16, 3)
     Ai = inv.alpha_sigma(torch.tensor([N - 1]))[0][0]
     assert Ai[0, 0] < Ai[-1, -1]  # fine-to-coarse ablation: low frequencies go first
 
@@ -144,8 +144,8 @@ def test_layout_quirk_flag():
     quirk is non-monotone in frequency (a 3-tooth sawtooth) and differs from the default layout, and is a
     no-op for one channel."""
     n, C = 8, 3
-    good = BlurProcess(image_size=n, channels=C, basis="toeplitz_eig")
-    bad = BlurProcess(image_size=n, channels=C, basis="toeplitz_eig", official_layout_quirk=True)
+    good = BlurProcess(basis="toeplitz_eig").set_geometry(n, C)
+    bad = BlurProcess(basis="toeplitz_eig", official_layout_quirk=True).set_geometry(n, C)
     assert bad.spectrum.shape == (C, n, n) and good.spectrum.shape == (n, n)
     # official code path: singulars sorted descending with permutation, Ut interleaves channels
     sing, perm = torch.sort(good.spectrum.reshape(-1), descending=True, stable=True)
@@ -232,7 +232,7 @@ def test_oracle_official_sampler_reproduces_gaussian_data():
         0.5/sqrt(96000) = 0.0016) and pixel variance / s² within ±3 % of 1 (the spec's ±1 % around the
         expected 1.005-1.0066 plus 5 MC sd ≈ 2.3 % at this n).
     """
-    p = BlurProcess(image_size=8, channels=1)
+    p = BlurProcess().set_geometry(8, 1)
     mu, s, shape = 0.3, 0.5, (1500, 1, 8, 8)
     g = torch.Generator().manual_seed(0)
     res = sample_loop(p, _oracle(p, mu, s, shape), shape, None, "official", g, dtype=F64)
@@ -255,7 +255,7 @@ def test_oracle_strided_ddim_extension():
     """Extension (not in the paper): DDIM(η=0) on the same α/σ grids with the exact oracle behaves as
     DDPM's DDIM (§9.3: var ratio 0.893 at S=50, 0.945 at S=100, the known few-step deficit, converging
     to 1) and keeps the mean. n = 200 x 64 coefficients: MC sd of the ratio ≈ 0.0125, tolerance 0.04."""
-    p = BlurProcess(image_size=8, channels=1, clip_x0=False)
+    p = BlurProcess(clip_x0=False).set_geometry(8, 1)
     shape = (200, 1, 8, 8)
     for steps, ratio in ((50, 0.893), (100, 0.945)):
         res = sample_loop(p, _oracle(p, 0.3, 0.5, shape), shape, steps, "ddim",
@@ -269,7 +269,7 @@ def test_oracle_strided_ddim_extension():
 
 
 def test_official_sampler_rejects_strides():
-    p = BlurProcess(image_size=8, channels=1)
+    p = BlurProcess().set_geometry(8, 1)
     z = torch.zeros(1, 1, 8, 8)
     with pytest.raises(ValueError, match="every step"):
         p.reverse_step(_fn_const(z), z, 999, 900, "official")
@@ -290,7 +290,7 @@ def test_f_type_table():
             assert f[1].item() == pytest.approx(f1, abs=1e-12 if ft != "log" else 2e-8)
     q = blur_schedule("quartic", N, 0.0, fn)
     assert q[1:].sum().item() == pytest.approx(28.195, abs=5e-4)
-    assert BlurProcess(image_size=4, channels=1).F[N].item() == pytest.approx(28.195, abs=5e-4)
+    assert BlurProcess().set_geometry(4, 1).F[N].item() == pytest.approx(28.195, abs=5e-4)
 
     def code_log(x):
         return math.log(x + 1e-6) / (10 * math.log(N))
@@ -309,20 +309,20 @@ def test_f_type_table():
 # --- 8. range handling ---------------------------------------------------------------------------------
 def test_range_handling():
     """to_domain(from_domain(x)) = x; zero_one maps [-1, 1] onto [0, 1] and clips x̂0 to [0, 1]; the
-    mapping is applied exactly once in BlurDiffusion's loss (the model sees forward(to_domain(x))) and
+    mapping is applied exactly once in the module's loss (the model sees forward(to_domain(x))) and
     undone exactly once by sampling."""
-    from diffproc.methods.blur import BlurDiffusion
+    from diffproc.methods.base import DiffusionModule
 
     x = _x((2, 3, 8, 8), 0).clamp(-1, 1)
     for dr, lo in (("zero_one", 0.0), ("minus_one_one", -1.0)):
-        p = BlurProcess(image_size=8, data_range=dr)
+        p = BlurProcess(data_range=dr).set_geometry(8, 3)
         assert torch.allclose(p.to_domain(p.from_domain(x)), x, atol=1e-15)
         assert torch.allclose(p.from_domain(p.to_domain(x)), x, atol=1e-15)
         assert p.to_domain(torch.tensor(-1.0)).item() == lo and p.to_domain(torch.tensor(1.0)).item() == 1.0
         assert p.x0_range == (lo, 1.0)
 
-    m = BlurDiffusion(image_size=8, channels=3, num_timesteps=20, unet={"block_out_channels": [8, 16]},
-                      ema_decay=0.0, solver="official").double()
+    m = DiffusionModule(process=BlurProcess(num_timesteps=20), image_size=8, channels=3,
+                        unet={"block_out_channels": [8, 16]}, ema_decay=0.0, solver="official").double()
     seen = {}
 
     class Spy(torch.nn.Module):
@@ -361,7 +361,7 @@ def _cli(*args, cwd=REPO):
 @pytest.mark.parametrize("name", ["blur_lsun_church", "blur_lsun_bedroom", "blur_cifar10"])
 def test_configs_parse(name):
     out = _cli("fit", "--config", f"configs/{name}.yaml", "--print_config").stdout
-    assert "diffproc.methods.blur.BlurDiffusion" in out and "f_type: quartic" in out
+    assert "diffproc.processes.blur.BlurProcess" in out and "f_type: quartic" in out
 
 
 def test_cli_fit_and_predict(tmp_path):

@@ -86,7 +86,7 @@ def test_plan_equal_nfe_and_skips():
     by = {(r["solver"], r["target_nfe"]): r for r in sie}
     assert by[("heun", 20)]["steps"] == 10 and by[("rk4", 20)]["steps"] == 5 and by[("euler", 20)]["steps"] == 20
     assert by[("rk4", 3)]["skip"] and by[("rk4", 3)]["steps"] == 0 and by[("midpoint", 3)]["steps"] == 1
-    blur = plan(BlurProcess(image_size=8, channels=1, num_timesteps=100), [10, 100])
+    blur = plan(BlurProcess(num_timesteps=100).set_geometry(8, 1), [10, 100])
     off = [r for r in blur if r["solver"] == "official"]
     assert len(off) == 2 and all("full chain only (99" in r["skip"] for r in off)
     assert all(r["skip"] == f"more steps than the chain has (99)" for r in blur if r["target_nfe"] == 100

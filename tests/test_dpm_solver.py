@@ -47,7 +47,7 @@ class PerModeVP(GaussianProcess):
 
 
 def _blur() -> BlurProcess:
-    return BlurProcess(image_size=8, channels=1, clip_x0=False, data_range="minus_one_one")
+    return BlurProcess(clip_x0=False, data_range="minus_one_one").set_geometry(8, 1)
 
 
 def _lam(shape, seed=0) -> torch.Tensor:
@@ -274,26 +274,24 @@ def test_epdm_refuses_with_reason():
 def test_module_sample_through_diffusion_module(solver):
     """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.solver``): exact
     NFE, and the same images whatever the batch split (per-sample noise of the SDE variant)."""
-    from diffproc.methods.ddpm import DDPM
-
-    from diffproc.methods.base import ConfigError
+    from diffproc.methods.base import ConfigError, DiffusionModule
 
     torch.manual_seed(0)
-    m = DDPM(num_timesteps=50, image_size=8, channels=3, ema_decay=0, time_grid="logsnr",
-             unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6)
+    m = DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3, ema_decay=0,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6,
+                        time_grid="logsnr")
     whole = m.sample(5, seed=11, progress=False)
     assert whole.nfe == 6 == m.planned_nfe() and whole.solver == solver
     assert whole.timesteps == time_grid(m.process, 6, "logsnr") != m.process.timesteps(6)
     with pytest.raises(ConfigError, match="time_grid"):
-        DDPM(num_timesteps=50, image_size=8, channels=3, time_grid="log-snr")
+        DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3, time_grid="log-snr")
     parts = torch.cat([m.sample(len(ix), seed=11, indices=ix, progress=False).images for ix in ([0, 1], [2, 3, 4])])
     torch.testing.assert_close(parts, whole.images, rtol=0, atol=1e-5)
 
 
 def test_epdm_module_refuses_at_config_time():
-    from diffproc.methods.base import ConfigError
-    from diffproc.methods.epdm import EPDM
+    from diffproc.methods.base import ConfigError, DiffusionModule
 
     with pytest.raises(ConfigError, match="depends on the clean image x0"):
-        EPDM(image_size=8, channels=1, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1},
-             solver="dpmpp_2m")
+        DiffusionModule(process=EdgePreservingProcess(), image_size=8, channels=1, ema_decay=0,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver="dpmpp_2m")

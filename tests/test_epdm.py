@@ -377,9 +377,9 @@ def test_sdedit_end_points(kind):
 
 
 def tiny_epdm(**kw):
-    from diffproc.methods.epdm import EPDM
-    return EPDM(num_timesteps=20, image_size=8, channels=3, ema_decay=0,
-                unet={"block_out_channels": [8, 16], "layers_per_block": 1}, **kw)
+    from modules import build
+    return build(EdgePreservingProcess, num_timesteps=20, image_size=8, channels=3, ema_decay=0,
+                 unet={"block_out_channels": [8, 16], "layers_per_block": 1}, **kw)
 
 
 def test_sdedit_with_module():
@@ -397,7 +397,7 @@ def test_sdedit_with_module():
 
 def test_epdm_module_config_errors():
     from diffproc.methods.base import ConfigError
-    with pytest.raises(ConfigError, match="transition"):
+    with pytest.raises(ValueError, match="transition"):
         tiny_epdm(transition="quadratic")
     with pytest.raises(ConfigError, match="num_steps"):
         tiny_epdm(num_steps=20)
@@ -515,8 +515,8 @@ def test_cli_unconditional_guide_dir_and_ddpm_baseline(tmp_path):
           "--model.init_args.predict_dir", str(tmp_path / "gd"), "--model.init_args.num_steps", "3",
           "--trainer.enable_progress_bar", "false"], tmp_path)
     assert (tmp_path / "gd" / "sky_result.png").is_file() and (tmp_path / "gd" / "sky_guide.png").is_file()
-    # the DDPM baseline: same data and SDEdit command, only the model class differs
-    dckpt = _fit(tmp_path / "d", extra=("--model", "diffproc.methods.ddpm.DDPM", "--model.init_args.solver", "ddim"))
-    _sdedit_predict(tmp_path / "d", dckpt, "configs/epdm_shapes.yaml", tmp_path / "dd",
-                    extra=("--model", "diffproc.methods.ddpm.DDPM", "--model.init_args.solver", "ddim"))
+    # the DDPM baseline: same data and SDEdit command, only the process differs
+    ddpm = ("--model.init_args.process", "diffproc.processes.ddpm.DDPMProcess", "--model.init_args.solver", "ddim")
+    dckpt = _fit(tmp_path / "d", extra=ddpm)
+    _sdedit_predict(tmp_path / "d", dckpt, "configs/epdm_shapes.yaml", tmp_path / "dd", extra=ddpm)
     assert (tmp_path / "dd" / "test_000002_result.png").is_file()

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -25,24 +26,28 @@ from diffproc.cli import main as cli_main
 from diffproc.export import export_checkpoint, export_module
 from diffproc.export import main as export_main
 from diffproc.methods.base import ConfigError, shift_time_input
-from diffproc.methods.blur import BlurDiffusion
-from diffproc.methods.ddpm import DDPM
-from diffproc.methods.epdm import EPDM
-from diffproc.methods.gddm import GDDM
-from diffproc.methods.sie import SIE
 from diffproc.pipelines import DiffprocPipeline
 from diffproc.processes.base import sample_seed
+from diffproc.processes.blur import BlurProcess
+from diffproc.processes.ddpm import DDPMProcess
+from diffproc.processes.edge import EdgePreservingProcess
+from diffproc.processes.interpolation import InterpolationProcess
+from modules import build
+from modules import gddm as gddm_module
+
+ddpm_module, epdm_module, blur_module, sie_module = (partial(build, p) for p in (
+    DDPMProcess, EdgePreservingProcess, BlurProcess, InterpolationProcess))
 
 UNET = {"block_out_channels": [8, 16], "layers_per_block": 1}
 SIZE, T, TOL = 8, 20, 1e-4
 
 #: the methods that export to DiffprocPipeline (name, class, arguments); num_steps as cli.py predict uses them
 GENERIC = [
-    ("gddm", GDDM, {"num_steps": 5}),
-    ("gddm_poisson_net", GDDM, {"num_steps": 5, "reconstruction": "poisson_net", "dc_mode": "dataset_mean"}),
-    ("epdm", EPDM, {"num_steps": 5}),
-    ("blur", BlurDiffusion, {}),  # the paper's sampler: every one of the N - 1 steps
-    ("sie", SIE, {"solver": "heun", "num_steps": 4}),
+    ("gddm", gddm_module, {"num_steps": 5}),
+    ("gddm_poisson_net", gddm_module, {"num_steps": 5, "reconstruction": "poisson_net", "dc_mode": "dataset_mean"}),
+    ("epdm", epdm_module, {"num_steps": 5}),
+    ("blur", blur_module, {}),  # the paper's sampler: every one of the N - 1 steps
+    ("sie", sie_module, {"solver": "heun", "num_steps": 4}),
 ]
 
 
@@ -107,7 +112,7 @@ def test_time_shift_folds_into_the_time_embedding(flip):
 @pytest.mark.parametrize("kw", [{}, {"prediction": "v", "schedule": "cosine", "variance": "fixedlarge"}],
                          ids=["eps-linear-fixedsmall", "v-cosine-fixedlarge"])
 def test_ddpm_export_samples_like_diffproc_in_ddpm_and_ddim_pipelines(tmp_path, kw):
-    module = _perturbed(_build(DDPM, **kw))
+    module = _perturbed(_build(ddpm_module, **kw))
     out = export_module(module, tmp_path / "ddpm")
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     p = module.process
@@ -148,7 +153,7 @@ def test_ddpm_export_samples_like_diffproc_in_ddpm_and_ddim_pipelines(tmp_path, 
 # --- export: every other method -> DiffprocPipeline, against cli.py predict ----------------------------------
 def _predict_config(module: L.LightningModule, path: Path) -> Path:
     hp = {k: v for k, v in json.loads(json.dumps(dict(module.hparams), default=list)).items()
-          if v is not None and k not in ("image_size", "channels", "sampler", "sampling_steps")}
+          if v is not None and k not in ("image_size", "channels")}
     cfg = {"seed_everything": 0,
            "trainer": {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
                        "accelerator": "cpu", "devices": 1, "default_root_dir": str(path.parent)},
@@ -188,7 +193,7 @@ def test_generic_export_samples_like_cli_predict(tmp_path, name, cls, kw):
 
 
 def test_export_command_model_card_and_raw_weights(tmp_path):
-    module = _perturbed(_build(SIE, num_steps=4))
+    module = _perturbed(_build(sie_module, num_steps=4))
     run = tmp_path / "run" / "version_0"
     (run / "checkpoints").mkdir(parents=True)
     ckpt = _save_ckpt(module, run / "checkpoints" / "last.ckpt", global_step=777)
@@ -197,7 +202,7 @@ def test_export_command_model_card_and_raw_weights(tmp_path):
     out = tmp_path / "export"
     export_main([str(ckpt), str(out), "--raw"])
     card = (out / "README.md").read_text()
-    for needle in ("diffproc.methods.sie.SIE", "training steps: 777", "shapes_fid | 12.5", "DiffprocPipeline",
+    for needle in ("diffproc.processes.interpolation.InterpolationProcess", "training steps: 777", "shapes_fid | 12.5", "DiffprocPipeline",
                    "init_args:", "num_timesteps: 20"):
         assert needle in card, needle
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
@@ -228,9 +233,9 @@ LOADER = textwrap.dedent("""
 
 
 def test_exported_folders_load_offline_in_a_fresh_process(tmp_path):
-    ddpm = _perturbed(_build(DDPM))
+    ddpm = _perturbed(_build(ddpm_module))
     export_checkpoint(_save_ckpt(ddpm, tmp_path / "ddpm.ckpt"), tmp_path / "ddpm")
-    gddm = _perturbed(_build(GDDM, num_steps=5))
+    gddm = _perturbed(_build(gddm_module, num_steps=5))
     export_main([str(_save_ckpt(gddm, tmp_path / "gddm.ckpt")), str(tmp_path / "gddm")])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf"), DIFFUSERS_VERBOSITY="error")
@@ -262,39 +267,39 @@ def _random_unet_folder(path: Path, size: int = SIZE, in_ch: int = 3, out_ch: in
 def test_init_from_loads_a_diffusers_folder(tmp_path):
     folder = _random_unet_folder(tmp_path / "unet")
     ref = UNet2DModel.from_pretrained(folder).eval()
-    sie = SIE(image_size=SIZE, channels=3, num_timesteps=T, heads="eps", gamma=0.0, init_from=str(folder))
+    sie = sie_module(image_size=SIZE, channels=3, num_timesteps=T, heads="eps", gamma=0.0, init_from=str(folder))
     for net in (sie.unet, sie.ema_unet):  # no diffusers scheduler for SIE: weights as they are
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
-    ddpm = DDPM(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(folder)).eval()
+    ddpm = ddpm_module(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(folder)).eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():  # DDPM: diffproc's t is diffusers' timestep t - 1
         got = ddpm.model_fn(ddpm.sampling_net)(x, torch.tensor([7, 7]))
         assert (got - ref(x, torch.tensor([6, 6])).sample).abs().max() < 1e-5
     # round trip: export -> import gives the same network back
     out = export_module(ddpm, tmp_path / "export")
-    again = DDPM(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(out))
+    again = ddpm_module(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(out))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(again.unet.state_dict().values(),
                                                                 ddpm.unet.state_dict().values()))
 
 
 def test_init_from_says_what_does_not_fit(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        DDPM(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(tmp_path / "nope"))
+        ddpm_module(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no config.json"):
-        DDPM(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(tmp_path / "empty"))
+        ddpm_module(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(tmp_path / "empty"))
     folder = _random_unet_folder(tmp_path / "unet", out_ch=6)
     with pytest.raises(ConfigError, match=r"out_channels=6 \(this model needs 3\)"):
-        DDPM(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(folder))
-    SIE(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(folder))  # dual heads: 2C outputs fit
+        ddpm_module(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(folder))
+    sie_module(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(folder))  # dual heads: 2C outputs fit
     with pytest.raises(ConfigError, match=r"sample_size=8 \(this model needs 16\)"):
-        SIE(image_size=16, channels=3, num_timesteps=T, init_from=str(folder))
+        sie_module(image_size=16, channels=3, num_timesteps=T, init_from=str(folder))
 
 
 def test_cli_test_evaluates_a_diffusers_folder(tmp_path):
     folder = _random_unet_folder(tmp_path / "unet", size=16)
     run_cli("test", "--config", "configs/ddpm_shapes.yaml", *TINY, "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--model.init_args.init_from", str(folder), "--model.init_args.num_timesteps", "20",
+            "--model.init_args.init_from", str(folder), "--model.init_args.process.init_args.num_timesteps", "20",
             "--metrics.num_samples", "16", "--metrics.batch_size", "16", "--metrics.num_reference", "64",
             "--metrics.cache_dir", str(tmp_path / "cache"),
             "--trainer.limit_test_batches", "1")

@@ -21,6 +21,7 @@ from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics, diagnostics
 from diffproc.data.shapes import ShapesDataModule, generate_shapes
 from diffproc.methods.base import ConfigError
 from diffproc.methods.gddm import GDDM
+from modules import build, gddm
 from diffproc.ops import curl, grad, laplacian
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.gradient import GradientDomainProcess
@@ -252,7 +253,7 @@ def test_time_sampling_modes():
     t = p.sample_time(20000, torch.Generator().manual_seed(1))
     assert t.min() >= 1 and t.max() <= 1000 and float((t > 600).double().mean()) > 0.18  # the uniform half
     with pytest.raises(ConfigError, match="sigma_data_mode"):
-        GDDM(image_size=8, channels=3, unet=TINY, time_sampling="modes")
+        gddm(image_size=8, channels=3, unet=TINY, time_sampling="modes")
 
 
 # --- process extras ---------------------------------------------------------------------------------
@@ -278,11 +279,11 @@ def test_project_every_step_and_clip():
 
 
 def test_bad_options_raise_config_errors():
-    with pytest.raises(ConfigError, match="domain"):
-        GDDM(domain="curl", image_size=8, channels=3, unet=TINY)
+    with pytest.raises(ValueError, match="domain"):
+        gddm(domain="curl", image_size=8, channels=3, unet=TINY)
     with pytest.raises(ConfigError, match="poisson_only"):
-        GDDM(poisson_net_stage="poisson_only", image_size=8, channels=3, unet=TINY)
-    m = GDDM(dc_mode="oracle", image_size=8, channels=3, unet=TINY, ema_decay=0)
+        gddm(poisson_net_stage="poisson_only", image_size=8, channels=3, unet=TINY)
+    m = gddm(dc_mode="oracle", image_size=8, channels=3, unet=TINY, ema_decay=0)
     with pytest.raises(ConfigError, match="oracle"):
         m.sample(1, num_steps=2, progress=False)
 
@@ -291,7 +292,7 @@ def test_bad_options_raise_config_errors():
 def _gddm(**kw) -> GDDM:
     base = dict(image_size=16, channels=3, unet=TINY, poisson_net=TINY, ema_decay=0.9)
     base.update(kw)
-    return GDDM(**base)
+    return gddm(**base)
 
 
 def test_poisson_net_init_is_dct_and_stages():
@@ -412,7 +413,7 @@ def test_gddm_diagnostics_callback(tmp_path):
     per validation / test run, all finite; its cadence is in the checkpoint state."""
     torch.manual_seed(0)
     tiny = {"block_out_channels": [8, 16], "layers_per_block": 1}
-    m = GDDM(image_size=8, channels=3, unet=tiny, poisson_net=tiny, reconstruction="poisson_net",
+    m = gddm(image_size=8, channels=3, unet=tiny, poisson_net=tiny, reconstruction="poisson_net",
              poisson_net_stage="joint", ema_decay=0.9, warmup_steps=1, num_steps=2)
     dm = ShapesDataModule(image_size=8, batch_size=4, num_train=8, num_val=4, num_test=4, random_flip=False)
     cb = GDDMDiagnostics(every_n_val=1, num=2, num_steps=2)  # 2 batches per epoch: validation at step 2
@@ -433,12 +434,6 @@ def test_gddm_diagnostics_callback(tmp_path):
         assert not any(k.startswith(f"{stage}/diag_real_domain") for k in got)  # sparsity: per batch only
         assert float(got[f"{stage}/sparsity_domain_frac"]) > float(got[f"{stage}/sparsity_image_frac"])
     assert cb.val_runs == 1 and cb.state_dict() == {"val_runs": 1}
-    # the old hparams still work for one release (the callback takes them over) and say where they went
-    with pytest.warns(DeprecationWarning, match="--gddm_diagnostics.every_n_val 5"):
-        old = GDDM(image_size=8, channels=3, unet=tiny, ema_decay=0, diagnostics_every_n_val=5, diagnostics_num=3)
-    cb_old = GDDMDiagnostics()
-    cb_old.setup(None, old, "fit")
-    assert (cb_old.every_n_val, cb_old.num, cb_old.num_steps) == (5, 3, 20)
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
@@ -481,13 +476,15 @@ def test_cli_fit_gradient(tmp_path):
         assert key in s and math.isfinite(s[key]), key
     assert s["val/sparsity_domain_frac"] > s["val/sparsity_image_frac"]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["hyper_parameters"]["domain"] == "gradient"
+    process = ckpt["hyper_parameters"]["process"]
+    assert process["class_path"] == "diffproc.processes.gradient.GradientDomainProcess"
+    assert process["init_args"]["domain"] == "gradient"
     # the default image view: the UNet sees and predicts a C-channel image, the state is 2C field + C aux
     assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 3
     assert ckpt["state_dict"]["unet.conv_out.weight"].shape[0] == 3
     # the config's sigma_data_mode: spectrum_colour (issue 14): estimated at fit start, kept in the checkpoint
     assert ckpt["hyper_parameters"]["sigma_data_mode"] == "spectrum_colour"
-    assert ckpt["hyper_parameters"]["noise_cap"] == 1.0  # docs/gddm.md §6
+    assert process["init_args"]["noise_cap"] == 1.0  # docs/gddm.md §6
     sd = ckpt["state_dict"]["sigma_data_spectrum"]
     assert sd.shape == (3, 16, 16) and float(ckpt["state_dict"]["sigma_data_count"]) > 0
     assert float(sd[0, 0, 0]) > float(sd[0, 8, 8]) > 0
@@ -621,23 +618,23 @@ def test_clip_image(domain):
 
 
 def test_gddm_defaults_and_seed_literal_option():
-    """The method's defaults are the measured fix (image view, x0, EDM weighting, image clip); the
-    seed-literal setting is a set of options away, and non-aux DC modes run without the image clip."""
-    m = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0)
+    """The process's defaults are the seed-literal setting; the measured fix (image view, x0, EDM weighting, image
+    clip) is four options away (configs/gddm_shapes.yaml), and non-aux DC modes run without the image clip."""
+    m = gddm(image_size=8, channels=3, unet=TINY, ema_decay=0)
     p = m.process
     assert (p.network_view, p.prediction, p.loss_weighting, p.clip_image) == ("image", "x0", "edm", True)
     assert m.unet.config.in_channels == 3 and m.unet.config.out_channels == 3
-    lit = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, network_view="domain", prediction="eps",
-               loss_weighting="uniform", clip_image=False)
+    lit = build(GradientDomainProcess, image_size=8, channels=3, unet=TINY, ema_decay=0)
+    assert (lit.process.network_view, lit.process.prediction) == ("domain", "eps")
     assert lit.process.loss_weighting == "uniform" and not lit.process.clip_image
     assert lit.unet.config.in_channels == 9
-    with pytest.raises(ConfigError, match="network_view='domain'"):
-        GDDM(domain="hybrid", image_size=8, channels=3, unet=TINY)
-    with pytest.raises(ConfigError, match="prediction='x0'"):
-        GDDM(prediction="v", image_size=8, channels=3, unet=TINY)
-    assert not GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, dc_mode="dataset_mean").process.clip_image
-    with pytest.raises(ConfigError, match="loss_weighting"):
-        GDDM(image_size=8, channels=3, unet=TINY, loss_weighting="min_snr")
+    with pytest.raises(ValueError, match="network_view='domain'"):
+        gddm(domain="hybrid", image_size=8, channels=3, unet=TINY)
+    with pytest.raises(ValueError, match="prediction='x0'"):
+        gddm(prediction="v", image_size=8, channels=3, unet=TINY)
+    assert not gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, dc_mode="dataset_mean").process.clip_image
+    with pytest.raises(ValueError, match="loss_weighting"):
+        gddm(image_size=8, channels=3, unet=TINY, loss_weighting="min_snr")
 
 
 @pytest.mark.parametrize("domain,prediction,spectrum", [("gradient", "x0", False), ("laplacian", "x0", False),
@@ -732,7 +729,7 @@ def test_sigma_data_spectrum_estimate_checkpoint_and_fit(tmp_path):
     used by the process, saved in the checkpoint; sampling before any estimate raises."""
     from diffproc.ops import dct2
 
-    m = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum", sigma_data_images=64)
+    m = gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum", sigma_data_images=64)
     with pytest.raises(ConfigError, match="no spectrum yet"):
         m.sample(2, num_steps=2, progress=False)
     dm = ShapesDataModule(image_size=8, batch_size=16, num_train=128, num_val=16, num_test=16)
@@ -750,7 +747,7 @@ def test_sigma_data_spectrum_estimate_checkpoint_and_fit(tmp_path):
     m2 = GDDM.load_from_checkpoint(path)
     assert torch.equal(m2.sigma_data_spectrum, m.sigma_data_spectrum) and float(m2.sigma_data_count) == 64
     assert m2.sample(2, num_steps=2, progress=False).images.shape == (2, 3, 8, 8)
-    assert "sigma_data_spectrum" not in GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0).state_dict()
+    assert "sigma_data_spectrum" not in gddm(image_size=8, channels=3, unet=TINY, ema_decay=0).state_dict()
 
 
 def test_time_sampling_quad_distribution():
@@ -763,9 +760,9 @@ def test_time_sampling_quad_distribution():
         assert float((t <= s).double().mean()) == pytest.approx(math.sqrt(s / 1000), abs=4e-3)
     u = GradientDomainProcess().sample_time(200_000, torch.Generator().manual_seed(0))
     assert float((u <= 100).double().mean()) == pytest.approx(0.1, abs=4e-3)
-    assert GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, time_sampling="quad").process.time_sampling == "quad"
-    with pytest.raises(ConfigError, match="time_sampling"):
-        GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, time_sampling="cubic")
+    assert gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, time_sampling="quad").process.time_sampling == "quad"
+    with pytest.raises(ValueError, match="time_sampling"):
+        gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, time_sampling="cubic")
 
 
 def test_spectrum_colour_basis_exact_denoiser_and_estimate():
@@ -778,7 +775,7 @@ def test_spectrum_colour_basis_exact_denoiser_and_estimate():
 
     x, _ = generate_shapes(256, 8, seed=0)
     x = x.double() / 127.5 - 1
-    m = GDDM(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum_colour")
+    m = gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum_colour")
     sd = m.estimate_sigma_data(x)
     q = m.sigma_data_colour_basis
     assert torch.allclose(q @ q.T, torch.eye(3, dtype=torch.float64), atol=1e-12)

@@ -52,7 +52,7 @@ def test_power_ema_is_its_step_weights():
 def _fit(save_dir: Path, max_steps: int, *extra: str) -> Path:
     cli_main(["fit", "--config", "configs/quickstart.yaml", *TINY,
               "--model.init_args.unet", json.dumps({"block_out_channels": [8, 16], "layers_per_block": 1}),
-              "--model.init_args.num_timesteps", "20", "--model.init_args.warmup_steps", "0",
+              "--model.init_args.process.init_args.num_timesteps", "20", "--model.init_args.warmup_steps", "0",
               "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.max_steps", str(max_steps),
               "--sample_grid.every_n_steps", "0", "--checkpoint.every_n_train_steps", "10",
               "--posthoc_ema.every_n_steps", str(EVERY), "--posthoc_ema.sigma_rels", json.dumps(PROFILES + [CHECK]),

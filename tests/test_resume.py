@@ -157,7 +157,8 @@ def test_checkpoint_written_during_validation_keeps_raw_and_ema(tmp_path):
     import lightning as L
 
     from diffproc.data.shapes import ShapesDataModule
-    from diffproc.methods.ddpm import DDPM
+    from diffproc.methods.base import DiffusionModule
+    from diffproc.processes.ddpm import DDPMProcess
 
     class SaveDuringValidation(L.Callback):
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
@@ -168,8 +169,9 @@ def test_checkpoint_written_during_validation_keeps_raw_and_ema(tmp_path):
             trainer.save_checkpoint(tmp_path / "during_val.ckpt")
 
     L.seed_everything(0)
-    model = DDPM(image_size=8, unet={"block_out_channels": [16, 16], "layers_per_block": 1,
-                                     "norm_num_groups": 8}, ema_decay=0.9, ema_warmup=False, lr=1e-2)
+    model = DiffusionModule(process=DDPMProcess(), image_size=8,
+                            unet={"block_out_channels": [16, 16], "layers_per_block": 1, "norm_num_groups": 8},
+                            ema_decay=0.9, ema_warmup=False, lr=1e-2)
     data = ShapesDataModule(image_size=8, num_train=40, num_val=8, num_test=8, batch_size=8)
     saver = SaveDuringValidation()
     trainer = L.Trainer(max_steps=8, val_check_interval=6, limit_val_batches=1, accelerator="cpu",

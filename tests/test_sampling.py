@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from clitools import REPO, TINY, run_cli
-from diffproc.methods.ddpm import DDPM
+from diffproc.methods.base import DiffusionModule
+from diffproc.processes.blur import BlurProcess
+from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.base import PerSampleGenerator, randn, sample_seed
 
 
@@ -31,8 +33,8 @@ def test_module_sample_is_batch_independent(solver):
     """Every step's noise (ancestral) and the prior come from (seed, index): splitting 9 samples into
     batches of 1 + 7 + 1 gives the same images as one batch of 9."""
     torch.manual_seed(0)
-    m = DDPM(num_timesteps=50, image_size=8, channels=3, ema_decay=0, eta=0.5,
-             unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6)
+    m = DiffusionModule(process=DDPMProcess(num_timesteps=50, eta=0.5), image_size=8, channels=3, ema_decay=0,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6)
     whole = m.sample(9, seed=11, progress=False).images
     parts = torch.cat([m.sample(len(ix), seed=11, indices=ix, progress=False).images
                        for ix in ([0], list(range(1, 8)), [8])])
@@ -97,45 +99,39 @@ def test_processes_import_no_samplers_lightning_or_nn():
     assert "diffproc.samplers.sample_loop" in _imports("def f():\n    from diffproc.samplers import sample_loop\n")
 
 
-def test_former_spellings_still_work_with_a_deprecation_warning(tmp_path):
-    """One name per concept (solver, num_steps, schedule, spacing values); the former spellings keep
-    working for one release, with a FutureWarning that names the replacement."""
+def test_former_spellings_are_gone():
+    """One name per concept (solver, num_steps, schedule, spacing values): 0.2 has no former spellings (0.1 files
+    convert with ``python -m diffproc.convert``)."""
     from diffproc.callbacks.sample_grid import SampleGrid
-    from diffproc.methods.base import ConfigError
-    from diffproc.methods.blur import BlurDiffusion
+    from diffproc.processes.interpolation import InterpolationProcess
 
     tiny = dict(image_size=8, channels=3, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1})
-    with pytest.warns(FutureWarning, match="`sampler` is deprecated.*use `solver`"):
-        m = DDPM(sampler="ddim", sampling_steps=3, **tiny)
-    assert (m.solver, m.num_steps) == ("ddim", 3)
-    assert (m.hparams.solver, m.hparams.num_steps, m.hparams.sampler) == ("ddim", 3, None)  # saved as the new names
-    with pytest.raises(ConfigError, match="disagree"):
-        DDPM(sampler="ddim", solver="ancestral", **tiny)
-    with pytest.warns(FutureWarning, match="`sampling_steps` is deprecated.*use `num_steps`"):
-        assert SampleGrid(sampling_steps=4).num_steps == 4
-    with pytest.warns(FutureWarning, match="`beta_schedule` is deprecated.*use `schedule`"):
-        b = BlurDiffusion(beta_schedule="cosine", num_timesteps=20, **tiny)
-    assert torch.equal(b.process.betas, BlurDiffusion(schedule="cosine", num_timesteps=20, **tiny).process.betas)
-    # a config written with the former keys still parses in the CLI
+    with pytest.raises(TypeError, match="sampler"):
+        DiffusionModule(process=DDPMProcess(), sampler="ddim", **tiny)
+    with pytest.raises(TypeError, match="sampling_steps"):
+        SampleGrid(sampling_steps=4)
+    with pytest.raises(TypeError, match="beta_schedule"):
+        BlurProcess(beta_schedule="cosine")
+    with pytest.raises(ValueError, match="spacing"):
+        InterpolationProcess(spacing="ddim_quad")
     p = run_cli("fit", "--config", "configs/quickstart.yaml", "--model.init_args.sampler", "ancestral",
-                "--model.init_args.sampling_steps", "5", "--print_config")
-    assert "sampler: ancestral" in p.stdout and "sampling_steps: 5" in p.stdout
+                "--print_config", check=False)
+    assert p.returncode != 0 and "sampler" in p.stderr
 
 
 def test_sample_grid_is_sized_to_the_cpu_budget(monkeypatch):
     """On the CPU a grid that would exceed ``cpu_budget_seconds`` draws fewer images, then fewer steps; a
     full-chain-only solver (blur's ``official``) gives way to a strided one for the preview."""
     from diffproc.callbacks.sample_grid import SampleGrid
-    from diffproc.methods.blur import BlurDiffusion
 
     tiny = dict(image_size=8, channels=3, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1})
-    m = DDPM(num_timesteps=100, solver="ddim", num_steps=50, **tiny)
+    m = DiffusionModule(process=DDPMProcess(num_timesteps=100), solver="ddim", num_steps=50, **tiny)
     monkeypatch.setattr(type(m), "seconds_per_evaluation", lambda self, n: 0.01 * n)  # 10 ms per image and NFE
     assert SampleGrid(num_images=16, cpu_budget_seconds=100).size(m) == (16, None, None)  # 8 s: as configured
     assert SampleGrid(num_images=64, cpu_budget_seconds=10).size(m) == (20, None, None)  # 64 x 50 x 10 ms = 32 s
     assert SampleGrid(num_images=64, cpu_budget_seconds=1).size(m) == (4, 25, None)  # 4 images x 25 steps = 1 s
     assert SampleGrid(num_images=64, cpu_budget_seconds=0).size(m) == (64, None, None)  # 0 = no budget
-    b = BlurDiffusion(num_timesteps=100, **tiny)  # solver "official": 99 steps, full chain only
+    b = DiffusionModule(process=BlurProcess(num_timesteps=100), **tiny)  # solver "official": 99 steps, full chain only
     monkeypatch.setattr(type(b), "seconds_per_evaluation", lambda self, n: 0.01 * n)
     num, steps, solver = SampleGrid(num_images=16, cpu_budget_seconds=1).size(b)
     assert (num, solver) == (4, "ancestral") and steps == 25 and b.planned_nfe(steps, solver) == 25

@@ -170,9 +170,8 @@ def test_nfe_accounting_and_grid():
         assert torch.isfinite(res.sample).all()
     # DDIM grids divided by T
     assert InterpolationProcess(spacing="uniform").timesteps(10)[:2] == [0.901, 0.801]
-    with pytest.warns(FutureWarning, match="spacing: ddim_uniform.*deprecated.*spacing: uniform"):
-        old = InterpolationProcess(spacing="ddim_uniform")
-    assert old.spacing == "uniform" and old.timesteps(10) == InterpolationProcess(spacing="uniform").timesteps(10)
+    with pytest.raises(ValueError, match="spacing"):  # 0.1's spelling (python -m diffproc.convert rewrites it)
+        InterpolationProcess(spacing="ddim_uniform")
 
 
 def test_ode_solvers_for_any_gaussian_process():
@@ -250,11 +249,12 @@ def test_ddim_dual_single_heads_and_clipping():
 
 # --- method and CLI ---------------------------------------------------------------------------------
 def test_sie_module_sample_and_loss():
-    from diffproc.methods.sie import SIE
+    from diffproc.methods.base import DiffusionModule
 
     torch.manual_seed(0)
-    m = SIE(image_size=8, channels=1, unet={"block_out_channels": [8, 16], "layers_per_block": 1},
-            solver="rk4", num_steps=2, ema_decay=0.0)
+    m = DiffusionModule(process=InterpolationProcess(), image_size=8, channels=1,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver="rk4", num_steps=2,
+                        ema_decay=0.0)
     assert m.unet.config.out_channels == 2
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     loss = m.compute_loss(x, m.unet, generator=torch.Generator().manual_seed(0))
@@ -343,6 +343,8 @@ def test_configs_parse_and_build(capsys):
         args = dict(model["init_args"], unet={"block_out_channels": [8], "layers_per_block": 1},
                     image_size=8, channels=3, ema_decay=0.0)
         m = getattr(importlib.import_module(module), cls)(**args)
-        dual = args.get("heads", "dual") == "dual" and cls == "SIE"
+        process = model["init_args"]["process"]
+        dual = (process["class_path"].endswith(".InterpolationProcess")
+                and process["init_args"].get("heads", "dual") == "dual")
         assert m.unet.config.out_channels == (6 if dual else 3), config
         assert m.solver in m.process.solvers

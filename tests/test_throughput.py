@@ -26,11 +26,12 @@ from torch.utils.data import DataLoader
 from diffproc.cli import DiffprocCLI
 from diffproc.export import export_module
 from diffproc.methods.base import ConfigError, DiffusionModule
-from diffproc.methods.blur import BlurDiffusion
-from diffproc.methods.ddpm import DDPM
-from diffproc.methods.epdm import EPDM
-from diffproc.methods.gddm import GDDM
-from diffproc.methods.sie import SIE
+from diffproc.processes.blur import BlurProcess
+from diffproc.processes.ddpm import DDPMProcess
+from diffproc.processes.edge import EdgePreservingProcess
+from diffproc.processes.gradient import GradientDomainProcess
+from diffproc.processes.interpolation import InterpolationProcess
+from modules import GDDM_MEASURED, build
 
 UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4}
 SIZE = 8
@@ -46,9 +47,11 @@ WEIGHT_ATOL = 1e-6        # weights after 3 AdamW steps at lr 1e-3 from the same
 SAMPLE_ATOL = 1e-4        # images in [-1, 1] after a 5-step sampler
 
 OPTIONS = {"channels_last": True, "fused_optimizer": True}
-METHODS = [("ddpm", DDPM, {"num_timesteps": 50}), ("gddm", GDDM, {"num_timesteps": 50}),
-           ("lddm", GDDM, {"num_timesteps": 50, "domain": "laplacian"}), ("epdm", EPDM, {"num_timesteps": 50}),
-           ("blur", BlurDiffusion, {"num_timesteps": 50, "solver": "ddim"}), ("sie", SIE, {"num_timesteps": 50})]
+METHODS = [("ddpm", DDPMProcess, {"num_timesteps": 50}),
+           ("gddm", GradientDomainProcess, {"num_timesteps": 50, **GDDM_MEASURED}),
+           ("lddm", GradientDomainProcess, {"num_timesteps": 50, "domain": "laplacian", **GDDM_MEASURED}),
+           ("epdm", EdgePreservingProcess, {"num_timesteps": 50}),
+           ("blur", BlurProcess, {"num_timesteps": 50, "solver": "ddim"}), ("sie", InterpolationProcess, {"num_timesteps": 50})]
 
 
 @pytest.fixture(autouse=True)
@@ -58,11 +61,11 @@ def _quiet():
         yield
 
 
-def _make(cls=DDPM, seed: int = 0, **kw) -> DiffusionModule:
+def _make(cls=DDPMProcess, seed: int = 0, **kw) -> DiffusionModule:
     torch.manual_seed(seed)
     args = dict(image_size=SIZE, channels=3, unet=UNET, num_steps=5, lr=1e-3, warmup_steps=0, ema_decay=0.9)
     args.update(kw)
-    return cls(**args)
+    return build(cls, **args)
 
 
 def _images(n: int = 6, seed: int = 1) -> torch.Tensor:
@@ -88,7 +91,7 @@ def _train(m: DiffusionModule, x: torch.Tensor, steps: int = 3) -> tuple[list[fl
     return losses, {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def _assert_matches_eager(options: dict, cls=DDPM, **kw) -> None:
+def _assert_matches_eager(options: dict, cls=DDPMProcess, **kw) -> None:
     x = _images()
     ref, opt = _make(cls, **kw), _make(cls, **kw, **options)
     l0, g0 = _loss_and_grads(ref, x)

@@ -98,18 +98,6 @@ class GDDMDiagnostics(L.Callback):
         self.val_runs = 0  # validation runs seen (in the checkpoint: the cadence survives a resume)
         self._real: Optional[Tensor] = None
 
-    #: the model's former options (deprecated for one release; the model warns) -> this callback's
-    FORMER_MODEL_OPTIONS = {"diagnostics_every_n_val": "every_n_val", "diagnostics_num": "num",
-                            "diagnostics_steps": "num_steps", "sparsity_delta": "sparsity_delta"}
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """An old config's model options still take effect (they override this callback's values)."""
-        if isinstance(pl_module, GDDM):
-            for old, new in self.FORMER_MODEL_OPTIONS.items():
-                value = pl_module.hparams.get(old)
-                if value is not None:
-                    setattr(self, new, type(getattr(self, new))(value))
-
     # --- per batch: sparsity of the real images, first images kept ----------------------------------
     def _batch(self, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int,
                stage: str) -> None:

@@ -36,7 +36,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from diffproc.callbacks.sample_grid import check_sampling
-from diffproc.methods.base import resolve_renamed
 from diffproc.metrics.features import build_extractor
 from diffproc.metrics.reference import ReferenceStats, load_or_compute_reference
 from diffproc.metrics.suite import METRICS, MetricSuite
@@ -237,8 +236,7 @@ class TestMetricsCallback(_MetricsBase):
         num_reference_features: real features kept for KID / precision / recall.
         cache_dir: reference stats cache (default ``$DIFFPROC_CACHE/ref_stats`` or
             ``~/.cache/diffproc/ref_stats``).
-        num_steps, solver: override the model's (``--model.init_args.num_steps`` works too);
-            ``sampling_steps``/``sampler``: their former, deprecated names.
+        num_steps, solver: override the model's (``--model.init_args.num_steps`` works too).
         output: file name written in the run's log dir.
     """
 
@@ -247,10 +245,7 @@ class TestMetricsCallback(_MetricsBase):
                  metrics: Optional[list[str]] = None, seed: int = 0, seeds: Union[list[int], str, None] = None,
                  batch_size: int = 250, num_reference: Optional[int] = None, num_reference_features: int = 10_000,
                  cache_dir: Optional[str] = None, num_steps: Optional[int] = None,
-                 solver: Optional[str] = None, progress: bool = True, output: str = "metrics.json",
-                 sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
-        solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
-                                            sampling_steps=sampling_steps)
+                 solver: Optional[str] = None, progress: bool = True, output: str = "metrics.json") -> None:
         super().__init__(num_samples, extractor, feature_extractor_weights_path, reference, metrics, seed, batch_size,
                          num_reference, num_reference_features, cache_dir, num_steps, solver, progress)
         self.output = output
@@ -330,10 +325,7 @@ class FIDCallback(_MetricsBase):
                  reference: str = "train", metrics: Optional[list[str]] = None, seed: int = 0, batch_size: int = 250,
                  num_reference: Optional[int] = None, num_reference_features: int = 10_000,
                  cache_dir: Optional[str] = None, num_steps: Optional[int] = None,
-                 solver: Optional[str] = None, progress: bool = False,
-                 sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
-        solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
-                                            sampling_steps=sampling_steps)
+                 solver: Optional[str] = None, progress: bool = False) -> None:
         super().__init__(num_samples, extractor, feature_extractor_weights_path, reference,
                          metrics if metrics is not None else ["fid"], seed, batch_size, num_reference,
                          num_reference_features, cache_dir, num_steps, solver, progress)

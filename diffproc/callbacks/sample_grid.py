@@ -13,7 +13,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchvision.utils import make_grid, save_image
 
-from diffproc.methods.base import resolve_renamed
 
 
 def check_sampling(pl_module: L.LightningModule, num_steps: Optional[int], solver: Optional[str], prefix: str) -> None:
@@ -29,8 +28,7 @@ class SampleGrid(L.Callback):
     with the EMA weights from a fixed seed, logs the grid to TensorBoard (``samples``) and writes
     ``<log_dir>/samples/step_XXXXXXX.png``. ``every_n_steps=0`` disables it. Images smaller than
     ``min_tile`` pixels are upscaled (nearest neighbour) in the grid so they stay legible.
-    ``num_steps``/``solver`` override the model's; ``sampling_steps``/``sampler`` are their former,
-    deprecated names. Sample ``i`` of the grid draws its noise from ``(seed, i)``.
+    ``num_steps``/``solver`` override the model's. Sample ``i`` of the grid draws its noise from ``(seed, i)``.
 
     Every grid is announced (images × steps × NFE, estimated seconds) and shows a progress bar. On the
     CPU a grid is sized to ``cpu_budget_seconds`` (estimated from one timed network evaluation): fewer
@@ -41,14 +39,12 @@ class SampleGrid(L.Callback):
 
     def __init__(self, every_n_steps: int = 500, num_images: int = 16, num_steps: Optional[int] = None,
                  solver: Optional[str] = None, seed: int = 0, at_train_end: bool = True,
-                 min_tile: int = 64, cpu_budget_seconds: float = 60.0, progress: bool = True,
-                 sampling_steps: Optional[int] = None, sampler: Optional[str] = None) -> None:
+                 min_tile: int = 64, cpu_budget_seconds: float = 60.0, progress: bool = True) -> None:
         self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.cpu_budget_seconds = float(cpu_budget_seconds)
         self.progress = progress
-        self.solver, self.num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
-                                                      sampling_steps=sampling_steps)
+        self.solver, self.num_steps = solver, num_steps
         self.seed = seed
         self.at_train_end = at_train_end
         self.min_tile = min_tile

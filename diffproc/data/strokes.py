@@ -13,7 +13,6 @@ of sample indices; :class:`~diffproc.methods.base.DiffusionModule` then runs
 from __future__ import annotations
 
 import importlib
-import warnings
 from typing import Any, Literal, Optional
 
 import torch
@@ -114,8 +113,7 @@ class StrokesDataModule(ImageDataModule):
         strength: SDEdit hijack point as a fraction of the chain ([recon] 0.5). t0: explicit hijack
             time in the process's units (overrides ``strength``).
         sdedit_num_steps, sdedit_solver: steps of the full chain (before truncation at the hijack time)
-            and solver for SDEdit (``null`` = the model's ``num_steps``/``solver``). ``sdedit_steps`` /
-            ``sdedit_sampler``: their former, deprecated names.
+            and solver for SDEdit (``null`` = the model's ``num_steps``/``solver``).
         sdedit_seed: SDEdit noise seed (``null`` = the model's ``seed``) and base seed of the k-means.
         root, image_size, batch_size, num_workers, ...: as :class:`ImageDataModule` (``batch_size``
             is the predict batch size; ``image_size`` must match the checkpoint).
@@ -131,8 +129,7 @@ class StrokesDataModule(ImageDataModule):
                  split: Literal["train", "val", "test"] = "test", num: Optional[int] = 1000,
                  k: int = 6, kmeans_iters: int = 20, quantize_guides: bool = False,
                  strength: float = 0.5, t0: Optional[float] = None, sdedit_num_steps: Optional[int] = None,
-                 sdedit_solver: Optional[str] = None, sdedit_seed: Optional[int] = None,
-                 sdedit_steps: Optional[int] = None, sdedit_sampler: Optional[str] = None) -> None:
+                 sdedit_solver: Optional[str] = None, sdedit_seed: Optional[int] = None) -> None:
         super().__init__(root, image_size, batch_size, eval_batch_size, num_workers, random_flip,
                          pin_memory, persistent_workers)
         if (guide_dir is None) == (strokes_from is None):
@@ -147,13 +144,6 @@ class StrokesDataModule(ImageDataModule):
         self.split, self.num, self.k, self.kmeans_iters = split, num, int(k), int(kmeans_iters)
         self.quantize_guides = bool(quantize_guides)
         self.strength, self.t0 = strength, t0
-        for old, new, value in (("sdedit_steps", "sdedit_num_steps", sdedit_steps),
-                                ("sdedit_sampler", "sdedit_solver", sdedit_sampler)):
-            if value is not None:  # former spellings, kept for one release
-                warnings.warn(f"`{old}` is deprecated and will be removed in the next release: use `{new}`.",
-                              FutureWarning, stacklevel=2)
-        sdedit_num_steps = sdedit_steps if sdedit_num_steps is None else sdedit_num_steps
-        sdedit_solver = sdedit_sampler if sdedit_solver is None else sdedit_solver
         self.sdedit_num_steps, self.sdedit_solver, self.sdedit_seed = sdedit_num_steps, sdedit_solver, sdedit_seed
         self._guides: Optional[Dataset] = None
 

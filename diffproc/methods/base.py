@@ -1,7 +1,15 @@
 """``DiffusionModule``: what every method shares — backbone, optimiser, EMA, sampling, predict.
 
-A method subclass builds its process (``diffproc.processes``) and passes it to ``__init__``; the
-training step is the process loss, sampling is the process's reverse steps. No method copies a loop.
+The module is *given* its process (``diffproc.processes``), in a config by class path::
+
+    model:
+      class_path: diffproc.methods.base.DiffusionModule
+      init_args:
+        process: {class_path: diffproc.processes.ddpm.DDPMProcess, init_args: {num_timesteps: 1000}}
+
+The process's signature is the only config surface of its math; the training step is the process loss,
+sampling is the process's reverse steps. A subclass exists only for what a paper adds beyond a process
+(:class:`~diffproc.methods.gddm.GDDM`). No method copies a loop.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import DiffusionProcess, deprecated, seeded_generator
+from diffproc.methods.sdedit import sdedit_predict_step
+from diffproc.processes.base import DiffusionProcess, build_process, seeded_generator
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.samplers import NFE_PER_STEP, TIME_GRIDS, SampleResult, sample_loop, sampling_grid
 
@@ -125,22 +134,6 @@ def _optimizer_match_layout(optimizer: torch.optim.Optimizer) -> None:
                     st[n] = torch.empty_strided(p.shape, p.stride(), dtype=v.dtype, device=v.device).copy_(v)
 
 
-def resolve_renamed(*, solver: Optional[str], sampler: Optional[str], num_steps: Optional[int],
-                    sampling_steps: Optional[int]) -> tuple[Optional[str], Optional[int]]:
-    """``(solver, num_steps)`` from the current names and their former spellings ``sampler`` /
-    ``sampling_steps`` (deprecated for one release: a warning, and an error when both are given and differ)."""
-    out = []
-    for new, new_v, old, old_v in (("solver", solver, "sampler", sampler),
-                                   ("num_steps", num_steps, "sampling_steps", sampling_steps)):
-        if old_v is not None:
-            deprecated(old, new)
-            if new_v is not None and new_v != old_v:
-                raise ConfigError(f"{old}={old_v!r} and {new}={new_v!r} disagree: {old} is the former name "
-                                  f"of {new}; keep only {new}")
-            new_v = old_v
-        out.append(new_v)
-    return out[0], out[1]
-
 
 def build_unet(config: Optional[dict], image_size: int, in_channels: int, out_channels: int) -> UNet2DModel:
     """diffusers ``UNet2DModel`` from a compact config dict.
@@ -245,12 +238,40 @@ def images_of(batch: Any) -> Tensor:
     return batch[0]
 
 
+def as_process(process: DiffusionProcess | dict) -> DiffusionProcess:
+    """``process``, or the process of a ``{class_path, init_args}`` config (what the hyperparameters hold, so that
+    ``load_from_checkpoint`` rebuilds a module)."""
+    return build_process(process) if isinstance(process, dict) else process
+
+
+def check_options(hp: Any) -> None:
+    """Refuse, with :class:`ConfigError`, values of the module's own options that cannot work."""
+    for name, ok, want in (("lr", hp.lr > 0, "> 0"), ("ema_decay", 0 <= hp.ema_decay < 1, "in [0, 1)"),
+                           ("warmup_steps", hp.warmup_steps >= 0, ">= 0"),
+                           ("predict_num_samples", hp.predict_num_samples >= 1, ">= 1"),
+                           ("predict_batch_size", hp.predict_batch_size >= 1, ">= 1")):
+        if not ok:
+            raise ConfigError(f"model.init_args.{name} must be {want}, got {hp[name]}")
+    if hp.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {hp.lr_schedule!r}")
+    for name in ("compile_train", "compile_sample"):
+        if hp[name] not in COMPILE_MODES:
+            raise ConfigError(f"{name} must be one of {list(COMPILE_MODES)}, got {hp[name]!r}")
+    if hp.num_steps is not None and int(hp.num_steps) < 1:
+        raise ConfigError(f"num_steps must be >= 1 (or null for the process's full chain), got {hp.num_steps}")
+    if hp.time_grid not in TIME_GRIDS:
+        raise ConfigError(f"model.init_args.time_grid must be one of {list(TIME_GRIDS)}, got {hp.time_grid!r}")
+
+
 class DiffusionModule(L.LightningModule):
     """Shared LightningModule of all methods.
 
     Args:
-        process: the forward process (built by the subclass from its own arguments).
-        image_size, channels: image geometry (linked from the DataModule by the CLI).
+        process: the forward process, configured by class path (``{class_path, init_args}``; in Python a process
+            object, or that config as a dict); its arguments are saved in the hyperparameters as ``process`` (its
+            :attr:`~DiffusionProcess.config`).
+        image_size, channels: image geometry (linked from the DataModule by the CLI), also given to the
+            process (:meth:`~DiffusionProcess.set_geometry`).
         unet: backbone config, see :func:`build_unet`.
         lr, weight_decay, betas: AdamW. ``warmup_steps``: linear LR warm-up; ``lr_schedule``
             ``constant`` or ``cosine`` (decays to 0 over the Trainer's total steps).
@@ -261,9 +282,8 @@ class DiffusionModule(L.LightningModule):
         solver, num_steps: default solver (one of the process's ``solvers``) and number of reverse steps
             for :meth:`sample`. time_grid: the time grid they walk (:data:`~diffproc.samplers.TIME_GRIDS`):
             ``process`` (the process's own spacing), ``uniform_t``, ``quadratic`` or ``logsnr`` (uniform in the
-            log-SNR of the median coordinate; the best grid for the DPM-Solver++ family,
-            docs/results/gaussian_w2). ``sampler``/``sampling_steps``: their former names (deprecated, still
-            accepted for one release).
+            log-SNR of the median coordinate; the best grid for the DPM-Solver++ family on Gaussian data,
+            docs/results/gaussian_w2; on real images per process, docs/results/real_fmnist).
         predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
         seed: base seed of sampling in predict/test: sample ``i`` draws all its noise from ``(seed, i)``
             (:class:`~diffproc.processes.base.PerSampleGenerator`), whatever the batch size or rank count.
@@ -297,45 +317,28 @@ class DiffusionModule(L.LightningModule):
                  ema_start_step: int = 0, ema_every_n_steps: int = 1, solver: Optional[str] = None,
                  num_steps: Optional[int] = None, predict_num_samples: int = 64,
                  predict_batch_size: int = 64, predict_dir: Optional[str] = None, seed: int = 0,
-                 sampler: Optional[str] = None, sampling_steps: Optional[int] = None,
                  init_from: Optional[str] = None, compile_train: CompileMode = "none",
                  compile_sample: CompileMode = "none", channels_last: bool = False,
                  fused_optimizer: bool = False, time_grid: str = "process") -> None:
         super().__init__()
+        process = as_process(process)
         self.save_hyperparameters(ignore=["process"])
-        solver, num_steps = resolve_renamed(solver=solver, sampler=sampler, num_steps=num_steps,
-                                            sampling_steps=sampling_steps)
-        self.hparams.update(solver=solver, num_steps=num_steps, sampler=None, sampling_steps=None)
-        for name, value, ok, want in (("lr", lr, lr > 0, "> 0"), ("ema_decay", ema_decay, 0 <= ema_decay < 1, "in [0, 1)"),
-                                      ("warmup_steps", warmup_steps, warmup_steps >= 0, ">= 0"),
-                                      ("predict_num_samples", predict_num_samples, predict_num_samples >= 1, ">= 1"),
-                                      ("predict_batch_size", predict_batch_size, predict_batch_size >= 1, ">= 1")):
-            if not ok:
-                raise ConfigError(f"model.init_args.{name} must be {want}, got {value}")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-        for name, mode in (("compile_train", compile_train), ("compile_sample", compile_sample)):
-            if mode not in COMPILE_MODES:
-                raise ConfigError(f"{name} must be one of {list(COMPILE_MODES)}, got {mode!r}")
+        self.hparams["process"] = process.config
+        check_options(self.hparams)
         self.compile_train, self.compile_sample = compile_train, compile_sample
         self.channels_last, self.fused_optimizer = bool(channels_last), bool(fused_optimizer)
-        self.process = process
         self.image_size, self.channels = int(image_size), int(channels)
+        self.process = process.set_geometry(self.image_size, self.channels)
         self.solver = solver or process.default_solver
         self.num_steps = num_steps
-        if time_grid not in TIME_GRIDS:
-            raise ConfigError(f"model.init_args.time_grid must be one of {list(TIME_GRIDS)}, got {time_grid!r}")
         self.time_grid = time_grid
-        if num_steps is not None and int(num_steps) < 1:
-            raise ConfigError(f"num_steps must be >= 1 (or null for the process's full chain), got {num_steps}")
         self.check_sampling(num_steps, self.solver, "model.init_args.solver/num_steps")
-        self.unet = build_unet(unet, self.image_size, process.input_channels(self.channels),
-                               process.output_channels(self.channels))
+        in_ch, out_ch = process.input_channels(self.channels), process.output_channels(self.channels)
+        self.unet = build_unet(unet, self.image_size, in_ch, out_ch)
         if init_from is not None and not os.path.isfile(os.path.expanduser(str(init_from))):
             # a diffusers folder: its UNet (architecture and weights) is the backbone (a .ckpt: on_fit_start)
-            self.unet = shift_time_input(
-                load_diffusers_unet(init_from, self.image_size, process.input_channels(self.channels),
-                                    process.output_channels(self.channels)), -diffusers_timestep_shift(process))
+            self.unet = shift_time_input(load_diffusers_unet(init_from, self.image_size, in_ch, out_ch),
+                                         -diffusers_timestep_shift(process))
         self.ema_unet: Optional[nn.Module] = None
         if ema_decay > 0:
             self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
@@ -380,8 +383,14 @@ class DiffusionModule(L.LightningModule):
 
     # --- training -------------------------------------------------------------------------------
     def compute_loss(self, x: Tensor, net: nn.Module, generator: Optional[torch.Generator] = None) -> Tensor:
-        """The training objective on a batch of images (subclasses may add terms)."""
-        return self.process.loss(self.model_fn(net), self.process.to_domain(x), generator=generator)
+        """The process's training objective on a batch of images; in training, its parts (SIE's x̂0, ε̂ and
+        derivative terms) are logged as ``train/loss_<term>``. Subclasses may add terms."""
+        terms = self.process.loss_terms(self.model_fn(net), self.process.to_domain(x), generator=generator)
+        if len(terms) > 1 and self.training and self._trainer is not None:
+            for name, value in terms.items():
+                if name != "loss":
+                    self.log(f"train/loss_{name}", value.detach())
+        return terms["loss"]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Reseed the global RNG for this batch from (run seed, rank, batch counter across epochs).
@@ -611,7 +620,6 @@ class DiffusionModule(L.LightningModule):
     def predict_step(self, batch: Tensor, batch_idx: int) -> None:
         if not (isinstance(batch, Tensor) and not torch.is_floating_point(batch)):
             # guide batch (float images / (images, names) / dict from diffproc.data.strokes) -> SDEdit
-            from diffproc.methods.sdedit import sdedit_predict_step
             sdedit_predict_step(self, batch, batch_idx)
             return None
         idx = batch.long()

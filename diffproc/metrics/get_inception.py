@@ -112,7 +112,7 @@ def load_source(source: str | os.PathLike) -> tuple[torch.jit.ScriptModule, str]
     if data is None:  # not the wheel: the source itself must be the TorchScript archive
         data = source.read_bytes()
     try:
-        with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit.load deprecated; it is what reads this file
+        with warnings.catch_warnings():  # torch >= 2.9 warns on torch.jit.load (FutureWarning); it is what reads this file
             warnings.simplefilter("ignore", FutureWarning)
             ts = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as e:  # noqa: BLE001 - any failure means "not a TorchScript archive"

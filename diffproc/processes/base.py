@@ -7,9 +7,11 @@ convention. That is what lets tests drive a process with an analytic denoiser.
 
 from __future__ import annotations
 
-import warnings
+import importlib
+import inspect
+import sys
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -25,7 +27,37 @@ MULTISTEP_SOLVERS: tuple[str, ...] = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m")
 
 
 class DiffusionProcess(ABC):
-    """Forward process q(z_t | z_0) plus its training loss and reverse steps."""
+    """Forward process q(z_t | z_0) plus its training loss and reverse steps.
+
+    A process remembers the arguments it was constructed with (:attr:`config`): a checkpoint or an exported
+    pipeline rebuilds it from them (:func:`build_process`), so its signature is the only config surface of
+    its math. Image geometry is not part of that surface: the owning module passes its ``image_size`` /
+    ``channels`` to :meth:`set_geometry`.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "DiffusionProcess":
+        obj = super().__new__(cls)
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:  # wrong arguments: __init__ raises the error
+            return obj
+        bound.apply_defaults()
+        obj._init_args = {k: v for k, v in list(bound.arguments.items())[1:]}
+        return obj
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": {...}}``: the constructor call that rebuilds this process (plain
+        Python values, tensors as lists)."""
+        args = {k: v.tolist() if isinstance(v, torch.Tensor) else v
+                for k, v in getattr(self, "_init_args", {}).items()}
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": args}
+
+    def set_geometry(self, image_size: int, channels: int) -> "DiffusionProcess":
+        """The image geometry of the data (set by the module that owns the process). Processes whose math
+        depends on it (blur diffusion's basis and spectrum) build that here; the default needs nothing.
+        Returns ``self``."""
+        return self
 
     #: names accepted by :meth:`reverse_step` (``solver`` argument)
     solvers: tuple[str, ...] = ()
@@ -78,6 +110,12 @@ class DiffusionProcess(ABC):
              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """The paper's training objective (a scalar)."""
 
+    def loss_terms(self, model_fn: ModelFn, z0: Tensor, t: Tensor | None = None,
+                   noise: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """``{"loss": objective, <term>: value, ...}``: the objective and its parts (logged as
+        ``train/loss_<term>``); default: the objective alone."""
+        return {"loss": self.loss(model_fn, z0, t, noise, generator)}
+
     # --- sampling -----------------------------------------------------------------------------
     @abstractmethod
     def timesteps(self, num_steps: int | None = None) -> list:
@@ -93,13 +131,6 @@ class DiffusionProcess(ABC):
                      generator: torch.Generator | None = None) -> Tensor:
         """One step of the reverse process from time ``t`` to ``t_next`` (< t)."""
 
-
-def deprecated(old: str, new: str) -> None:
-    """Warn once per call site that a spelling was renamed (kept working for one release): one name per
-    concept across layers — ``solver``, ``num_steps``, ``schedule``, ``spacing`` values
-    ``linspace``/``uniform``/``quad``."""
-    warnings.warn(f"`{old}` is deprecated and will be removed in the next release: use `{new}`.",
-                  FutureWarning, stacklevel=3)
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -200,3 +231,18 @@ def batch_times(t, batch: int, device) -> Tensor:
     if t.ndim == 0:
         t = t.expand(batch)
     return t
+
+
+def build_process(config: dict[str, Any]) -> DiffusionProcess:
+    """The process of a ``{"class_path": ..., "init_args": ...}`` config (:attr:`DiffusionProcess.config`). Only
+    ``diffproc``'s own modules are imported on demand; a process class elsewhere must be imported first."""
+    path = str(config.get("class_path", ""))
+    module_name, _, name = path.rpartition(".")
+    if module_name.split(".")[0] == "diffproc":
+        importlib.import_module(module_name)
+    module = sys.modules.get(module_name)
+    cls = getattr(module, name, None) if module is not None else None
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionProcess)):
+        raise ValueError(f"process {path!r} is not an importable DiffusionProcess class (a class outside diffproc "
+                         "must be imported before it is rebuilt from a config)")
+    return cls(**dict(config.get("init_args") or {}))

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from diffproc.ops import SeparableBasis, kernel_spectrum
-from diffproc.processes.base import MULTISTEP_SOLVERS, ModelFn, batch_times, bcast, deprecated, randn, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, ModelFn, batch_times, bcast, randn, randn_like
 from diffproc.processes.ddpm import Spacing, ddim_timesteps
 from diffproc.processes.ddpm import make_betas
 from diffproc.processes.gaussian import GaussianProcess, Prediction, Variance
@@ -79,6 +79,14 @@ def blur_schedule(f_type: FType, num_timesteps: int, f_1: float, f_n: float) -> 
     raise ValueError(f"unknown f_type {f_type!r}; choose one of {F_TYPES}")
 
 
+def cumulative_tables(f: Tensor, betas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(F, ᾱ, log(1 − β))`` for i = 0..N (float64) from f(0..N) and β_1..β_N: ``F(i) = Σ_{1≤j≤i} f(j)``,
+    ``ᾱ_i = Π_{j≤i}(1 − β_j)`` with ``F(0) = 0``, ``ᾱ_0 = 1`` and ``log(1 − β_0) = 0``."""
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    return (torch.cat([zero, torch.cumsum(f[1:], 0)]), torch.cat([one, torch.cumprod(1.0 - betas, 0)]),
+            torch.cat([zero, torch.log1p(-betas)]))
+
+
 def official_layout_quirk(spectrum: Tensor, channels: int) -> Tensor:
     """The official code's channel-layout bug (§0 finding 2) as a ``(C, H, W)`` grid.
 
@@ -99,13 +107,11 @@ def official_layout_quirk(spectrum: Tensor, channels: int) -> Tensor:
 
 
 class BlurProcess(GaussianProcess):
-    """Blur diffusion forward process and samplers (spec §4).
+    """Blur diffusion forward process and samplers (spec §4). The basis and spectrum are built for the image
+    geometry given to :meth:`set_geometry` (``BlurProcess(...).set_geometry(image_size, channels)``).
 
     Args:
-        image_size: H = W (or ``(H, W)``) — the basis and spectrum are built for it.
-        channels: image channels (used only by ``official_layout_quirk``).
         num_timesteps: N (1000). schedule, beta_start, beta_end: β_i (linear 1e-4..0.02; §4.1).
-            ``beta_schedule``: the former name of ``schedule`` (deprecated).
         f_type: blur schedule f(i) (§4.2): linear, log, quadratic, cubic, quartic (paper), triangular.
         sig: σ of the unit blur in px (0.4). sig_min, sig_max: ``f(1) = (sig_min/sig)²``,
             ``f(N) = (sig_max/sig)²`` (paper: 0, 0.15 → f(N) = 0.140625 "0.14"); ``sig_max = 0`` is DDPM.
@@ -126,7 +132,7 @@ class BlurProcess(GaussianProcess):
     solvers = ("official", "ancestral", "ddim", *MULTISTEP_SOLVERS)
     full_chain_solvers = ("official",)
 
-    def __init__(self, image_size: int | tuple[int, int] = 64, channels: int = 3, num_timesteps: int = 1000,
+    def __init__(self, num_timesteps: int = 1000,
                  schedule: Literal["linear", "cosine"] = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, f_type: FType = "quartic", sig: float = 0.4, sig_min: float = 0.0,
                  sig_max: float = 0.15, basis: Literal["dct", "toeplitz_eig"] = "dct",
@@ -135,49 +141,50 @@ class BlurProcess(GaussianProcess):
                  official_layout_quirk: bool = False, prediction: Prediction = "eps",
                  variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
                  clip_x0: bool = True, loss_reduction: Literal["mean", "sum"] = "mean",
-                 default_solver: str = "official", beta_schedule: str | None = None) -> None:
-        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if basis == "dct":
-            sb = SeparableBasis.dct(h, w)
-        elif basis == "toeplitz_eig":
-            sb = SeparableBasis.toeplitz_eig(h, w, sigma=sig)
-        else:
-            raise ValueError(f"basis must be 'dct' or 'toeplitz_eig', got {basis!r}")
-        super().__init__(prediction=prediction, basis=sb, variance=variance, eta=eta, clip_x0=clip_x0,
-                         loss_reduction=loss_reduction)
-        if default_solver not in self.solvers:
-            raise ValueError(f"default_solver must be one of {self.solvers}, got {default_solver!r}")
-        if data_range not in ("zero_one", "minus_one_one"):
-            raise ValueError(f"data_range must be 'zero_one' or 'minus_one_one', got {data_range!r}")
+                 default_solver: str = "official") -> None:
+        for name, value, allowed in (("basis", basis, ("dct", "toeplitz_eig")), ("kernel", kernel, ("sampled", "heat")),
+                                     ("default_solver", default_solver, self.solvers),
+                                     ("data_range", data_range, ("zero_one", "minus_one_one"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if sig <= 0 or sig_min < 0 or sig_max < 0:
             raise ValueError(f"need sig > 0 and sig_min, sig_max >= 0; got sig={sig}, sig_min={sig_min}, "
                              f"sig_max={sig_max}")
+        super().__init__(prediction=prediction, basis=None, variance=variance, eta=eta, clip_x0=clip_x0,
+                         loss_reduction=loss_reduction)
         self.default_solver = default_solver
-        self.image_size, self.channels = (h, w), int(channels)
+        self.image_size: tuple[int, int] | None = None  # set_geometry
+        self.channels: int | None = None
+        self.spectrum_floor = float(spectrum_floor)
         self.num_timesteps = int(num_timesteps)
         self.f_type, self.sig, self.sig_min, self.sig_max = f_type, float(sig), float(sig_min), float(sig_max)
         self.basis_kind, self.kernel = basis, kernel
         self.invert_spectrum, self.quirk = bool(invert_spectrum), bool(official_layout_quirk)
         self.data_range, self.spacing = data_range, spacing
         self.x0_range = (0.0, 1.0) if data_range == "zero_one" else (-1.0, 1.0)
-
-        if beta_schedule is not None:
-            deprecated("beta_schedule", "schedule")
-            schedule = beta_schedule
         self.betas = make_betas(schedule, self.num_timesteps, beta_start, beta_end)
-        #: f(i), i = 0..N (float64); F(i) = Σ_{1≤j≤i} f(j), F(0) = 0
+        #: f(i), i = 0..N (float64); F(i) = Σ_{1≤j≤i} f(j), F(0) = 0; ᾱ_i (ᾱ_0 = 1); log(1 − β_i) (index 0: 0)
         self.f = blur_schedule(f_type, self.num_timesteps, (sig_min / sig) ** 2, (sig_max / sig) ** 2)
-        self.F = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.f[1:], 0)])
-        ab = torch.cumprod(1.0 - self.betas, 0)
-        #: ᾱ_i for i = 0..N (ᾱ_0 = 1), float64
-        self.alphas_bar = torch.cat([torch.ones(1, dtype=torch.float64), ab])
-        #: log(1 − β_i), i = 0..N (index 0 unused, = 0)
-        self.log_keep = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log1p(-self.betas)])
-        #: spectrum D actually used: (H, W), or (C, H, W) with the layout quirk; float64
-        self.spectrum = self._build_spectrum(sb, h, w, spectrum_floor)
+        self.F, self.alphas_bar, self.log_keep = cumulative_tables(self.f, self.betas)
+        #: spectrum D actually used: (H, W), or (C, H, W) with the layout quirk; float64 (:meth:`set_geometry`)
+        self.spectrum: Tensor | None = None
         self._tables: dict[str, tuple[Tensor, ...]] = {}
 
     # --- spectrum and schedule ----------------------------------------------------------------------
+    def set_geometry(self, image_size: int | tuple[int, int], channels: int) -> "BlurProcess":
+        """Build the basis and spectrum for ``image_size`` (H = W, or ``(H, W)``) and ``channels`` (used only by
+        ``official_layout_quirk``); :class:`~diffproc.methods.base.DiffusionModule` calls it with its data's
+        geometry."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if self.basis_kind == "dct":
+            self.basis = SeparableBasis.dct(h, w)
+        else:
+            self.basis = SeparableBasis.toeplitz_eig(h, w, sigma=self.sig)
+        self.image_size, self.channels = (int(h), int(w)), int(channels)
+        self.spectrum = self._build_spectrum(self.basis, h, w, self.spectrum_floor)
+        self._tables = {}
+        return self
+
     def _build_spectrum(self, sb: SeparableBasis, h: int, w: int, floor: float) -> Tensor:
         if self.kernel == "sampled":
             d = sb.eigenvalues if self.basis_kind == "toeplitz_eig" else kernel_spectrum(h, w, self.sig, "sampled")
@@ -199,6 +206,9 @@ class BlurProcess(GaussianProcess):
         return d
 
     def _table(self, device: torch.device) -> tuple[Tensor, ...]:
+        if self.spectrum is None:
+            raise ValueError("BlurProcess has no image geometry yet: call set_geometry(image_size, channels) "
+                             "(DiffusionModule does it with the data's image_size and channels)")
         key = str(device)
         if key not in self._tables:  # per-device copies: no host sync in the training hot path
             self._tables[key] = tuple(x.to(device) for x in (
@@ -238,7 +248,7 @@ class BlurProcess(GaussianProcess):
     def _check_channels(self, x: Tensor) -> None:
         if self.quirk and x.shape[1] != self.channels:
             raise ValueError(f"official_layout_quirk was built for {self.channels} channels but the input has "
-                             f"{x.shape[1]}; pass channels={x.shape[1]}")
+                             f"{x.shape[1]}; call set_geometry(image_size, {x.shape[1]})")
 
     # --- training ---------------------------------------------------------------------------------------
     def sample_time(self, batch: int, generator: torch.Generator | None = None,

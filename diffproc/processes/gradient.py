@@ -56,6 +56,32 @@ LOSS_WEIGHTINGS = ("uniform", "image", "edm", "snr")
 NETWORK_VIEWS = ("domain", "image")
 
 
+def check_options(domain: str, noise: str, dc_mode: str, loss_weighting: str, clip_image: bool, network_view: str,
+                  prediction: str, sigma_data: float, time_sampling: str, noise_cap: float | None) -> None:
+    """Refuse, with ``ValueError``, :class:`GradientDomainProcess` options that cannot work (alone or together)."""
+    for name, value, allowed in (("domain", domain, DOMAINS), ("noise", noise, ("iid", "operator")),
+                                 ("dc_mode", dc_mode, DC_MODES), ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
+                                 ("network_view", network_view, NETWORK_VIEWS),
+                                 ("time_sampling", time_sampling, ("uniform", "quad", "modes"))):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if clip_image and dc_mode != "aux" and domain != "hybrid":
+        raise ValueError("clip_image clips the reconstructed image, which needs the DC inside the state: "
+                         "use dc_mode='aux' (or domain='hybrid'), or set clip_image=False.")
+    if network_view == "image" and domain == "hybrid":
+        raise ValueError("network_view='image' is defined for domain='gradient' or 'laplacian' (the hybrid "
+                         "state already carries the image); use network_view='domain' for hybrid.")
+    if network_view == "image" and prediction not in ("x0", "eps"):
+        raise ValueError("network_view='image' predicts the clean image (EDM preconditioning, prediction='x0') "
+                         f"or the per-mode image noise (prediction='eps'), got prediction={prediction!r}.")
+    if not sigma_data > 0:
+        raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+    if noise_cap is not None and (noise != "iid" or domain == "hybrid" or not noise_cap > 0):
+        raise ValueError("noise_cap caps the Poisson amplification of the i.i.d. domain noise: it needs "
+                         f"noise='iid', domain='gradient' or 'laplacian' and a value > 0 (got noise={noise!r}, "
+                         f"domain={domain!r}, noise_cap={noise_cap}); use noise_cap=None otherwise.")
+
+
 class GradientDomainProcess(DDPMProcess):
     """DDPM in the gradient / Laplacian / hybrid domain with normalised stencil noise (spec §2.4-2.8).
 
@@ -141,12 +167,8 @@ class GradientDomainProcess(DDPMProcess):
                          beta_end=beta_end, prediction=prediction, variance=variance, eta=eta,
                          spacing=spacing, clip_x0=clip_x0, loss_reduction=loss_reduction,
                          default_solver=default_solver)
-        if domain not in DOMAINS:
-            raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
-        if noise not in ("iid", "operator"):
-            raise ValueError(f"noise must be 'iid' or 'operator', got {noise!r}")
-        if dc_mode not in DC_MODES:
-            raise ValueError(f"dc_mode must be one of {DC_MODES}, got {dc_mode!r}")
+        check_options(domain, noise, dc_mode, loss_weighting, clip_image, network_view, prediction, sigma_data,
+                      time_sampling, noise_cap)
         self.domain, self.noise, self.dc_mode = domain, noise, dc_mode
         self.laplacian_stencil = laplacian_stencil
         self.s_g = float(gradient_noise_scale) if gradient_noise_scale else GRAD_NOISE_SCALE
@@ -156,23 +178,7 @@ class GradientDomainProcess(DDPMProcess):
             raise ValueError(f"hybrid_mu must be > 0, got {hybrid_mu}")
         self.dataset_mean = None if dataset_mean is None else torch.as_tensor(dataset_mean, dtype=torch.float64)
         self.project_every_step = bool(project_every_step)
-        if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-        self.loss_weighting = loss_weighting
-        if clip_image and not (self.has_aux or domain == "hybrid"):
-            raise ValueError("clip_image clips the reconstructed image, which needs the DC inside the state: "
-                             "use dc_mode='aux' (or domain='hybrid'), or set clip_image=False.")
-        self.clip_image = bool(clip_image)
-        if network_view not in NETWORK_VIEWS:
-            raise ValueError(f"network_view must be one of {NETWORK_VIEWS}, got {network_view!r}")
-        if network_view == "image" and domain == "hybrid":
-            raise ValueError("network_view='image' is defined for domain='gradient' or 'laplacian' (the hybrid "
-                             "state already carries the image); use network_view='domain' for hybrid.")
-        if network_view == "image" and prediction not in ("x0", "eps"):
-            raise ValueError("network_view='image' predicts the clean image (EDM preconditioning, prediction='x0') "
-                             f"or the per-mode image noise (prediction='eps'), got prediction={prediction!r}.")
-        if not sigma_data > 0:
-            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.loss_weighting, self.clip_image, self.time_sampling = loss_weighting, bool(clip_image), time_sampling
         self.network_view, self.sigma_data = network_view, float(sigma_data)
         #: optional (H, W) float64 σ_data per image DCT mode (GDDM's ``sigma_data_mode="spectrum"``); None = the
         #: scalar ``sigma_data`` for every mode
@@ -180,13 +186,6 @@ class GradientDomainProcess(DDPMProcess):
         #: optional (C, C) orthogonal colour basis (rows = components) in which the image view preconditions and
         #: the ``edm``/``snr`` loss is measured (GDDM's ``sigma_data_mode="spectrum_colour"``); None = the channels
         self.colour_basis: Tensor | None = None
-        if time_sampling not in ("uniform", "quad", "modes"):
-            raise ValueError(f"time_sampling must be 'uniform', 'quad' or 'modes', got {time_sampling!r}")
-        self.time_sampling = time_sampling
-        if noise_cap is not None and (noise != "iid" or domain == "hybrid" or not noise_cap > 0):
-            raise ValueError("noise_cap caps the Poisson amplification of the i.i.d. domain noise: it needs "
-                             f"noise='iid', domain='gradient' or 'laplacian' and a value > 0 (got noise={noise!r}, "
-                             f"domain={domain!r}, noise_cap={noise_cap}); use noise_cap=None otherwise.")
         self.noise_cap = None if noise_cap is None else float(noise_cap)
 
     #: ``time_sampling="modes"``: share of uniform times, and the std of the log-SNR jitter around a mode's crossing

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, ModelFn, batch_times, bcast, deprecated, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, ModelFn, batch_times, bcast, randn_like
 from diffproc.processes.ddpm import ddim_timesteps, make_betas
 from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
 
@@ -51,8 +51,6 @@ GradientWrt = Literal["eta", "t"]
 LossNorm = Literal["l2", "l1"]
 TimeSampling = Literal["continuous", "discrete"]
 Spacing = Literal["linspace", "uniform", "quad"]
-#: former spellings of the DDIM grids (deprecated; one ``spacing`` vocabulary for every process)
-_OLD_SPACING = {"ddim_uniform": "uniform", "ddim_quad": "quad"}
 
 
 def betas_for_alpha_bar(num_timesteps: int, alpha_bar, max_beta: float = 0.999) -> Tensor:
@@ -87,8 +85,7 @@ class InterpolationProcess(GaussianProcess):
             network at fractional times and at t = 0, so training must cover them (spec §5.1).
             ``discrete``: t ~ U{1..T}/T (DDIM's training law; use with the DDIM grids).
         spacing: the sampling grid. ``linspace`` (default): S uniform steps 1 → 0 in t (= in η), the
-            ODE grid of §5.3. ``uniform``/``quad``: DDIM's sub-sequences divided by T (formerly
-            ``ddim_uniform``/``ddim_quad``, still accepted with a deprecation warning)
+            ODE grid of §5.3. ``uniform``/``quad``: DDIM's sub-sequences divided by T
             (never start at t = 1; required by single ε-head models, whose x̂0 = (x − sin η ε̂)/cos η
             is singular at η = π/2).
         clip_x0: clip x̂0 to [-1, 1] inside every step. Default False: the paper builds on DDIM's code,
@@ -117,9 +114,6 @@ class InterpolationProcess(GaussianProcess):
                  clip_x0: bool = False, eps_min_cos: float = 1e-4, max_beta: float = 0.999,
                  beta_start: float = 1e-4, beta_end: float = 0.02, variance: Variance = "fixedsmall",
                  eta: float = 0.0, default_solver: str = "euler", basis: Basis | None = None) -> None:
-        if spacing in _OLD_SPACING:
-            deprecated(f"spacing: {spacing}", f"spacing: {_OLD_SPACING[spacing]}")
-            spacing = _OLD_SPACING[spacing]
         checks = {"schedule": (schedule, ("sin", "beta_star", "linear")),
                   "heads": (heads, ("dual", "eps", "x0", "v")),
                   "gradient_wrt": (gradient_wrt, ("eta", "t")), "loss_norm": (loss_norm, ("l2", "l1")),

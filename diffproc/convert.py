@@ -1,0 +1,190 @@
+"""One-off converter of diffproc 0.1 checkpoints and configs to 0.2.
+
+    python -m diffproc.convert OLD.ckpt NEW.ckpt        # a checkpoint (weights, EMA, optimiser, loader state kept)
+    python -m diffproc.convert OLD.yaml NEW.yaml        # a config (e.g. a run's saved config.yaml)
+
+What changed in 0.2 (and what this rewrites):
+
+* the process is injected: the method classes ``diffproc.methods.ddpm.DDPM``, ``diffproc.methods.blur.BlurDiffusion``,
+  ``diffproc.methods.sie.SIE`` and ``diffproc.methods.epdm.EPDM`` are gone; their models are a
+  ``diffproc.methods.base.DiffusionModule`` whose ``process`` is the former method's process, configured by class
+  path with the process arguments moved under ``process.init_args``. ``diffproc.methods.gddm.GDDM`` keeps its own
+  options and takes a ``GradientDomainProcess``; the four process defaults 0.1's GDDM set differently from the
+  process (``prediction: x0``, ``loss_weighting: edm``, ``clip_image: true`` with ``dc_mode: aux``,
+  ``network_view: image``) are written out, so a converted GDDM is the model it was;
+* deprecated names and values are gone: ``sampler`` / ``sampling_steps`` -> ``solver`` / ``num_steps`` (module,
+  ``sample_grid``, ``metrics``, ``fid``), blur's ``beta_schedule`` -> ``schedule``, SIE's ``spacing: ddim_uniform``
+  / ``ddim_quad`` -> ``uniform`` / ``quad``, the strokes DataModule's ``sdedit_steps`` / ``sdedit_sampler`` ->
+  ``sdedit_num_steps`` / ``sdedit_solver``, GDDM's ``diagnostics_every_n_val`` / ``diagnostics_num`` /
+  ``diagnostics_steps`` / ``sparsity_delta`` -> the ``gddm_diagnostics`` section (dropped from a checkpoint);
+* ``diffproc.callbacks.fault`` was split: ``diffproc.callbacks.fault.X`` -> ``atomic_io``, ``nonfinite``,
+  ``throughput`` or ``stop_deadline``, whichever holds ``X`` now.
+
+A checkpoint's tensors are not touched: only its hyperparameters (and the data module's) are rewritten, so it
+loads and resumes bit for bit under 0.2. YAML comments are not kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import yaml
+
+MODULE = "diffproc.methods.base.DiffusionModule"
+GDDM = "diffproc.methods.gddm.GDDM"
+
+#: 0.1 method class -> (0.2 module class, its process class, the 0.1 method's own arguments that go to the process)
+_DDPM_ARGS = ("num_timesteps", "schedule", "beta_start", "beta_end", "prediction", "variance", "eta", "spacing",
+              "clip_x0")
+METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "diffproc.methods.ddpm.DDPM": (MODULE, "diffproc.processes.ddpm.DDPMProcess", _DDPM_ARGS),
+    "diffproc.methods.blur.BlurDiffusion": (MODULE, "diffproc.processes.blur.BlurProcess", _DDPM_ARGS + (
+        "f_type", "sig", "sig_min", "sig_max", "basis", "kernel", "invert_spectrum", "data_range",
+        "official_layout_quirk")),
+    "diffproc.methods.sie.SIE": (MODULE, "diffproc.processes.interpolation.InterpolationProcess", (
+        "num_timesteps", "schedule", "heads", "gamma", "gradient_wrt", "loss_norm", "time_sampling", "spacing",
+        "clip_x0", "eps_min_cos", "max_beta", "beta_start", "beta_end")),
+    "diffproc.methods.epdm.EPDM": (MODULE, "diffproc.processes.edge.EdgePreservingProcess", (
+        "num_timesteps", "beta_start", "beta_end", "lambda_min", "lambda_max", "t_phi", "transition", "sigmoid_k",
+        "train_transition", "edge_norm", "edge_padding", "lambda_for_s", "final", "loss_reduction", "clip_x0", "eta")),
+    GDDM: (GDDM, "diffproc.processes.gradient.GradientDomainProcess", _DDPM_ARGS + (
+        "domain", "noise", "dc_mode", "gradient_noise_scale", "laplacian_noise_scale", "laplacian_stencil",
+        "hybrid_mu", "dataset_mean", "project_every_step", "loss_weighting", "clip_image", "network_view",
+        "sigma_data", "time_sampling", "noise_cap")),
+}
+#: defaults of 0.1's GDDM that differ from its process's (written out when a 0.1 GDDM config leaves them unset)
+GDDM_01_DEFAULTS = {"prediction": "x0", "loss_weighting": "edm", "clip_image": True, "network_view": "image"}
+#: 0.1 GDDM options that moved to the GDDMDiagnostics callback (``gddm_diagnostics`` section)
+GDDM_DIAGNOSTICS = {"diagnostics_every_n_val": "every_n_val", "diagnostics_num": "num",
+                    "diagnostics_steps": "num_steps", "sparsity_delta": "sparsity_delta"}
+#: former option names (module, sample grid, metrics callbacks, strokes DataModule, blur diffusion)
+RENAMED = {"sampler": "solver", "sampling_steps": "num_steps", "sdedit_steps": "sdedit_num_steps",
+           "sdedit_sampler": "sdedit_solver", "beta_schedule": "schedule"}
+#: former values of SIE's ``spacing``
+SPACING = {"ddim_uniform": "uniform", "ddim_quad": "quad"}
+#: where the classes of the split ``diffproc.callbacks.fault`` live now
+FAULT = {"AtomicCheckpointIO": "atomic_io", "NonFiniteGuard": "nonfinite", "ImageThroughputMonitor": "throughput",
+         "install_stop_deadline": "stop_deadline", "cancel_stop_deadline": "stop_deadline"}
+#: top-level config sections whose options were renamed
+CALLBACK_SECTIONS = ("sample_grid", "metrics", "fid")
+
+
+def rename(args: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``args`` with the former option names replaced (a value given under both names must agree)."""
+    out = dict(args)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if value is None:
+            continue
+        if out.get(new) is not None and out[new] != value:
+            raise ValueError(f"{where}{old}={value!r} and {new}={out[new]!r} disagree ({old} is the former name of "
+                             f"{new}); fix the file by hand")
+        out[new] = value
+    return out
+
+
+def convert_model(class_path: str, init_args: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A 0.1 model (class path, init args) as ``(0.2 class path, 0.2 init args, gddm_diagnostics options)``.
+    A 0.2 model (it has a ``process``) or another class comes back unchanged."""
+    if class_path not in METHODS or "process" in init_args:
+        return class_path, dict(init_args), {}
+    module_cls, process_cls, process_keys = METHODS[class_path]
+    args = rename(init_args, "model: ")
+    diagnostics = {new: args.pop(old) for old, new in GDDM_DIAGNOSTICS.items() if args.get(old) is not None}
+    for old in GDDM_DIAGNOSTICS:
+        args.pop(old, None)
+    process = {k: args.pop(k) for k in process_keys if k in args}
+    if class_path == GDDM:
+        process.update({k: v for k, v in GDDM_01_DEFAULTS.items() if k not in process})
+        process["clip_image"] = bool(process["clip_image"]) and process.get("dc_mode", "aux") == "aux"
+    if process.get("spacing") in SPACING:
+        process["spacing"] = SPACING[process["spacing"]]
+    return module_cls, {"process": {"class_path": process_cls, "init_args": process}, **args}, diagnostics
+
+
+def fix_class_paths(obj: Any) -> Any:
+    """Every ``diffproc.callbacks.fault.X`` string in a nested config -> the module that holds ``X`` now."""
+    if isinstance(obj, dict):
+        return {k: fix_class_paths(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [fix_class_paths(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith("diffproc.callbacks.fault."):
+        name = obj.rsplit(".", 1)[1]
+        if name not in FAULT:
+            raise ValueError(f"{obj}: diffproc.callbacks.fault has no {name} any more (it was split into "
+                             f"{sorted(set(FAULT.values()))})")
+        return f"diffproc.callbacks.{FAULT[name]}.{name}"
+    return obj
+
+
+def convert_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A 0.1 config (a ``cli.py`` config file or a run's saved ``config.yaml``) in 0.2 form."""
+    cfg = fix_class_paths(dict(cfg))
+    model = cfg.get("model")
+    if isinstance(model, dict) and "class_path" in model:
+        path, args, diagnostics = convert_model(model["class_path"], model.get("init_args") or {})
+        cfg["model"] = {**model, "class_path": path, "init_args": args}
+        if diagnostics:
+            cfg["gddm_diagnostics"] = {**(cfg.get("gddm_diagnostics") or {}), **diagnostics}
+    for section in CALLBACK_SECTIONS:
+        if isinstance(cfg.get(section), dict):
+            cfg[section] = rename(cfg[section], f"{section}: ")
+    data = cfg.get("data")
+    if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
+        cfg["data"] = {**data, "init_args": rename(data["init_args"], "data: ")}
+    return cfg
+
+
+def convert_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A 0.1 checkpoint with 0.2 hyperparameters; every tensor (weights, EMA, optimiser, loops, callbacks) kept."""
+    out = dict(ckpt)
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    if hp:
+        meta = {k: v for k, v in hp.items() if k.startswith("_")}
+        args = {k: v for k, v in hp.items() if not k.startswith("_")}
+        path, args, _ = convert_model(str(meta.get("_class_path", "")), args)
+        out["hyper_parameters"] = {**({"_class_path": path} if "_class_path" in meta else {}), **args,
+                                   **{k: v for k, v in meta.items() if k != "_class_path"}}
+    data_hp = ckpt.get("datamodule_hyper_parameters")
+    if isinstance(data_hp, dict):
+        out["datamodule_hyper_parameters"] = rename(data_hp, "data: ")
+    return out
+
+
+def convert_file(old: str | Path, new: str | Path) -> Path:
+    """Convert ``old`` (``.ckpt``, or a ``.yaml``/``.yml`` config) into ``new``."""
+    old, new = Path(old), Path(new)
+    if old.resolve() == new.resolve():
+        raise ValueError("write the converted file next to the old one, not over it")
+    if old.suffix in (".yaml", ".yml"):
+        cfg = yaml.safe_load(old.read_text()) or {}
+        new.write_text(yaml.safe_dump(convert_config(cfg), sort_keys=False))
+    else:
+        ckpt = torch.load(old, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ValueError(f"{old} is not a Lightning checkpoint (no state_dict)")
+        torch.save(convert_checkpoint(ckpt), new)
+    return new
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m diffproc.convert", description=__doc__.split("\n\n")[0])
+    ap.add_argument("old", help="a 0.1 checkpoint (.ckpt) or config (.yaml)")
+    ap.add_argument("new", help="where to write the 0.2 one")
+    args = ap.parse_args(argv)
+    try:
+        out = convert_file(args.old, args.new)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"converted {args.old} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

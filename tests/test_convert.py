@@ -1,0 +1,82 @@
+"""0.1 -> 0.2 converter (``python -m diffproc.convert``): checkpoints written by diffproc 0.1.0 (tests/data/v0_1,
+made by its make.sh) convert, load and resume bit for bit; 0.1 configs convert to the injected-process form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clitools import assert_same_training_state, flat, load, run_cli
+from diffproc.convert import convert_config, convert_file, convert_model
+from diffproc.export import load_module
+
+DATA = Path(__file__).resolve().parent / "data" / "v0_1"
+
+
+@pytest.mark.parametrize("name", ["ddpm", "gddm"])
+def test_a_01_checkpoint_resumes_bitwise_under_02(tmp_path, name):
+    """The converted step-3 checkpoint keeps every tensor; resumed to step 6 with the converted run config, it
+    gives what 0.1.0 gave (weights, EMA, optimiser, LR schedule and loader state, bit for bit)."""
+    old = DATA / f"{name}_step3.ckpt"
+    ckpt = convert_file(old, tmp_path / "step3.ckpt")
+    config = convert_file(DATA / f"{name}_run_config.yaml", tmp_path / "config.yaml")
+    a, b = load(old), load(ckpt)
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks"):
+        fa, fb = flat(a[key]), flat(b[key])
+        assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa), key
+    hp = b["hyper_parameters"]
+    assert "process" in hp and "sampler" not in hp and "sampling_steps" not in hp
+    rebuilt = load_module(ckpt)[0].process.config  # the export path builds the process from the hparams
+    assert rebuilt["class_path"] == hp["process"]["class_path"]
+    assert hp["process"]["init_args"].items() <= rebuilt["init_args"].items()
+
+    run_cli("fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "6",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"))
+    resumed = next((tmp_path / "runs").glob("*/version_0/checkpoints/last.ckpt"))
+    assert_same_training_state(resumed, DATA / f"{name}_step6.ckpt")
+    assert load(resumed)["loops"] == load(DATA / f"{name}_step6.ckpt")["loops"]
+
+
+def test_01_configs_convert():
+    """Method classes -> DiffusionModule/GDDM with the process under ``process``; former names and values; the
+    split ``fault`` module; GDDM's diagnostics options -> the callback's section."""
+    old = yaml.safe_load((DATA / "ddpm_run_config.yaml").read_text())
+    old["trainer"]["plugins"] = [{"class_path": "diffproc.callbacks.fault.AtomicCheckpointIO"}]
+    old["trainer"]["callbacks"] = [{"class_path": "diffproc.callbacks.fault.NonFiniteGuard"},
+                                   {"class_path": "diffproc.callbacks.fault.ImageThroughputMonitor"}]
+    old["sample_grid"]["sampler"] = "ancestral"
+    new = convert_config(old)
+    assert [p["class_path"] for p in new["trainer"]["plugins"] + new["trainer"]["callbacks"]] == [
+        "diffproc.callbacks.atomic_io.AtomicCheckpointIO", "diffproc.callbacks.nonfinite.NonFiniteGuard",
+        "diffproc.callbacks.throughput.ImageThroughputMonitor"]
+    model = new["model"]
+    assert model["class_path"] == "diffproc.methods.base.DiffusionModule"
+    assert model["init_args"]["process"]["class_path"] == "diffproc.processes.ddpm.DDPMProcess"
+    assert model["init_args"]["process"]["init_args"]["num_timesteps"] == 100
+    assert model["init_args"]["solver"] == "ddim" and model["init_args"]["num_steps"] == 5
+    assert "sampler" not in model["init_args"] and new["sample_grid"]["solver"] == "ancestral"
+    assert convert_config(new) == new  # a 0.2 config stays as it is
+
+    gddm = convert_config(yaml.safe_load((DATA / "gddm_tiny.yaml").read_text()))
+    process = gddm["model"]["init_args"]["process"]["init_args"]
+    assert (process["prediction"], process["network_view"], process["clip_image"]) == ("x0", "image", True)
+    assert gddm["gddm_diagnostics"]["every_n_val"] == 2 and "diagnostics_every_n_val" not in gddm["model"]["init_args"]
+
+
+def test_01_method_arguments_convert():
+    _, args, _ = convert_model("diffproc.methods.sie.SIE", {"spacing": "ddim_quad", "heads": "eps", "lr": 1e-3})
+    assert args == {"process": {"class_path": "diffproc.processes.interpolation.InterpolationProcess",
+                                "init_args": {"heads": "eps", "spacing": "quad"}}, "lr": 1e-3}
+    _, args, _ = convert_model("diffproc.methods.blur.BlurDiffusion", {"beta_schedule": "cosine", "image_size": 8})
+    assert args["process"]["init_args"] == {"schedule": "cosine"} and args["image_size"] == 8
+    path, args, _ = convert_model("diffproc.methods.gddm.GDDM", {"dc_mode": "dataset_mean", "reconstruction": "dct"})
+    assert path == "diffproc.methods.gddm.GDDM" and args["reconstruction"] == "dct"
+    assert args["process"]["init_args"]["clip_image"] is False  # 0.1 GDDM clipped the image only with dc_mode aux
+    with pytest.raises(ValueError, match="disagree"):
+        convert_model("diffproc.methods.ddpm.DDPM", {"sampler": "ddim", "solver": "ancestral"})
+    data = convert_config({"data": {"class_path": "diffproc.data.strokes.StrokesDataModule",
+                                    "init_args": {"sdedit_steps": 20, "sdedit_sampler": "ddim"}}})
+    assert data["data"]["init_args"] == {"sdedit_num_steps": 20, "sdedit_solver": "ddim"}
