@@ -503,7 +503,7 @@ def test_cli_fit_other_domains(config, tmp_path):
     assert "val/diag_gen_ls_residual" in s and math.isfinite(s["val/loss"])
     if config == "lddm_shapes.yaml":  # the config's noise scale √20/2 and noise_cap 1 (docs/gddm.md §6): on the fitted
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)  # spectrum the
-        hp = ckpt["hyper_parameters"]  # lowest modes cross SNR 1 where image DDPM's do, not at t <= 3
+        hp = ckpt["hyper_parameters"]["process"]["init_args"]  # lowest modes cross SNR 1 where image DDPM's do, not at t <= 3
         assert hp["laplacian_noise_scale"] == pytest.approx(math.sqrt(20) / 2, rel=1e-4) and hp["noise_cap"] == 1.0
         sd = ckpt["state_dict"]["sigma_data_spectrum"][0]  # first colour component (luma-like)
         kw = dict(domain="laplacian", laplacian_noise_scale=hp["laplacian_noise_scale"])

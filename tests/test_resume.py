@@ -180,7 +180,7 @@ def test_checkpoint_written_during_validation_keeps_raw_and_ema(tmp_path):
     trainer.fit(model, data)
     ckpt = load(tmp_path / "during_val.ckpt")
     assert ckpt["global_step"] == 6
-    restored = DDPM.load_from_checkpoint(tmp_path / "during_val.ckpt", map_location="cpu", weights_only=True)
+    restored = DiffusionModule.load_from_checkpoint(tmp_path / "during_val.ckpt", map_location="cpu", weights_only=True)
     for name, value in saver.raw.items():
         assert torch.equal(restored.unet.state_dict()[name], value), name
     for name, value in saver.ema.items():

@@ -331,7 +331,7 @@ def test_configs_parse_and_build(capsys):
 
     from diffproc.cli import DiffprocCLI
 
-    assert len(CONFIGS) == 19  # sie_{celeba,cifar10,fmnist,mnist,shapes} + 14 ablation configs
+    assert len(CONFIGS) == 19  # 5 datasets (shapes, CIFAR-10, CelebA, MNIST, Fashion-MNIST) + 14 ablation rows
     for config in CONFIGS:
         with pytest.raises(SystemExit) as exit_:
             DiffprocCLI(args=["fit", "--config", str(ROOT / config), "--print_config"])
