@@ -41,7 +41,7 @@ from diffproc.processes.gaussian import MultistepState, dpmpp_step
 from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.processes.vp_sde import VPSDEProcess
-from diffproc.samplers import LOWER_ORDER_FINAL_BELOW, TIME_GRIDS as GRIDS, CountingModelFn, sample_loop, time_grid
+from diffproc.samplers import TIME_GRIDS as GRIDS, CountingModelFn, multistep_order_cap, sample_loop, time_grid
 
 REPO = Path(__file__).resolve().parents[1]
 #: the eigenvalue file shipped beside the repository (``../shared/data``)
@@ -228,11 +228,6 @@ def solver_processes(lam: Tensor) -> dict[str, tuple]:
     }
 
 
-def make_grid(process, num_steps: int, kind: str = "process", shape=SHAPE) -> list:
-    """The library's time grid (:func:`diffproc.samplers.time_grid`) of ``num_steps`` steps of kind ``kind``."""
-    return time_grid(process, num_steps, kind)
-
-
 def multistep_sde_variance(process, model_fn, grid: list, var_init: Tensor, shape=SHAPE) -> tuple[Tensor, int]:
     """``(var_out, nfe)`` of DPM-Solver++(2M) SDE from a centred Gaussian of basis variances ``var_init``,
     exactly: the chain is linear in the start state and the step noises, so it is run once (through
@@ -247,9 +242,8 @@ def multistep_sde_variance(process, model_fn, grid: list, var_init: Tensor, shap
     for j, (t, t_next) in enumerate(zip(grid[:-1], grid[1:]), start=1):
         xi = torch.zeros_like(u)
         xi[j] = 1.0
-        cap = S - j + 1 if S < LOWER_ORDER_FINAL_BELOW else None  # as sample_loop does
         z = dpmpp_step(process, counted, z, t, t_next, "dpmpp_2m_sde", state, noise=process.from_basis(xi),
-                       max_order=cap)
+                       max_order=multistep_order_cap(j - 1, S))
     gains = process.to_basis(z)
     return gains[0] ** 2 * var_init + (gains[1:] ** 2).sum(0), counted.calls
 
@@ -265,7 +259,7 @@ def solver_w2(process, lam: Tensor, shape, solver: str, num_steps: int, grid: st
     """``(W2, nfe)`` of ``solver`` with ``num_steps`` steps on ``grid``, started from the exact marginal at
     the grid's first time, with the exact denoiser of N(0, diag λ)."""
     model_fn = exact_denoiser(process, lam)
-    ts = make_grid(process, num_steps, grid, shape)
+    ts = time_grid(process, num_steps, grid)
     var_init = start_variance(process, lam, ts[0])
     if solver == "dpmpp_2m_sde":
         var, nfe = multistep_sde_variance(process, model_fn, ts, var_init, shape)

@@ -167,6 +167,13 @@ def sampling_grid(process: DiffusionProcess, num_steps: int | None, solver: str 
     return out
 
 
+def multistep_order_cap(j: int, num_steps: int) -> int | None:
+    """The highest order a multistep solver may use on step ``j`` (0-based) of ``num_steps``: on grids shorter than
+    :data:`LOWER_ORDER_FINAL_BELOW` the last step is first order and the one before at most second (diffusers'
+    ``lower_order_final``); otherwise no cap (``None``)."""
+    return num_steps - j if num_steps < LOWER_ORDER_FINAL_BELOW else None
+
+
 def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[int],
                 num_steps: int | None = None, solver: str | None = None,
                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
@@ -190,11 +197,10 @@ def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[in
     z = z_init if z_init is not None else process.prior(tuple(shape), generator, device, dtype)
     pairs = list(zip(ts[:-1], ts[1:]))
     state = MultistepState() if solver in MULTISTEP_SOLVERS else None
-    short = len(pairs) < LOWER_ORDER_FINAL_BELOW
     for j, (t, t_next) in enumerate(tqdm(pairs, desc=desc, disable=not progress, leave=False)):
-        if state is not None:  # on a short grid, the last step is first order and the one before at most second
-            cap = len(pairs) - j if short else None
-            z = dpmpp_step(process, counted, z, t, t_next, solver, state, generator=generator, max_order=cap)
+        if state is not None:
+            z = dpmpp_step(process, counted, z, t, t_next, solver, state, generator=generator,
+                           max_order=multistep_order_cap(j, len(pairs)))
         else:
             z = process.reverse_step(counted, z, t, t_next, solver=solver, generator=generator)
     return SampleResult(sample=z, nfe=counted.calls, timesteps=ts, solver=solver)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.gaussian_w2 import (EIGENVALUES, deterministic_gain, exact_denoiser, load_eigenvalues, make_grid,
+from benchmarks.gaussian_w2 import (EIGENVALUES, deterministic_gain, exact_denoiser, load_eigenvalues,
                                     multistep_sde_variance, paper_process, solver_processes, solver_w2,
                                     start_variance)
 from diffproc.processes.base import MULTISTEP_SOLVERS, PerSampleGenerator, randn
