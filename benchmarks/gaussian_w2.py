@@ -41,7 +41,7 @@ from diffproc.processes.gaussian import MultistepState, dpmpp_step
 from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.processes.vp_sde import VPSDEProcess
-from diffproc.samplers import TIME_GRIDS as GRIDS, CountingModelFn, multistep_order_cap, sample_loop, time_grid
+from diffproc.samplers import TIME_GRIDS as GRIDS, CountingDenoiser, multistep_order_cap, sample_loop, time_grid
 
 REPO = Path(__file__).resolve().parents[1]
 #: the eigenvalue file shipped beside the repository (``../shared/data``)
@@ -84,31 +84,24 @@ def load_eigenvalues(path: Path | str = EIGENVALUES) -> Tensor:
 
 
 def paper_process() -> VPSDEProcess:
-    """The table's VP SDE: β_min 0.1, β_max 20 (β_t = 0.05 + 9.95 t), eps = 1e-3, ε-prediction, no clipping
+    """The table's VP SDE: β_min 0.1, β_max 20 (β_t = 0.05 + 9.95 t), eps = 1e-3, no clipping
     (the exact denoiser of unbounded Gaussian data must reach the solver unchanged)."""
-    return VPSDEProcess(beta_min=0.1, beta_max=20.0, eps=1e-3, prediction="eps", clip_x0=False)
+    return VPSDEProcess(beta_min=0.1, beta_max=20.0, eps=1e-3, clip_x0=False)
 
 
 def exact_denoiser(process, lam: Tensor):
-    """``model_fn(z, t)`` returning the exact ε̂ (or x̂0, per ``process.prediction``; SIE's dual heads
-    ``[x̂0 | ε̂]``) of data N(0, diag λ) in the process basis, λ shaped like one sample's basis coefficients
-    (the pixels for VP SDE / DDPM, DCT coefficients for blur). Per coordinate
-    ``ε̂ = σ u / (α² λ + σ²)``, ``x̂0 = α λ u / (α² λ + σ²)``, ``u = M z``."""
-    heads = getattr(process, "heads", None)
-    if heads != "dual" and process.prediction not in ("eps", "x0"):
-        raise ValueError(f"exact_denoiser supports prediction 'eps' or 'x0', not {process.prediction!r}")
+    """The exact denoiser ``(z, t) -> (û0, ε̂)`` of data N(0, diag λ) in the process basis (what any trained network
+    behind any head approximates), λ shaped like one sample's basis coefficients (the pixels for VP SDE / DDPM, DCT
+    coefficients for blur). Per coordinate ``ε̂ = σ u / (α² λ + σ²)``, ``x̂0 = α λ u / (α² λ + σ²)``, ``u = M z``."""
 
-    def model_fn(z: Tensor, t: Tensor) -> Tensor:
+    def denoiser(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         u = process.to_basis(z)
         a, s = process.coefficients(t, u)
         lam_z = lam.to(u)
         var = a * a * lam_z + s * s
-        eps, x0 = s * u / var, a * lam_z * u / var
-        if heads == "dual":
-            return torch.cat([process.from_basis(x0), process.from_basis(eps)], dim=1)
-        return process.from_basis(eps if process.prediction == "eps" else x0)
+        return a * lam_z * u / var, s * u / var
 
-    return model_fn
+    return denoiser
 
 
 def pT_variance(process: VPSDEProcess, lam: Tensor) -> Tensor:
@@ -117,21 +110,21 @@ def pT_variance(process: VPSDEProcess, lam: Tensor) -> Tensor:
     return a[0] ** 2 * lam + s[0] ** 2
 
 
-def deterministic_gain(process, model_fn, num_steps: int, solver: str, shape=SHAPE,
+def deterministic_gain(process, denoiser, num_steps: int, solver: str, shape=SHAPE,
                        timesteps=None) -> tuple[Tensor, int]:
     """``(a, nfe)``: the solver maps the basis coefficients ``u_T`` to ``a ⊙ u_T`` (run by ``sample_loop`` on
     the state whose coefficients are all 1; ``timesteps`` overrides the process's grid)."""
     z_init = process.from_basis(torch.ones((1, *shape), dtype=torch.float64))
-    res = sample_loop(process, model_fn, z_init.shape, num_steps=num_steps, solver=solver,
+    res = sample_loop(process, denoiser, z_init.shape, num_steps=num_steps, solver=solver,
                       dtype=torch.float64, z_init=z_init, timesteps=timesteps)
     return process.to_basis(res.sample)[0], res.nfe
 
 
-def sde_variance(process: VPSDEProcess, model_fn, num_steps: int, var_init: Tensor) -> tuple[Tensor, int]:
+def sde_variance(process: VPSDEProcess, denoiser, num_steps: int, var_init: Tensor) -> tuple[Tensor, int]:
     """``(var_out, nfe)`` of ``num_steps`` Euler–Maruyama steps from a centred Gaussian of variances
     ``var_init``: each step's ``(A_k, B_k)`` from one call of ``process.reverse_sde_step`` (the code
     ``reverse_step(solver="euler_maruyama")`` runs) on ``(z, ξ) = [(1, 0), (0, 1)]``."""
-    counted = CountingModelFn(model_fn)
+    counted = CountingDenoiser(denoiser)
     one = torch.ones((1, *SHAPE), dtype=torch.float64)
     z, xi = torch.cat([one, 0 * one]), torch.cat([0 * one, one])
     grid = process.timesteps(num_steps)
@@ -151,13 +144,13 @@ def w2_cell(scheme: str, grid_points: int, lam: Tensor, process: VPSDEProcess | 
     """``(W2, nfe)`` of ``scheme`` (``euler_maruyama``, or an ODE solver) with ``grid_points`` grid points,
     initialised from the exact p_1."""
     process = process or paper_process()
-    model_fn = exact_denoiser(process, lam)
+    denoiser = exact_denoiser(process, lam)
     var_init = pT_variance(process, lam)
     steps = grid_points - 1
     if scheme == "euler_maruyama":
-        var, nfe = sde_variance(process, model_fn, steps, var_init)
+        var, nfe = sde_variance(process, denoiser, steps, var_init)
     else:
-        a, nfe = deterministic_gain(process, model_fn, steps, scheme)
+        a, nfe = deterministic_gain(process, denoiser, steps, scheme)
         var = a * a * var_init
     return w2_diag(var, lam), nfe
 
@@ -228,13 +221,13 @@ def solver_processes(lam: Tensor) -> dict[str, tuple]:
     }
 
 
-def multistep_sde_variance(process, model_fn, grid: list, var_init: Tensor, shape=SHAPE) -> tuple[Tensor, int]:
+def multistep_sde_variance(process, denoiser, grid: list, var_init: Tensor, shape=SHAPE) -> tuple[Tensor, int]:
     """``(var_out, nfe)`` of DPM-Solver++(2M) SDE from a centred Gaussian of basis variances ``var_init``,
     exactly: the chain is linear in the start state and the step noises, so it is run once (through
     :func:`dpmpp_step`, the code ``sample_loop`` runs) on a batch whose row 0 starts at coefficients 1 with no
     noise and row j ≥ 1 starts at 0 with noise e_j only at step j; ``var = a_0² var_init + Σ_j a_j²``."""
     S = len(grid) - 1
-    counted = CountingModelFn(model_fn)
+    counted = CountingDenoiser(denoiser)
     u = torch.zeros((S + 1, *shape), dtype=torch.float64)
     u[0] = 1.0
     z = process.from_basis(u)
@@ -258,13 +251,13 @@ def start_variance(process, lam: Tensor, t0) -> Tensor:
 def solver_w2(process, lam: Tensor, shape, solver: str, num_steps: int, grid: str = "process") -> tuple[float, int]:
     """``(W2, nfe)`` of ``solver`` with ``num_steps`` steps on ``grid``, started from the exact marginal at
     the grid's first time, with the exact denoiser of N(0, diag λ)."""
-    model_fn = exact_denoiser(process, lam)
+    denoiser = exact_denoiser(process, lam)
     ts = time_grid(process, num_steps, grid)
     var_init = start_variance(process, lam, ts[0])
     if solver == "dpmpp_2m_sde":
-        var, nfe = multistep_sde_variance(process, model_fn, ts, var_init, shape)
+        var, nfe = multistep_sde_variance(process, denoiser, ts, var_init, shape)
     else:
-        a, nfe = deterministic_gain(process, model_fn, None, solver, shape, timesteps=ts)
+        a, nfe = deterministic_gain(process, denoiser, None, solver, shape, timesteps=ts)
         var = a * a * var_init
     return w2_diag(var, lam), nfe
 

@@ -1,7 +1,7 @@
 """When the sampler decides each image DCT mode: the t at which mode k's SNR ``γ_t σ_d,k² / ((1−γ_t) c_k²)``
 crosses 1 (``diffproc.processes.gradient_stats.mode_snr_crossing``), for image DDPM (c_k = 1), GDDM and LDDM at
 several noise scales and ``noise_cap`` values, on the data's σ_d per mode and colour component as a fitted GDDM checkpoint holds it
-(``sigma_data_mode: spectrum_colour``). docs/gddm.md §5.
+(the ModeEDM head's ``sigma_data_mode: spectrum_colour``). docs/gddm.md §5.
 
     python benchmarks/gddm_crossings.py --ckpt runs/gddm_shapes/version_0/checkpoints/last.ckpt
 """
@@ -35,9 +35,9 @@ ROWS = [("DDPM (image; = operator noise)", dict(noise="operator")),
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True, help="a GDDM checkpoint with sigma_data_spectrum (C, H, W)")
+    ap.add_argument("--ckpt", required=True, help="a GDDM checkpoint whose ModeEDM head has a spectrum_colour spectrum (C, H, W)")
     args = ap.parse_args()
-    sd = torch.load(args.ckpt, map_location="cpu", weights_only=False)["state_dict"]["sigma_data_spectrum"].double()
+    sd = torch.load(args.ckpt, map_location="cpu", weights_only=False)["state_dict"]["precond.spectrum"].double()
     if sd.dim() == 2:
         sd = sd[None]
     print("| process | t of SNR 1, 10 / 50 / 90 % of the modes | lowest modes (0,1) / (0,2) / (1,1) | DC |")

@@ -118,12 +118,10 @@ def trajectory(model, num: int, seed: int, device) -> dict:
 
     p, net = model.process, model.sampling_net.eval()
     rec: list[dict] = []
-    # the raw (ẑ0, ε̂) of each step, before any clipping: GDDM's network_prediction, the core's split_prediction
-    name = "network_prediction" if hasattr(p, "network_prediction") else "split_prediction"
-    raw = getattr(p, name)
+    denoiser = model.denoiser(net)  # the raw (ẑ0, ε̂) of each step, before the process's clipping
 
     def recording(*a, **k):
-        u0, eps = raw(*a, **k)
+        u0, eps = denoiser(*a, **k)
         x0 = model.decode(p.from_basis(u0))
         bp = band_power(x0.float(), remove_dc=False).sqrt()
         rec.append({"t": float(a[-1].flatten()[0]), "max_abs": float(x0.abs().max()),
@@ -133,11 +131,7 @@ def trajectory(model, num: int, seed: int, device) -> dict:
 
     shape = (num, p.domain_channels(model.channels), model.image_size, model.image_size)
     g = torch.Generator(device=device).manual_seed(seed)
-    setattr(p, name, recording)
-    try:
-        res = sample_loop(p, model.model_fn(net), shape, model.num_steps, model.solver, g, device)
-    finally:
-        delattr(p, name)
+    res = sample_loop(p, recording, shape, model.num_steps, model.solver, g, device)
     x = model.decode(res.sample)
     out = {"trajectory": rec, "final_max_abs": float(x.abs().max()), "final_frac_out": float((x.abs() > 1).double().mean()),
            "final_mode_rms_unclipped": dct_mode_rms(x)}

@@ -18,10 +18,18 @@ What changed in 0.2 (and what this rewrites):
   ``sdedit_num_steps`` / ``sdedit_solver``, GDDM's ``diagnostics_every_n_val`` / ``diagnostics_num`` /
   ``diagnostics_steps`` / ``sparsity_delta`` -> the ``gddm_diagnostics`` section (dropped from a checkpoint);
 * ``diffproc.callbacks.fault`` was split: ``diffproc.callbacks.fault.X`` -> ``atomic_io``, ``nonfinite``,
-  ``throughput`` or ``stop_deadline``, whichever holds ``X`` now.
+  ``throughput`` or ``stop_deadline``, whichever holds ``X`` now;
+* the network's parameterisation left the processes for the preconditioning layer (``model.init_args.precond``,
+  :mod:`diffproc.nets.precond`): a process's ``prediction`` becomes the head ``EpsHead`` / ``X0Head`` / ``VHead`` /
+  ``SigmaEpsHead``; SIE's ``heads`` (and ``eps_min_cos``) ``DualHead`` or a single head; GDDM's image view
+  (``network_view: image`` with ``prediction``, ``sigma_data``, ``loss_weighting: edm|snr``, ``time_sampling: modes``
+  and the module's ``sigma_data_mode`` / ``sigma_data_images``) the head ``ModeEDM``, whose σ_data buffers
+  ``sigma_data_spectrum`` / ``sigma_data_count`` / ``sigma_data_colour_basis`` become ``precond.spectrum`` /
+  ``precond.count`` / ``precond.colour_basis``; GDDM's ``loss_weighting`` is the process's ``objective`` (``uniform``,
+  ``edm``, ``snr`` -> ``head``; ``image`` -> ``image``) and its ``noise`` is ``noise_kind``.
 
-A checkpoint's tensors are not touched: only its hyperparameters (and the data module's) are rewritten, so it
-loads and resumes bit for bit under 0.2. YAML comments are not kept.
+A checkpoint's tensors are not changed (GDDM's σ_data buffers only renamed): its hyperparameters (and the data
+module's) are rewritten, so it loads and resumes bit for bit under 0.2. YAML comments are not kept.
 """
 
 from __future__ import annotations
@@ -69,6 +77,14 @@ SPACING = {"ddim_uniform": "uniform", "ddim_quad": "quad"}
 #: where the classes of the split ``diffproc.callbacks.fault`` live now
 FAULT = {"AtomicCheckpointIO": "atomic_io", "NonFiniteGuard": "nonfinite", "ImageThroughputMonitor": "throughput",
          "install_stop_deadline": "stop_deadline", "cancel_stop_deadline": "stop_deadline"}
+#: the preconditioning heads (``model.init_args.precond``) by the 0.1 name of the network's parameterisation
+PRECOND = "diffproc.nets.precond."
+HEAD_OF = {"eps": "EpsHead", "x0": "X0Head", "v": "VHead", "sigma_eps": "SigmaEpsHead", "dual": "DualHead"}
+GRADIENT = "diffproc.processes.gradient.GradientDomainProcess"
+SIE = "diffproc.processes.interpolation.InterpolationProcess"
+#: GDDM σ_data buffers -> the ModeEDM head's
+STATE_KEYS = {"sigma_data_spectrum": "precond.spectrum", "sigma_data_count": "precond.count",
+              "sigma_data_colour_basis": "precond.colour_basis"}
 #: top-level config sections whose options were renamed
 CALLBACK_SECTIONS = ("sample_grid", "metrics", "fid")
 
@@ -108,6 +124,52 @@ def convert_model(class_path: str, init_args: dict[str, Any]) -> tuple[str, dict
     return module_cls, {"process": {"class_path": process_cls, "init_args": process}, **args}, diagnostics
 
 
+def _head(name: str, **init_args: Any) -> dict[str, Any]:
+    return {"class_path": PRECOND + name, "init_args": init_args}
+
+
+def move_to_precond(args: dict[str, Any]) -> dict[str, Any]:
+    """Model init args whose process still declares the network's parameterisation (``prediction``, SIE's ``heads``,
+    GDDM's image view) with that moved to ``precond`` (module doc); args without it come back unchanged."""
+    process = args.get("process")
+    if not isinstance(process, dict) or "precond" in args:
+        return args
+    path, pargs = str(process.get("class_path", "")), dict(process.get("init_args") or {})
+    args = dict(args)
+    prediction = pargs.pop("prediction", None)
+    head = None
+    if path == SIE:
+        heads, min_cos = pargs.pop("heads", None), pargs.pop("eps_min_cos", None)
+        if heads not in (None, "dual"):
+            head = _head(HEAD_OF[heads], **({"min_alpha": 1e-4 if min_cos is None else min_cos} if heads == "eps" else {}))
+    elif path == GRADIENT:
+        if "noise" in pargs:
+            pargs["noise_kind"] = pargs.pop("noise")
+        view, weighting = pargs.pop("network_view", "domain"), pargs.pop("loss_weighting", "uniform")
+        sigma_data, modes = pargs.pop("sigma_data", 0.5), pargs.get("time_sampling") == "modes"
+        sd_mode, sd_images = args.pop("sigma_data_mode", "uniform"), args.pop("sigma_data_images", 2048)
+        if view == "image":
+            if weighting not in ("edm", "snr", "image"):
+                raise ValueError(f"network_view: image with loss_weighting: {weighting} is no longer a setting: the image "
+                                 "view (ModeEDM) trains with its own edm/snr weighting or the process's objective: image")
+            head = _head("ModeEDM", parameterisation=prediction or "eps",
+                         weighting=weighting if weighting != "image" else "edm", sigma_data=sigma_data,
+                         sigma_data_mode=sd_mode, sigma_data_images=sd_images,
+                         time_sampling="modes" if modes else "process")
+        elif weighting in ("edm", "snr") or modes:
+            raise ValueError(f"loss_weighting: {weighting} / time_sampling: {pargs.get('time_sampling')} in the domain "
+                             "view is no longer a setting: use the image view (precond: ModeEDM)")
+        if modes:
+            pargs.pop("time_sampling")
+        pargs["objective"] = "image" if weighting == "image" else "head"
+    if head is None and prediction not in (None, "eps", "sigma_eps"):
+        head = _head(HEAD_OF[prediction])
+    args["process"] = {**process, "init_args": pargs}
+    if head is not None:
+        args["precond"] = head
+    return args
+
+
 def fix_class_paths(obj: Any) -> Any:
     """Every ``diffproc.callbacks.fault.X`` string in a nested config -> the module that holds ``X`` now."""
     if isinstance(obj, dict):
@@ -129,7 +191,7 @@ def convert_config(cfg: dict[str, Any]) -> dict[str, Any]:
     model = cfg.get("model")
     if isinstance(model, dict) and "class_path" in model:
         path, args, diagnostics = convert_model(model["class_path"], model.get("init_args") or {})
-        cfg["model"] = {**model, "class_path": path, "init_args": args}
+        cfg["model"] = {**model, "class_path": path, "init_args": move_to_precond(args)}
         if diagnostics:
             cfg["gddm_diagnostics"] = {**(cfg.get("gddm_diagnostics") or {}), **diagnostics}
     for section in CALLBACK_SECTIONS:
@@ -149,8 +211,11 @@ def convert_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
         meta = {k: v for k, v in hp.items() if k.startswith("_")}
         args = {k: v for k, v in hp.items() if not k.startswith("_")}
         path, args, _ = convert_model(str(meta.get("_class_path", "")), args)
+        args = move_to_precond(args)
         out["hyper_parameters"] = {**({"_class_path": path} if "_class_path" in meta else {}), **args,
                                    **{k: v for k, v in meta.items() if k != "_class_path"}}
+    if any(k in STATE_KEYS for k in ckpt.get("state_dict", {})):
+        out["state_dict"] = {STATE_KEYS.get(k, k): v for k, v in ckpt["state_dict"].items()}
     data_hp = ckpt.get("datamodule_hyper_parameters")
     if isinstance(data_hp, dict):
         out["datamodule_hyper_parameters"] = rename(data_hp, "data: ")

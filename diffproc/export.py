@@ -108,7 +108,7 @@ def ddpm_scheduler(module: DiffusionModule) -> DDPMScheduler:
     p = module.process
     hp = p.config["init_args"]
     common = dict(num_train_timesteps=p.num_timesteps, variance_type=VARIANCE_TYPES[p.variance],
-                  clip_sample=bool(p.clip_x0), clip_sample_range=1.0, prediction_type=PREDICTION_TYPES[p.prediction],
+                  clip_sample=bool(p.clip_x0), clip_sample_range=1.0, prediction_type=PREDICTION_TYPES[module.precond.name],
                   timestep_spacing="leading", steps_offset=0)
     schedule = BETA_SCHEDULES.get(str(hp.get("schedule", "")))
     if schedule is not None:
@@ -141,7 +141,8 @@ def build_pipeline(module: DiffusionModule, method: str):
     scheduler = DiffprocScheduler(process=module.process.config, image_size=module.image_size,
                                   channels=module.channels, solver=module.solver, num_steps=module.num_steps,
                                   seed=int(module.hparams.get("seed", 0)), gddm=gddm,
-                                  module_state=state_to_config(state), time_grid=module.time_grid)
+                                  module_state=state_to_config(state), time_grid=module.time_grid,
+                                  precond=module.precond.config)
     nets = {n: _export_unet(net, 0) for n, net in extra.items() if net is not None}
     return DiffprocPipeline(unet=unet, scheduler=scheduler, **nets)
 

@@ -24,7 +24,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
 from diffproc.methods.base import ConfigError
-from diffproc.methods.gddm import known_dc, poisson_reconstruct, use_sigma_data
+from diffproc.methods.gddm import known_dc, poisson_reconstruct
+from diffproc.nets.precond import Denoiser, Head, make_head
 from diffproc.processes.base import DiffusionProcess, PerSampleGenerator, build_process, seeded_generator
 from diffproc.samplers import sample_loop
 
@@ -52,10 +53,11 @@ def state_from_config(cfg: Optional[dict]) -> dict[str, Tensor]:
 class DiffprocScheduler(SchedulerMixin, ConfigMixin):
     """The process behind a :class:`DiffprocPipeline`: its config (``process``: ``{class_path, init_args}``, as
     :attr:`~diffproc.processes.base.DiffusionProcess.config` writes it), the image geometry, the sampling defaults
-    (``solver``, ``num_steps``, ``seed``, ``time_grid``) and, for GDDM, its decoding options (``gddm``: ``reconstruction``,
-    ``poisson_residual``) and small state outside its networks (``module_state``: dataset mean, σ_data spectrum).
-    :attr:`process` rebuilds the process once; it defines the time grid (:meth:`set_timesteps`), the reverse steps
-    (:meth:`step`) and, with :meth:`decode`, the images.
+    (``solver``, ``num_steps``, ``seed``, ``time_grid``), the preconditioning head (``precond``: ``{class_path,
+    init_args}``) and, for GDDM, its decoding options (``gddm``: ``reconstruction``, ``poisson_residual``) and small
+    state outside its networks (``module_state``: dataset mean, the head's σ_data spectrum).
+    :attr:`process` and :attr:`head` are rebuilt once; the process defines the time grid (:meth:`set_timesteps`), the
+    reverse steps (:meth:`step`) and, with :meth:`decode`, the images.
     """
 
     config_name = "scheduler_config.json"
@@ -64,24 +66,35 @@ class DiffprocScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, process: Optional[dict] = None, image_size: int = 32, channels: int = 3,
                  solver: Optional[str] = None, num_steps: Optional[int] = None, seed: int = 0,
-                 gddm: Optional[dict] = None, module_state: Optional[dict] = None, time_grid: str = "process") -> None:
+                 gddm: Optional[dict] = None, module_state: Optional[dict] = None, time_grid: str = "process",
+                 precond: Optional[dict] = None) -> None:
         self._process: Optional[DiffusionProcess] = None
+        self._head: Optional[Head] = None
         self.timesteps: list = []
 
     @property
     def process(self) -> DiffusionProcess:
-        """The process rebuilt from its config, with the image geometry and GDDM's σ_data state."""
+        """The process rebuilt from its config, with the image geometry."""
         if self._process is None:
             cfg = self.config
             if not cfg.process:
                 raise ConfigError("this scheduler config has no process: the folder was exported by another "
                                   "version of diffproc; export the checkpoint again")
-            process = build_process(cfg.process).set_geometry(cfg.image_size, cfg.channels)
-            state = state_from_config(cfg.module_state)
-            if "sigma_data_spectrum" in state:
-                use_sigma_data(process, state["sigma_data_spectrum"], state.get("sigma_data_colour_basis"))
-            self._process = process
+            self._process = build_process(cfg.process).set_geometry(cfg.image_size, cfg.channels)
         return self._process
+
+    @property
+    def head(self) -> Head:
+        """The preconditioning head rebuilt from its config, with its state (e.g. the σ_data spectrum)."""
+        if self._head is None:
+            cfg = self.config
+            head = make_head(cfg.get("precond"), self.process).setup(self.process, cfg.image_size, cfg.channels)
+            state = {k.removeprefix("precond."): v for k, v in state_from_config(cfg.module_state).items()
+                     if k.startswith("precond.")}
+            if state:
+                head.load_state_dict(state)
+            self._head = head
+        return self._head
 
     def decode(self, z: Tensor, poisson_net: Optional[nn.Module] = None) -> Tensor:
         """Final domain state -> images in [-1, 1] (not clipped): the process's ``from_domain``, or GDDM's
@@ -100,10 +113,11 @@ class DiffprocScheduler(SchedulerMixin, ConfigMixin):
         """The descending grid ``[t_N, ..., t_0]`` of the process for that many steps (config default if None)."""
         self.timesteps = list(self.process.timesteps(num_inference_steps or self.config.num_steps))
 
-    def step(self, model_fn, sample: Tensor, t, t_next, solver: Optional[str] = None,
+    def step(self, denoiser: Denoiser, sample: Tensor, t, t_next, solver: Optional[str] = None,
              generator=None) -> Tensor:
-        """One reverse step ``t -> t_next`` of the process (``model_fn(z, t)`` as in diffproc)."""
-        return self.process.reverse_step(model_fn, sample, t, t_next, solver=solver or self.config.solver,
+        """One reverse step ``t -> t_next`` of the process (``denoiser(z, t) -> (û0, ε̂)`` as in diffproc:
+        :meth:`DiffprocPipeline.denoiser`)."""
+        return self.process.reverse_step(denoiser, sample, t, t_next, solver=solver or self.config.solver,
                                          generator=generator)
 
 
@@ -138,10 +152,15 @@ class DiffprocPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, poisson_net=poisson_net)
 
-    def model_fn(self, z: Tensor, t: Tensor) -> Tensor:
-        """The exported UNet as the process sees it (time in the process's network convention)."""
+    def net_fn(self, z: Tensor, t: Tensor) -> Tensor:
+        """The exported UNet with time in the process's network convention."""
         tt = self.scheduler.process.model_time(t.to(z.device)).expand(z.shape[0])
         return self.unet(z, tt).sample.to(z.dtype)
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The exported UNet as the process sees it: through the model's preconditioning head."""
+        return self.scheduler.head.to(self.unet.device).bind(self.scheduler.process, self.net_fn)
 
     def decode(self, z: Tensor) -> Tensor:
         """Final domain state -> images in [-1, 1] (the scheduler's decoding with this pipeline's Poisson net)."""
@@ -173,7 +192,7 @@ class DiffprocPipeline(DiffusionPipeline):
         for n in nets:
             n.eval()
         try:
-            res = sample_loop(process, self.model_fn, shape, num_inference_steps or cfg.num_steps,
+            res = sample_loop(process, self.denoiser, shape, num_inference_steps or cfg.num_steps,
                               solver, generator, device, progress=progress, desc=f"sampling ({solver})",
                               grid=cfg.get("time_grid", "process"))
             image = self.decode(res.sample)

@@ -1,9 +1,9 @@
 """Generic sampling loops over a process's :meth:`reverse_step` and, for processes with a
-probability-flow ODE, ODE solvers. They see the network only as ``model_fn(z, t)``.
+probability-flow ODE, ODE solvers. They see the network only as ``denoiser(z, t)``.
 
 ODE protocol (any process, not only SIE). A process that defines a probability-flow ODE exposes
 
-* ``ode_velocity(model_fn, z, t) -> dz/dt`` for a ``(B,)`` float64 time tensor ``t``, and
+* ``ode_velocity(denoiser, z, t) -> dz/dt`` for a ``(B,)`` float64 time tensor ``t``, and
 * ``ode_timesteps(num_steps) -> [t_S, …, t_0]`` (descending; falls back to ``timesteps``),
 
 and lists the solver names it supports in ``process.solvers``. :func:`sample_loop` then runs
@@ -24,7 +24,7 @@ Time grids (:func:`time_grid`, :data:`TIME_GRIDS`): ``process`` (the process's o
 ``ancestral``/``ddim``), ``uniform_t``, ``quadratic`` (dense near the data) and ``logsnr`` (uniform in the
 log-SNR of the process's median coordinate). Any solver walks any of them.
 
-NFE: every solver counts calls through :class:`CountingModelFn`; per step Euler 1, Heun 2,
+NFE: every solver counts calls through :class:`CountingDenoiser`; per step Euler 1, Heun 2,
 midpoint 2, RK4 4, DPM-Solver++ 1 (:data:`NFE_PER_STEP`), reported as ``SampleResult.nfe``.
 """
 
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, DiffusionProcess, ModelFn
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, DiffusionProcess, Denoiser
 from diffproc.processes.gaussian import MultistepState, ddim_dual_step, dpmpp_step, gaussian_pf_velocity
 
 # ODE_SOLVERS (defined with the process API, processes/base.py): the probability-flow ODE solvers run by
@@ -57,16 +57,22 @@ LOGSNR_FLOOR: float = -10.0
 LOWER_ORDER_FINAL_BELOW: int = 15
 
 
-class CountingModelFn:
-    """Wraps ``model_fn`` and counts network evaluations (NFE = number of calls)."""
+class CountingDenoiser:
+    """Wraps a denoiser and counts network evaluations (NFE = number of calls); anything else (``kind``, ``error``)
+    is the wrapped denoiser's."""
 
-    def __init__(self, model_fn: ModelFn) -> None:
-        self.model_fn = model_fn
+    def __init__(self, denoiser: Denoiser) -> None:
+        self.denoiser = denoiser
         self.calls = 0
 
-    def __call__(self, z: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         self.calls += 1
-        return self.model_fn(z, t)
+        return self.denoiser(z, t)
+
+    def __getattr__(self, name: str):
+        if name == "denoiser":  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
 
 
 @dataclass
@@ -174,7 +180,7 @@ def multistep_order_cap(j: int, num_steps: int) -> int | None:
     return num_steps - j if num_steps < LOWER_ORDER_FINAL_BELOW else None
 
 
-def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[int],
+def sample_loop(process: DiffusionProcess, denoiser: Denoiser, shape: Sequence[int],
                 num_steps: int | None = None, solver: str | None = None,
                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32, z_init: Tensor | None = None,
@@ -190,10 +196,10 @@ def sample_loop(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[in
     if solver not in process.solvers:
         raise ValueError(process.unknown_solver_message(solver))
     if solver in ODE_SOLVERS:
-        return ode_sample(process, model_fn, shape, num_steps, solver, generator, device, dtype, z_init=z_init,
+        return ode_sample(process, denoiser, shape, num_steps, solver, generator, device, dtype, z_init=z_init,
                           timesteps=timesteps, progress=progress, desc=desc, grid=grid)
     ts = list(timesteps) if timesteps is not None else sampling_grid(process, num_steps, solver, grid)
-    counted = CountingModelFn(model_fn)
+    counted = CountingDenoiser(denoiser)
     z = z_init if z_init is not None else process.prior(tuple(shape), generator, device, dtype)
     pairs = list(zip(ts[:-1], ts[1:]))
     state = MultistepState() if solver in MULTISTEP_SOLVERS else None
@@ -211,9 +217,9 @@ def _velocity_fn(process: DiffusionProcess):
     if hasattr(process, "ode_velocity"):
         return process.ode_velocity
     if hasattr(process, "alpha_sigma_dot") and hasattr(process, "predict"):
-        return lambda model_fn, z, t: gaussian_pf_velocity(process, model_fn, z, t)
+        return lambda denoiser, z, t: gaussian_pf_velocity(process, denoiser, z, t)
     raise ValueError(f"{type(process).__name__} defines no probability-flow ODE: implement "
-                     "ode_velocity(model_fn, z, t) (or alpha_sigma_dot(t) for a GaussianProcess) to use "
+                     "ode_velocity(denoiser, z, t) (or alpha_sigma_dot(t) for a GaussianProcess) to use "
                      f"the solvers {ODE_SOLVERS}")
 
 
@@ -222,7 +228,7 @@ def _times(t, z: Tensor) -> Tensor:
     return t.expand(z.shape[0]) if t.ndim == 0 else t.to(torch.float64)
 
 
-def ode_step(process, model_fn: ModelFn, z: Tensor, t, t_next, solver: str) -> Tensor:
+def ode_step(process, denoiser: Denoiser, z: Tensor, t, t_next, solver: str) -> Tensor:
     """One step ``t → t_next`` of an explicit Runge-Kutta method on ``dz/dt = ode_velocity``.
 
     ``euler`` (1 NFE), ``heun`` (RK2 trapezoidal: k2 at the Euler predictor, 2 NFE), ``midpoint``
@@ -233,25 +239,25 @@ def ode_step(process, model_fn: ModelFn, z: Tensor, t, t_next, solver: str) -> T
     tb, sb = _times(t, z), _times(t_next, z)
     h64 = sb - tb
     h = h64.to(z.dtype).view(-1, *([1] * (z.ndim - 1)))
-    k1 = f(model_fn, z, tb)
+    k1 = f(denoiser, z, tb)
     if solver == "euler":
         return z + h * k1
     if solver == "heun":
-        k2 = f(model_fn, z + h * k1, sb)
+        k2 = f(denoiser, z + h * k1, sb)
         return z + h * (k1 + k2) / 2
     if solver == "midpoint":
-        k2 = f(model_fn, z + h / 2 * k1, tb + h64 / 2)
+        k2 = f(denoiser, z + h / 2 * k1, tb + h64 / 2)
         return z + h * k2
     if solver == "rk4":
         tm = tb + h64 / 2
-        k2 = f(model_fn, z + h / 2 * k1, tm)
-        k3 = f(model_fn, z + h / 2 * k2, tm)
-        k4 = f(model_fn, z + h * k3, sb)
+        k2 = f(denoiser, z + h / 2 * k1, tm)
+        k3 = f(denoiser, z + h / 2 * k2, tm)
+        k4 = f(denoiser, z + h * k3, sb)
         return z + h * (k1 + 2 * k2 + 2 * k3 + k4) / 6
     raise ValueError(f"unknown ODE solver {solver!r}; choose one of {ODE_SOLVERS}")
 
 
-def ode_sample(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[int],
+def ode_sample(process: DiffusionProcess, denoiser: Denoiser, shape: Sequence[int],
                num_steps: int | None = None, solver: str = "euler",
                generator: torch.Generator | None = None, device: torch.device | str | None = None,
                dtype: torch.dtype = torch.float32, z_init: Tensor | None = None,
@@ -264,7 +270,7 @@ def ode_sample(process: DiffusionProcess, model_fn: ModelFn, shape: Sequence[int
         raise ValueError(f"unknown ODE solver {solver!r}; choose one of {ODE_SOLVERS}")
     _velocity_fn(process)  # fail before drawing anything
     ts = list(timesteps) if timesteps is not None else sampling_grid(process, num_steps, solver, grid)
-    counted = CountingModelFn(model_fn)
+    counted = CountingDenoiser(denoiser)
     z = z_init if z_init is not None else process.prior(tuple(shape), generator, device, dtype)
     pairs = list(zip(ts[:-1], ts[1:]))
     for t, t_next in tqdm(pairs, desc=desc, disable=not progress, leave=False):

@@ -8,11 +8,14 @@ from typing import Any, Optional
 
 from diffproc.methods.base import DiffusionModule
 from diffproc.methods.gddm import GDDM
+from diffproc.nets.precond import ModeEDM
 from diffproc.processes.base import DiffusionProcess
 from diffproc.processes.gradient import GradientDomainProcess
 
-#: the measured GDDM setting of configs/gddm_shapes.yaml (0.1's GDDM defaults; the process defaults are the seed's)
-GDDM_MEASURED = {"prediction": "x0", "loss_weighting": "edm", "clip_image": True, "network_view": "image"}
+#: the measured GDDM setting of configs/gddm_shapes.yaml: the process's part (its defaults are the seed's) and the
+#: image-view head's (``ModeEDM`` with x0 parameterisation and EDM weighting)
+GDDM_MEASURED = {"clip_image": True}
+MODE_EDM_MEASURED = {"parameterisation": "x0", "weighting": "edm"}
 
 
 def build(process_cls: type[DiffusionProcess], module_cls: Optional[type[DiffusionModule]] = None,
@@ -26,8 +29,16 @@ def build(process_cls: type[DiffusionProcess], module_cls: Optional[type[Diffusi
 
 
 def gddm(**kw: Any) -> GDDM:
-    """A GDDM with the measured setting unless ``kw`` says otherwise (``clip_image`` only with ``dc_mode="aux"``)."""
+    """A GDDM with the measured setting unless ``kw`` says otherwise (``clip_image`` only with ``dc_mode="aux"``):
+    ``ModeEDM``'s arguments in ``kw`` (and ``time_sampling="modes"``) go to that head, unless ``precond`` is given
+    (e.g. ``precond="eps"``: the seed's domain view)."""
     args = {**GDDM_MEASURED, **kw}
     if "clip_image" not in kw:
         args["clip_image"] = args.get("dc_mode", "aux") == "aux"
+    head_names = set(inspect.signature(ModeEDM.__init__).parameters) - {"self", "time_sampling"}
+    head = {**MODE_EDM_MEASURED, **{k: args.pop(k) for k in list(args) if k in head_names}}
+    if args.get("time_sampling") == "modes":
+        head["time_sampling"] = args.pop("time_sampling")
+    if "precond" not in args:
+        args["precond"] = ModeEDM(**head)
     return build(GradientDomainProcess, GDDM, **args)

@@ -17,6 +17,7 @@ import torch
 from diffproc.processes.blur import F_TYPES, BlurProcess, blur_schedule, official_layout_quirk
 from diffproc.processes.ddpm import DDPMProcess, make_betas
 from diffproc.samplers import sample_loop
+from diffproc.nets.precond import denoiser_for
 
 REPO = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -52,13 +53,13 @@ def test_sig_max_zero_is_ddpm(basis):
         for variance in ("fixedsmall", "fixedlarge"):
             bp.variance = dp.variance = variance
             ga, gb = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-            yb = bp.reverse_step(_fn_const(out), z, ti, tn, solver, ga)
-            yd = dp.reverse_step(_fn_const(out), z, ti, tn, solver, gb)
+            yb = bp.reverse_step(denoiser_for(bp, _fn_const(out)), z, ti, tn, solver, ga)
+            yd = dp.reverse_step(denoiser_for(dp, _fn_const(out)), z, ti, tn, solver, gb)
             assert (yb - yd).abs().max() < 1e-12, (solver, ti, tn, variance)
 
     for i in (500, 3, 2):
         g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-        y = bp.reverse_step(_fn_const(out), z, i, i - 1, "official", g1)
+        y = bp.reverse_step(denoiser_for(bp, _fn_const(out)), z, i, i - 1, "official", g1)
         beta, ab = dp.betas[i - 1], dp.alphas_bar[i]
         ref = (2 - (1 - beta).sqrt()) * z - beta * out / (1 - ab).sqrt()
         if i > 2:  # no noise on the last two steps
@@ -235,7 +236,7 @@ def test_oracle_official_sampler_reproduces_gaussian_data():
     p = BlurProcess().set_geometry(8, 1)
     mu, s, shape = 0.3, 0.5, (1500, 1, 8, 8)
     g = torch.Generator().manual_seed(0)
-    res = sample_loop(p, _oracle(p, mu, s, shape), shape, None, "official", g, dtype=F64)
+    res = sample_loop(p, denoiser_for(p, _oracle(p, mu, s, shape)), shape, None, "official", g, dtype=F64)
     assert res.nfe == N - 1 and res.timesteps[0] == N - 1 and res.timesteps[-1] == 0
     u = p.to_basis(res.sample)[:, 0]
     m_data = p.to_basis(torch.full((8, 8), mu, dtype=F64))
@@ -258,12 +259,12 @@ def test_oracle_strided_ddim_extension():
     p = BlurProcess(clip_x0=False).set_geometry(8, 1)
     shape = (200, 1, 8, 8)
     for steps, ratio in ((50, 0.893), (100, 0.945)):
-        res = sample_loop(p, _oracle(p, 0.3, 0.5, shape), shape, steps, "ddim",
+        res = sample_loop(p, denoiser_for(p, _oracle(p, 0.3, 0.5, shape)), shape, steps, "ddim",
                           torch.Generator().manual_seed(1), dtype=F64)
         assert res.nfe == steps
         assert abs(res.sample.mean().item() - 0.3) < 0.01
         assert abs(res.sample.var().item() / 0.25 - ratio) < 0.04
-    res = sample_loop(p, _oracle(p, 0.3, 0.5, shape), shape, 50, "ancestral",
+    res = sample_loop(p, denoiser_for(p, _oracle(p, 0.3, 0.5, shape)), shape, 50, "ancestral",
                       torch.Generator().manual_seed(2), dtype=F64)
     assert abs(res.sample.mean().item() - 0.3) < 0.01 and res.nfe == 50
 
@@ -272,7 +273,7 @@ def test_official_sampler_rejects_strides():
     p = BlurProcess().set_geometry(8, 1)
     z = torch.zeros(1, 1, 8, 8)
     with pytest.raises(ValueError, match="every step"):
-        p.reverse_step(_fn_const(z), z, 999, 900, "official")
+        p.reverse_step(denoiser_for(p, _fn_const(z)), z, 999, 900, "official")
 
 
 # --- 7. f_type table -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from clitools import assert_same_training_state, flat, load, run_cli
-from diffproc.convert import convert_config, convert_file, convert_model
+from diffproc.convert import STATE_KEYS, convert_config, convert_file, convert_model
 from diffproc.export import load_module
 
 DATA = Path(__file__).resolve().parent / "data" / "v0_1"
@@ -18,14 +18,17 @@ DATA = Path(__file__).resolve().parent / "data" / "v0_1"
 
 @pytest.mark.parametrize("name", ["ddpm", "gddm"])
 def test_a_01_checkpoint_resumes_bitwise_under_02(tmp_path, name):
-    """The converted step-3 checkpoint keeps every tensor; resumed to step 6 with the converted run config, it
-    gives what 0.1.0 gave (weights, EMA, optimiser, LR schedule and loader state, bit for bit)."""
+    """The converted step-3 checkpoint keeps every tensor (GDDM's σ_data buffers renamed to its ModeEDM head's);
+    resumed to step 6 with the converted run config, it gives what 0.1.0 gave (weights, EMA, optimiser, LR schedule
+    and loader state, bit for bit)."""
     old = DATA / f"{name}_step3.ckpt"
     ckpt = convert_file(old, tmp_path / "step3.ckpt")
     config = convert_file(DATA / f"{name}_run_config.yaml", tmp_path / "config.yaml")
     a, b = load(old), load(ckpt)
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks"):
         fa, fb = flat(a[key]), flat(b[key])
+        if key == "state_dict":
+            fa = {STATE_KEYS.get(k, k): v for k, v in fa.items()}
         assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa), key
     hp = b["hyper_parameters"]
     assert "process" in hp and "sampler" not in hp and "sampling_steps" not in hp
@@ -36,7 +39,7 @@ def test_a_01_checkpoint_resumes_bitwise_under_02(tmp_path, name):
     run_cli("fit", "--config", str(config), "--ckpt_path", str(ckpt), "--trainer.max_steps", "6",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"))
     resumed = next((tmp_path / "runs").glob("*/version_0/checkpoints/last.ckpt"))
-    assert_same_training_state(resumed, DATA / f"{name}_step6.ckpt")
+    assert_same_training_state(resumed, convert_file(DATA / f"{name}_step6.ckpt", tmp_path / "step6.ckpt"))
     assert load(resumed)["loops"] == load(DATA / f"{name}_step6.ckpt")["loops"]
 
 
@@ -62,7 +65,11 @@ def test_01_configs_convert():
 
     gddm = convert_config(yaml.safe_load((DATA / "gddm_tiny.yaml").read_text()))
     process = gddm["model"]["init_args"]["process"]["init_args"]
-    assert (process["prediction"], process["network_view"], process["clip_image"]) == ("x0", "image", True)
+    assert process["clip_image"] is True and process["objective"] == "head"
+    assert not {"prediction", "network_view", "loss_weighting", "sigma_data", "noise"} & set(process)
+    head = gddm["model"]["init_args"]["precond"]
+    assert head["class_path"] == "diffproc.nets.precond.ModeEDM"
+    assert (head["init_args"]["parameterisation"], head["init_args"]["weighting"]) == ("x0", "edm")
     assert gddm["gddm_diagnostics"]["every_n_val"] == 2 and "diagnostics_every_n_val" not in gddm["model"]["init_args"]
 
 

@@ -10,6 +10,7 @@ import torch
 
 from diffproc.processes.ddpm import DDPMProcess, ddim_timesteps
 from diffproc.samplers import sample_loop
+from diffproc.nets.precond import denoiser_for, make_head
 
 MU, S = 0.3, 0.5  # oracle data law N(MU, S^2)
 
@@ -26,7 +27,7 @@ def oracle_eps(process):
 
 def run(process, steps=None, solver="ancestral", n=20000, seed=0):
     g = torch.Generator().manual_seed(seed)
-    out = sample_loop(process, oracle_eps(process), (n, 1, 1, 1), steps, solver, g,
+    out = sample_loop(process, denoiser_for(process, oracle_eps(process)), (n, 1, 1, 1), steps, solver, g,
                       dtype=torch.float64).sample
     return out.mean().item(), out.var().item()
 
@@ -58,16 +59,17 @@ def test_marginal_matches_markov_chain():
     assert xt.var().item() == pytest.approx(s.item() ** 2, rel=0.02)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
-def test_loss_zero_for_perfect_model(prediction):
-    p = DDPMProcess(prediction=prediction)
+@pytest.mark.parametrize("head", ["eps", "x0", "v"])
+def test_loss_zero_for_perfect_model(head):
+    p = DDPMProcess()
+    h = make_head(head, p)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
     noise = torch.randn(x0.shape, generator=g)
     t = p.sample_time(4, g)
-    perfect = p.target(x0, noise, t)
-    assert p.loss(lambda z, tt: perfect, x0, t, noise).item() < 1e-10
-    assert p.loss(lambda z, tt: perfect + 0.1, x0, t, noise).item() == pytest.approx(0.01, rel=1e-4)
+    perfect = h.target(p, x0, noise, t)
+    assert p.loss(denoiser_for(p, lambda z, tt: perfect, h), x0, t, noise).item() < 1e-10
+    assert p.loss(denoiser_for(p, lambda z, tt: perfect + 0.1, h), x0, t, noise).item() == pytest.approx(0.01, rel=1e-4)
 
 
 def test_conversions_roundtrip_and_cheat_oracle():
@@ -76,12 +78,13 @@ def test_conversions_roundtrip_and_cheat_oracle():
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    for prediction in ("eps", "x0", "v"):
-        p = DDPMProcess(prediction=prediction, clip_x0=False)
+    p = DDPMProcess(clip_x0=False)
+    for head in ("eps", "x0", "v"):
+        h = make_head(head, p)
         for t in (1, 37, 500, 1000):
             tt = torch.full((3,), t)
             zt = p.forward(x0, tt, noise)
-            u0, eps = p.predict(lambda z, s: p.target(x0, noise, tt), zt, tt)
+            u0, eps = p.predict(denoiser_for(p, lambda z, s: h.target(p, x0, noise, tt), h), zt, tt)
             assert torch.allclose(u0, x0, atol=1e-9) and torch.allclose(eps, noise, atol=1e-9)
 
 
@@ -124,14 +127,14 @@ def test_ddim_eta1_full_grid_equals_ancestral_and_eta0_deterministic():
     x = torch.randn(16, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     for t in (1000, 500, 2):
         ga, gd = torch.Generator().manual_seed(t), torch.Generator().manual_seed(t)
-        xa = pa.reverse_step(oracle_eps(pa), x, t, t - 1, "ancestral", ga)
-        xd = p1.reverse_step(oracle_eps(p1), x, t, t - 1, "ddim", gd)
+        xa = pa.reverse_step(denoiser_for(pa, oracle_eps(pa)), x, t, t - 1, "ancestral", ga)
+        xd = p1.reverse_step(denoiser_for(p1, oracle_eps(p1)), x, t, t - 1, "ddim", gd)
         assert torch.allclose(xa, xd, atol=1e-12)
     # eta = 0: deterministic regardless of the generator
     p0 = DDPMProcess(clip_x0=False)
     xt = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(5))
-    a = sample_loop(p0, oracle_eps(p0), xt.shape, 10, "ddim", torch.Generator().manual_seed(1), z_init=xt).sample
-    b = sample_loop(p0, oracle_eps(p0), xt.shape, 10, "ddim", torch.Generator().manual_seed(2), z_init=xt).sample
+    a = sample_loop(p0, denoiser_for(p0, oracle_eps(p0)), xt.shape, 10, "ddim", torch.Generator().manual_seed(1), z_init=xt).sample
+    b = sample_loop(p0, denoiser_for(p0, oracle_eps(p0)), xt.shape, 10, "ddim", torch.Generator().manual_seed(2), z_init=xt).sample
     assert torch.equal(a, b)
 
 
@@ -141,7 +144,7 @@ def test_timestep_grids_and_nfe():
     assert quad == [801, 633, 484, 356, 247, 159, 89, 40, 10, 1, 0]
     p = DDPMProcess()
     calls = []
-    res = sample_loop(p, lambda z, t: calls.append(1) or torch.zeros_like(z), (2, 1, 4, 4), 25, "ddim")
+    res = sample_loop(p, denoiser_for(p, lambda z, t: calls.append(1) or torch.zeros_like(z)), (2, 1, 4, 4), 25, "ddim")
     assert res.nfe == 25 == len(calls) and len(res.timesteps) == 26
 
 

@@ -22,6 +22,7 @@ from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.processes.vp_sde import VPSDEProcess
 from diffproc.samplers import NFE_PER_STEP, _median_log_snr, sample_loop, time_grid
+from diffproc.nets.precond import denoiser_for
 
 F64 = torch.float64
 
@@ -31,7 +32,7 @@ class PerModeVP(GaussianProcess):
     modes (the shape of blur's per-DCT-mode grids, but smooth in t): for the convergence order."""
 
     def __init__(self) -> None:
-        super().__init__(prediction="eps", clip_x0=False)
+        super().__init__(clip_x0=False)
         self.vp = VPSDEProcess()
         self.rate = torch.tensor([[0.5, 1.0], [2.0, 4.0]], dtype=F64)
 
@@ -62,25 +63,25 @@ def test_first_order_step_is_ddim(make):
     p = make()
     shape = (3, 1, 8, 8)
     lam = _lam(shape[1:])
-    model_fn = exact_denoiser(p, lam)
+    denoiser = exact_denoiser(p, lam)
     z = randn(shape, torch.Generator().manual_seed(1), dtype=F64)
     for t, s in ((900, 700), (400, 399), (50, 1), (20, 0)):
-        ref = p.reverse_step(model_fn, z, t, s, solver="ddim")
+        ref = p.reverse_step(denoiser, z, t, s, solver="ddim")
         for solver in ("dpmpp_2m", "dpmpp_3m"):
-            got = dpmpp_step(p, model_fn, z, t, s, solver, MultistepState())
+            got = dpmpp_step(p, denoiser, z, t, s, solver, MultistepState())
             torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-        one = sample_loop(p, model_fn, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=[t, s])
+        one = sample_loop(p, denoiser, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=[t, s])
         torch.testing.assert_close(one.sample, ref, rtol=1e-10, atol=1e-12)
     # final step returns û0 even after a second-order history (a grid long enough that the run over grid[:-1]
     # keeps its second-order last step: shorter grids lower the order of their last steps, lower_order_final)
     grid = p.timesteps(20)
     assert grid[-1] == 0
-    res = sample_loop(p, model_fn, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=grid[:-1])
-    u0, _ = p.predict(model_fn, res.sample, torch.full((3,), grid[-2]))
-    full = sample_loop(p, model_fn, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=grid)
+    res = sample_loop(p, denoiser, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=grid[:-1])
+    u0, _ = p.predict(denoiser, res.sample, torch.full((3,), grid[-2]))
+    full = sample_loop(p, denoiser, shape, solver="dpmpp_2m", dtype=F64, z_init=z, timesteps=grid)
     torch.testing.assert_close(full.sample, p.from_basis(u0), rtol=1e-12, atol=1e-12)
     for solver in MULTISTEP_SOLVERS:  # and no noise is added on the last step of the SDE variant
-        a = sample_loop(p, model_fn, shape, solver=solver, dtype=F64, z_init=res.sample,
+        a = sample_loop(p, denoiser, shape, solver=solver, dtype=F64, z_init=res.sample,
                         timesteps=[grid[-2], 0], generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(a.sample, p.from_basis(u0), rtol=1e-12, atol=1e-12)
 
@@ -97,20 +98,20 @@ def _order(process, lam, solver, ns=(100, 200, 400, 800), exact_start: int = 0, 
     history of the first ``k`` grid points is taken on the exact flow (the order of the multistep update itself,
     without the lower-order warm-up steps, whose O(h²) local error caps any end-to-end order at 2)."""
     shape = tuple(lam.shape)
-    model_fn = exact_denoiser(process, lam)
+    denoiser = exact_denoiser(process, lam)
     errs = []
     for n in ns:
         grid = time_grid(process, n, grid_kind)
         exact = _exact_gain(process, lam, grid, grid[-1])
         if not exact_start:
-            a, nfe = deterministic_gain(process, model_fn, n, solver, shape, timesteps=grid)
+            a, nfe = deterministic_gain(process, denoiser, n, solver, shape, timesteps=grid)
             assert nfe == n
         else:
             state = MultistepState()
             for t in grid[:exact_start]:  # fill the history with predictions made on the exact flow
                 z = process.from_basis(_exact_gain(process, lam, grid, t)[None])
                 state.u0_2, state.h_2 = state.u0, state.h
-                state.u0, _ = process.predict(model_fn, z, torch.full((1,), t, dtype=F64))
+                state.u0, _ = process.predict(denoiser, z, torch.full((1,), t, dtype=F64))
                 state.steps += 1
                 state.h = None
             if exact_start >= 2:
@@ -118,7 +119,7 @@ def _order(process, lam, solver, ns=(100, 200, 400, 800), exact_start: int = 0, 
             state.h = _log_snr_step(process, grid[exact_start - 1], grid[exact_start])
             z = process.from_basis(_exact_gain(process, lam, grid, grid[exact_start])[None])
             for t, t_next in zip(grid[exact_start:-1], grid[exact_start + 1:]):
-                z = dpmpp_step(process, model_fn, z, t, t_next, solver, state)
+                z = dpmpp_step(process, denoiser, z, t, t_next, solver, state)
             a = process.to_basis(z)[0]
         errs.append(float((a - exact).abs().max()))
     return -float(np.polyfit(np.log(ns), np.log(errs), 1)[0])
@@ -168,17 +169,17 @@ def test_registered_and_nfe_exact(name):
     ``reverse_step`` refuses them (multistep) with a pointer to sample_loop."""
     p, shape = _processes_small()[name]
     lam = _lam(shape)
-    model_fn = exact_denoiser(p, lam)
+    denoiser = exact_denoiser(p, lam)
     for solver in MULTISTEP_SOLVERS:
         assert solver in p.solvers and NFE_PER_STEP[solver] == 1
         for n in (1, 2, 7):
-            res = sample_loop(p, model_fn, (2, *shape), num_steps=n, solver=solver, dtype=F64,
+            res = sample_loop(p, denoiser, (2, *shape), num_steps=n, solver=solver, dtype=F64,
                               generator=torch.Generator().manual_seed(0))
             assert res.nfe == n == res.steps and res.timesteps == list(p.timesteps(n)), (name, solver, n)
             assert torch.isfinite(res.sample).all()
     grid = p.timesteps(4)
     with pytest.raises(ValueError, match="multistep"):
-        p.reverse_step(model_fn, torch.zeros(1, *shape, dtype=F64), grid[0], grid[1], solver="dpmpp_2m")
+        p.reverse_step(denoiser, torch.zeros(1, *shape, dtype=F64), grid[0], grid[1], solver="dpmpp_2m")
 
 
 @pytest.mark.parametrize("make", [lambda: DDPMProcess(clip_x0=False), _blur], ids=["ddpm", "blur"])
@@ -186,13 +187,13 @@ def test_sde_samples_independent_of_batch(make):
     """Per-sample generators: sample i of DPM-Solver++(2M) SDE is the same in a batch of 4 and of 2."""
     p = make()
     lam = _lam((1, 8, 8))
-    model_fn = exact_denoiser(p, lam)
-    big = sample_loop(p, model_fn, (4, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
+    denoiser = exact_denoiser(p, lam)
+    big = sample_loop(p, denoiser, (4, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
                       generator=PerSampleGenerator(7, range(4))).sample
-    small = sample_loop(p, model_fn, (2, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
+    small = sample_loop(p, denoiser, (2, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
                         generator=PerSampleGenerator(7, [2, 3])).sample
     torch.testing.assert_close(big[2:], small, rtol=1e-12, atol=1e-12)
-    other = sample_loop(p, model_fn, (2, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
+    other = sample_loop(p, denoiser, (2, 1, 8, 8), num_steps=6, solver="dpmpp_2m_sde", dtype=F64,
                         generator=PerSampleGenerator(8, [2, 3])).sample
     assert not torch.allclose(other, small)
 
@@ -202,14 +203,14 @@ def test_sde_variance_matches_monte_carlo():
     empirical variance of ``sample_loop`` (4 coordinates, 20 000 samples, 15 steps: within 5 SE)."""
     lam4 = torch.tensor([1e-3, 0.1, 1.0, 5.0], dtype=F64)
     p = VPSDEProcess(clip_x0=False)
-    model_fn = exact_denoiser(p, lam4)
+    denoiser = exact_denoiser(p, lam4)
     grid = p.timesteps(15)
     var0 = start_variance(p, lam4, grid[0])
     g = torch.Generator().manual_seed(0)
     x = torch.randn((20000, 4), generator=g, dtype=F64) * var0.sqrt()
-    out = sample_loop(p, model_fn, x.shape, solver="dpmpp_2m_sde", generator=g, dtype=F64, z_init=x,
+    out = sample_loop(p, denoiser, x.shape, solver="dpmpp_2m_sde", generator=g, dtype=F64, z_init=x,
                       timesteps=grid).sample
-    var, nfe = multistep_sde_variance(p, model_fn, grid, var0, (4,))
+    var, nfe = multistep_sde_variance(p, denoiser, grid, var0, (4,))
     assert nfe == 15
     emp = out.var(0)
     assert torch.all((emp - var).abs() <= 5 * var * math.sqrt(2 / 20000)), (emp, var)
@@ -265,9 +266,9 @@ def test_epdm_refuses_with_reason():
     assert not set(MULTISTEP_SOLVERS) & set(p.solvers)
     for solver in MULTISTEP_SOLVERS:
         with pytest.raises(ValueError, match="depends on the clean image x0"):
-            sample_loop(p, lambda z, t: z, (1, 1, 8, 8), num_steps=3, solver=solver)
+            sample_loop(p, denoiser_for(p, lambda z, t: z), (1, 1, 8, 8), num_steps=3, solver=solver)
         with pytest.raises(ValueError, match="depends on the clean image x0"):
-            dpmpp_step(p, lambda z, t: z, torch.zeros(1, 1, 8, 8), 10, 5, solver, MultistepState())
+            dpmpp_step(p, denoiser_for(p, lambda z, t: z), torch.zeros(1, 1, 8, 8), 10, 5, solver, MultistepState())
 
 
 @pytest.mark.parametrize("solver", MULTISTEP_SOLVERS)

@@ -16,6 +16,7 @@ from diffproc.methods.sdedit import hijack_grid, sdedit, sdedit_loop
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import TRANSITIONS, EdgePreservingProcess
 from diffproc.samplers import sample_loop
+from diffproc.nets.precond import SigmaEpsHead, denoiser_for
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -70,7 +71,7 @@ def test_timesteps_and_final_x0():
     with pytest.raises(ValueError, match="sampling steps"):
         p.timesteps(50)
     x = rand_image(3)
-    out = px.reverse_step(lambda z, t: torch.full_like(z, 0.1), x, 2, 0)  # step to clean returns x̂0
+    out = px.reverse_step(denoiser_for(px, lambda z, t: torch.full_like(z, 0.1)), x, 2, 0)  # step to clean returns x̂0
     assert torch.allclose(out, (x - 0.1) / px.alphas_bar[2].sqrt())
     assert p.model_time(torch.tensor([1, 50])).tolist() == [0.0, 49.0]  # backbone sees the code's index
 
@@ -192,8 +193,8 @@ def test_ddpm_limit_step_for_step(case):
         eps_hat = lambda z, t: f_epdm(z, t) / b(t)  # noqa: E731
     for t in (T, 150, 57, 2):
         g1, g2 = torch.Generator().manual_seed(t), torch.Generator().manual_seed(t)
-        a = ep.reverse_step(f_epdm, x, t, t - 1, generator=g1)
-        d = dd.reverse_step(eps_hat, x, t, t - 1, solver="ancestral", generator=g2)
+        a = ep.reverse_step(denoiser_for(ep, f_epdm), x, t, t - 1, generator=g1)
+        d = dd.reverse_step(denoiser_for(dd, eps_hat), x, t, t - 1, solver="ancestral", generator=g2)
         torch.testing.assert_close(a, d, rtol=0, atol=1e-9)
         # σ̃² = β_t(1-ᾱ_{t-1})/(1-ᾱ_t)
         tb = torch.tensor([t])
@@ -206,7 +207,7 @@ def test_ddpm_limit_step_for_step(case):
     if case == "tau_constant":  # loss = (1-ᾱ_t)‖ε̂ − ε‖² (sum over pixels, batch mean)
         x0, eps = rand_image(6, (2, 3, 8, 8)), rand_image(7, (2, 3, 8, 8))
         t = torch.tensor([30, 170])
-        got = ep.loss(f_epdm, x0, t, eps)
+        got = ep.loss(denoiser_for(ep, f_epdm), x0, t, eps)
         ref = ((1 - ep.alphas_bar[t]).view(-1, 1, 1, 1) * (eps_hat(dd.forward(x0, t, eps), t) - eps) ** 2)
         assert got.item() == pytest.approx(ref.flatten(1).sum(1).mean().item(), rel=1e-12)
 
@@ -218,17 +219,18 @@ def test_loss_exact_target_and_reduction():
     t = torch.tensor([5, 40, 90])
     sig = p.sigma(p.edges(x0), t)
     x_t = p.alphas_bar[t].sqrt().view(-1, 1, 1, 1) * x0 + sig * eps
-    assert p.loss(lambda z, tt: (z - p.alphas_bar[tt].sqrt().view(-1, 1, 1, 1) * x0), x0, t, eps).item() < 1e-25
+    assert p.loss(denoiser_for(p, lambda z, tt: (z - p.alphas_bar[tt].sqrt().view(-1, 1, 1, 1) * x0)), x0, t, eps).item() < 1e-25
     out = torch.zeros_like(x0)
     want = ((sig * eps) ** 2).sum((1, 2, 3)).mean().item()
-    assert p.loss(lambda z, tt: out, x0, t, eps).item() == pytest.approx(want, rel=1e-12)
+    assert p.loss(denoiser_for(p, lambda z, tt: out), x0, t, eps).item() == pytest.approx(want, rel=1e-12)
     pm = EdgePreservingProcess(num_timesteps=100, lambda_min=1e-4, loss_reduction="mean")
-    assert pm.loss(lambda z, tt: out, x0, t, eps).item() == pytest.approx(want / (3 * 64), rel=1e-12)
+    assert pm.loss(denoiser_for(pm, lambda z, tt: out), x0, t, eps).item() == pytest.approx(want / (3 * 64), rel=1e-12)
     assert torch.allclose(p.forward(x0, t, eps), x_t)
     # training τ differs from the sampling τ when asked (official train.py/sample.py mismatch)
     pc = EdgePreservingProcess(num_timesteps=100, lambda_min=1e-4, train_transition="cosine")
-    assert torch.allclose(pc.target(x0, eps, t), p.sigma(p.edges(x0), t, transition="cosine") * eps)
-    assert not torch.allclose(pc.target(x0, eps, t), sig * eps)
+    head = SigmaEpsHead()
+    assert torch.allclose(head.target(pc, x0, eps, t), p.sigma(p.edges(x0), t, transition="cosine") * eps)
+    assert not torch.allclose(head.target(pc, x0, eps, t), sig * eps)
 
 
 def test_edge_norm_batch_dependence():
@@ -248,10 +250,10 @@ def test_exact_denoiser_recovers_delta():
     xs = rand_image(11, (1, 3, 16, 16))
     xs[..., :, :6] = -0.4
     fn = lambda x, t: x - p.alphas_bar[t.long()].sqrt().view(-1, 1, 1, 1) * xs  # noqa: E731
-    res = sample_loop(p, fn, (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=F64)
+    res = sample_loop(p, denoiser_for(p, fn), (4, 3, 16, 16), generator=torch.Generator().manual_seed(0), dtype=F64)
     assert res.nfe == 499
     assert (res.sample - xs).abs().max().item() <= 0.06
-    strided = sample_loop(p, fn, (4, 3, 16, 16), num_steps=25, generator=torch.Generator().manual_seed(0), dtype=F64)
+    strided = sample_loop(p, denoiser_for(p, fn), (4, 3, 16, 16), num_steps=25, generator=torch.Generator().manual_seed(0), dtype=F64)
     assert strided.nfe == 25 and (strided.sample - xs).abs().max().item() <= 0.06
 
 
@@ -278,10 +280,10 @@ def test_matches_values_recorded_before_the_core_refactor(case):
     ref = torch.load(ROOT / "tests" / "data" / "epdm_ancestral_reference.pt")[case]
     p = EdgePreservingProcess(num_timesteps=50, **REFERENCE_CASES[case])
     torch.testing.assert_close(p.forward(ref["x0"], ref["t"], ref["noise"]), ref["forward"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(p.loss(_reference_model, ref["x0"], ref["t"], ref["noise"]), ref["loss"],
+    torch.testing.assert_close(p.loss(denoiser_for(p, _reference_model), ref["x0"], ref["t"], ref["noise"]), ref["loss"],
                                rtol=1e-6, atol=0)
-    full = sample_loop(p, _reference_model, (3, 3, 8, 8), generator=torch.Generator().manual_seed(3))
-    strided = sample_loop(p, _reference_model, (3, 3, 8, 8), num_steps=7, generator=torch.Generator().manual_seed(4))
+    full = sample_loop(p, denoiser_for(p, _reference_model), (3, 3, 8, 8), generator=torch.Generator().manual_seed(3))
+    strided = sample_loop(p, denoiser_for(p, _reference_model), (3, 3, 8, 8), num_steps=7, generator=torch.Generator().manual_seed(4))
     torch.testing.assert_close(full.sample, ref["full"], rtol=0, atol=1e-5)
     torch.testing.assert_close(strided.sample, ref["strided"], rtol=0, atol=1e-5)
 
@@ -297,7 +299,7 @@ def test_ddim_keeps_the_noise_of_an_exact_denoiser():
     grid = p.timesteps(10)
     x = p.forward(xs.expand(2, -1, -1, -1), torch.full((2,), grid[0]), eps)
     for t, s in zip(grid[:-1], grid[1:]):
-        x = p.reverse_step(fn, x, t, s, solver="ddim")
+        x = p.reverse_step(denoiser_for(p, fn), x, t, s, solver="ddim")
         want = p.forward(xs.expand(2, -1, -1, -1), torch.full((2,), s), eps)
         torch.testing.assert_close(x, want, rtol=0, atol=1e-10)
     assert s == 0 and (x - xs).abs().max() < 1e-12
@@ -313,8 +315,8 @@ def test_ddim_eta_one_is_the_ancestral_step(lambda_for_s):
     p = EdgePreservingProcess(num_timesteps=200, lambda_for_s=lambda_for_s, eta=1.0)
     x = rand_image(3, (2, 3, 8, 8))
     for t, s in ((200, 180), (120, 119), (60, 20), (5, 1)):
-        a = p.reverse_step(_reference_model, x, t, s, solver="ancestral", generator=torch.Generator().manual_seed(t))
-        d = p.reverse_step(_reference_model, x, t, s, solver="ddim", generator=torch.Generator().manual_seed(t))
+        a = p.reverse_step(denoiser_for(p, _reference_model), x, t, s, solver="ancestral", generator=torch.Generator().manual_seed(t))
+        d = p.reverse_step(denoiser_for(p, _reference_model), x, t, s, solver="ddim", generator=torch.Generator().manual_seed(t))
         torch.testing.assert_close(a, d, rtol=0, atol=1e-10)
 
 
@@ -360,17 +362,17 @@ def test_sdedit_end_points(kind):
     guide = step_image(h=8, w=8).float().expand(3, -1, -1, -1).clone() * 0.8
     gen = lambda: torch.Generator().manual_seed(4)  # noqa: E731
     # strength 0 returns the guide exactly; the first index returns it up to the smallest noise
-    out0 = sdedit_loop(p, fn, guide, hijack_grid(p, 0.0), generator=gen())
+    out0 = sdedit_loop(p, denoiser_for(p, fn), guide, hijack_grid(p, 0.0), generator=gen())
     assert out0.nfe == 0 and torch.equal(out0.sample, guide)
-    out1 = sdedit_loop(p, fn, guide, hijack_grid(p, t0=2), generator=gen()).sample
+    out1 = sdedit_loop(p, denoiser_for(p, fn), guide, hijack_grid(p, t0=2), generator=gen()).sample
     assert (out1 - guide).abs().max() < 0.1
     # deterministic for a fixed generator, right shape
-    a = sdedit_loop(p, fn, guide, hijack_grid(p, 0.5, num_steps=100), generator=gen()).sample
-    b = sdedit_loop(p, fn, guide, hijack_grid(p, 0.5, num_steps=100), generator=gen()).sample
+    a = sdedit_loop(p, denoiser_for(p, fn), guide, hijack_grid(p, 0.5, num_steps=100), generator=gen()).sample
+    b = sdedit_loop(p, denoiser_for(p, fn), guide, hijack_grid(p, 0.5, num_steps=100), generator=gen()).sample
     assert a.shape == guide.shape and torch.equal(a, b)
     # strength 1 ≈ the unconditional chain with the same noise; strength 0.5 keeps the guide's imprint
-    full = sdedit_loop(p, fn, guide, hijack_grid(p, 1.0, num_steps=100), generator=gen())
-    unc = sample_loop(p, fn, guide.shape, timesteps=full.timesteps, generator=gen())  # same grid, prior start
+    full = sdedit_loop(p, denoiser_for(p, fn), guide, hijack_grid(p, 1.0, num_steps=100), generator=gen())
+    unc = sample_loop(p, denoiser_for(p, fn), guide.shape, timesteps=full.timesteps, generator=gen())  # same grid, prior start
     assert full.nfe == unc.nfe
     assert (full.sample - unc.sample).abs().max() < 0.02
     assert (a - unc.sample).abs().max() > 0.3

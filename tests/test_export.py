@@ -32,6 +32,7 @@ from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import EdgePreservingProcess
 from diffproc.processes.interpolation import InterpolationProcess
+from diffproc.nets.precond import EpsHead, VHead
 from modules import build
 from modules import gddm as gddm_module
 
@@ -109,7 +110,7 @@ def test_time_shift_folds_into_the_time_embedding(flip):
 
 
 # --- export: DDPM/DDIM -> diffusers' own pipelines --------------------------------------------------------
-@pytest.mark.parametrize("kw", [{}, {"prediction": "v", "schedule": "cosine", "variance": "fixedlarge"}],
+@pytest.mark.parametrize("kw", [{}, {"precond": VHead(), "schedule": "cosine", "variance": "fixedlarge"}],
                          ids=["eps-linear-fixedsmall", "v-cosine-fixedlarge"])
 def test_ddpm_export_samples_like_diffproc_in_ddpm_and_ddim_pipelines(tmp_path, kw):
     module = _perturbed(_build(ddpm_module, **kw))
@@ -117,7 +118,7 @@ def test_ddpm_export_samples_like_diffproc_in_ddpm_and_ddim_pipelines(tmp_path, 
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     p = module.process
     assert sched["_class_name"] == "DDPMScheduler" and sched["num_train_timesteps"] == T
-    assert sched["prediction_type"] == {"eps": "epsilon", "v": "v_prediction"}[p.prediction]
+    assert sched["prediction_type"] == {"eps": "epsilon", "v": "v_prediction"}[module.precond.name]
     assert sched["variance_type"] == {"fixedsmall": "fixed_small", "fixedlarge": "fixed_large"}[p.variance]
     assert sched["beta_schedule"] == {"linear": "linear", "cosine": "squaredcos_cap_v2"}[kw.get("schedule", "linear")]
     assert sched["clip_sample"] is True and sched["clip_sample_range"] == 1.0
@@ -267,13 +268,14 @@ def _random_unet_folder(path: Path, size: int = SIZE, in_ch: int = 3, out_ch: in
 def test_init_from_loads_a_diffusers_folder(tmp_path):
     folder = _random_unet_folder(tmp_path / "unet")
     ref = UNet2DModel.from_pretrained(folder).eval()
-    sie = sie_module(image_size=SIZE, channels=3, num_timesteps=T, heads="eps", gamma=0.0, init_from=str(folder))
+    sie = sie_module(image_size=SIZE, channels=3, num_timesteps=T, precond=EpsHead(min_alpha=1e-4), gamma=0.0,
+                     init_from=str(folder))
     for net in (sie.unet, sie.ema_unet):  # no diffusers scheduler for SIE: weights as they are
         assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), ref.state_dict().values()))
     ddpm = ddpm_module(image_size=SIZE, channels=3, num_timesteps=T, init_from=str(folder)).eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():  # DDPM: diffproc's t is diffusers' timestep t - 1
-        got = ddpm.model_fn(ddpm.sampling_net)(x, torch.tensor([7, 7]))
+        got = ddpm.denoiser(ddpm.sampling_net).raw(x, torch.tensor([7, 7]))
         assert (got - ref(x, torch.tensor([6, 6])).sample).abs().max() < 1e-5
     # round trip: export -> import gives the same network back
     out = export_module(ddpm, tmp_path / "export")

@@ -15,6 +15,7 @@ from benchmarks.gaussian_w2 import (EIGENVALUES, GRID_POINTS, PUBLISHED, SHAPE, 
 from diffproc.processes.base import PerSampleGenerator, randn
 from diffproc.processes.vp_sde import VPSDEProcess
 from diffproc.samplers import NFE_PER_STEP, sample_loop
+from diffproc.nets.precond import denoiser_for
 
 TOL = 0.01  # the table prints two decimals
 
@@ -45,9 +46,9 @@ def test_nfe_counts_are_exact(table, lam):
     for (scheme, n), (_, nfe) in table.items():
         assert nfe == NFE_PER_STEP[scheme] * (n - 1), (scheme, n, nfe)
     process = paper_process()
-    model_fn = exact_denoiser(process, lam)
+    denoiser = exact_denoiser(process, lam)
     for solver, per_step in (("euler_maruyama", 1), ("euler", 1), ("heun", 2), ("midpoint", 2), ("rk4", 4)):
-        res = sample_loop(process, model_fn, (2, *SHAPE), num_steps=7, solver=solver,
+        res = sample_loop(process, denoiser, (2, *SHAPE), num_steps=7, solver=solver,
                           generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         assert res.nfe == per_step * 7 and res.steps == 7 and res.sample.shape == (2, *SHAPE)
 
@@ -84,21 +85,21 @@ def test_exact_propagation_is_the_solver_run(lam):
     """The helper's shortcuts equal the plain runs: a deterministic solver is ``a ⊙ x_1`` on any ``x_1``, and
     an EM step drawn from a generator is ``A z + B ξ`` with the generator's ξ."""
     process = paper_process()
-    model_fn = exact_denoiser(process, lam)
+    denoiser = exact_denoiser(process, lam)
     x1 = randn((3, *SHAPE), torch.Generator().manual_seed(1), dtype=torch.float64)
-    a, _ = deterministic_gain(process, model_fn, 9, "heun")
-    run = sample_loop(process, model_fn, x1.shape, num_steps=9, solver="heun", dtype=torch.float64, z_init=x1)
+    a, _ = deterministic_gain(process, denoiser, 9, "heun")
+    run = sample_loop(process, denoiser, x1.shape, num_steps=9, solver="heun", dtype=torch.float64, z_init=x1)
     torch.testing.assert_close(run.sample, a * x1, rtol=1e-12, atol=1e-12)
 
     t, s = 0.6, 0.55
     one = torch.ones((1, *SHAPE), dtype=torch.float64)
-    ab = process.reverse_sde_step(model_fn, torch.cat([one, 0 * one]), t, s, torch.cat([0 * one, one]))
-    got = process.reverse_step(model_fn, x1, t, s, solver="euler_maruyama", generator=torch.Generator().manual_seed(5))
+    ab = process.reverse_sde_step(denoiser, torch.cat([one, 0 * one]), t, s, torch.cat([0 * one, one]))
+    got = process.reverse_step(denoiser, x1, t, s, solver="euler_maruyama", generator=torch.Generator().manual_seed(5))
     xi = randn(x1.shape, torch.Generator().manual_seed(5), dtype=torch.float64)
     torch.testing.assert_close(got, ab[0] * x1 + ab[1] * xi, rtol=1e-12, atol=1e-12)
     # per-sample generators drive the same step (one noise stream per sample)
     g = PerSampleGenerator(3, range(3))
-    got = process.reverse_step(model_fn, x1, t, s, solver="euler_maruyama", generator=g)
+    got = process.reverse_step(denoiser, x1, t, s, solver="euler_maruyama", generator=g)
     xi = randn(x1.shape, PerSampleGenerator(3, range(3)), dtype=torch.float64)
     torch.testing.assert_close(got, ab[0] * x1 + ab[1] * xi, rtol=1e-12, atol=1e-12)
 
@@ -109,21 +110,22 @@ def test_sde_variance_matches_monte_carlo():
     lam4 = torch.tensor([1e-3, 0.1, 1.0, 5.0], dtype=torch.float64)
     process = VPSDEProcess(clip_x0=False)
 
-    def model_fn(z, t):
+    def denoiser(z, t):  # the exact (x̂0, ε̂)
         a, s = process.coefficients(t, z)
-        return s * z / (a * a * lam4 + s * s)
+        var = a * a * lam4 + s * s
+        return a * lam4 * z / var, s * z / var
 
     a1, s1 = process.alpha_sigma(torch.ones(1, dtype=torch.float64))
     var1 = a1**2 * lam4 + s1**2
     g = torch.Generator().manual_seed(0)
     x1 = torch.randn((20000, 4), generator=g, dtype=torch.float64) * var1.sqrt()
-    out = sample_loop(process, model_fn, x1.shape, num_steps=20, solver="euler_maruyama", generator=g,
+    out = sample_loop(process, denoiser, x1.shape, num_steps=20, solver="euler_maruyama", generator=g,
                       dtype=torch.float64, z_init=x1).sample
     var = var1.clone()
     one = torch.ones((1, 4), dtype=torch.float64)
     grid = process.timesteps(20)
     for t, s in zip(grid[:-1], grid[1:]):
-        ab = process.reverse_sde_step(model_fn, torch.cat([one, 0 * one]), t, s, torch.cat([0 * one, one]))
+        ab = process.reverse_sde_step(denoiser, torch.cat([one, 0 * one]), t, s, torch.cat([0 * one, one]))
         var = ab[0] ** 2 * var + ab[1] ** 2
     emp = out.var(0)
     assert torch.all((emp - var).abs() <= 5 * var * math.sqrt(2 / 20000)), (emp, var)
@@ -182,6 +184,6 @@ def test_paper_grid_and_process_basics():
     t = p.sample_time(1000, torch.Generator().manual_seed(0))
     assert t.dtype == torch.float64 and t.min() >= 1e-3 and t.max() <= 1.0
     with pytest.raises(ValueError, match="sample_loop"):
-        p.reverse_step(lambda z, t: z, torch.zeros(1, 2), 0.5, 0.4, solver="heun")
+        p.reverse_step(denoiser_for(p, lambda z, t: z), torch.zeros(1, 2), 0.5, 0.4, solver="heun")
     assert w2_diag(lam, lam) == 0.0
 

@@ -21,6 +21,7 @@ from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics, diagnostics
 from diffproc.data.shapes import ShapesDataModule, generate_shapes
 from diffproc.methods.base import ConfigError
 from diffproc.methods.gddm import GDDM
+from diffproc.nets.precond import EpsHead, ModeEDM, denoiser_for, sigma_data_spectrum
 from modules import build, gddm
 from diffproc.ops import curl, grad, laplacian
 from diffproc.processes.ddpm import DDPMProcess
@@ -32,6 +33,19 @@ from diffproc.samplers import sample_loop
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"block_out_channels": [16, 32], "layers_per_block": 1}
 
+
+
+def image_view(p, parameterisation="x0", spectrum=None, colour_basis=None, weighting="edm"):
+    """GDDM's image-view head on process ``p`` (16² RGB), with a σ_data spectrum ((H, W), or (C, H, W) with a colour
+    basis) set by hand; None: the scalar σ_data."""
+    mode = "uniform" if spectrum is None else ("spectrum_colour" if spectrum.dim() == 3 else "spectrum")
+    h = ModeEDM(parameterisation=parameterisation, weighting=weighting, sigma_data_mode=mode).setup(p, 16, 3)
+    if spectrum is not None:
+        h.spectrum.copy_(spectrum)
+        h.count.fill_(1.0)
+    if colour_basis is not None:
+        h.colour_basis.copy_(colour_basis)
+    return h
 
 def shapes(n: int, size: int, dtype=torch.float64) -> torch.Tensor:
     imgs, _ = generate_shapes(n, size, seed=0, start=0)
@@ -110,7 +124,7 @@ def test_exact_denoiser_round_trip(domain, dc_mode, solver):
         return (z - a * z_star) / s
 
     g = torch.Generator().manual_seed(0)
-    res = sample_loop(p, model_fn, z_star.shape, 10, solver, g, dtype=torch.float64)
+    res = sample_loop(p, denoiser_for(p, model_fn), z_star.shape, 10, solver, g, dtype=torch.float64)
     dc = x_star.mean(dim=(-2, -1)) if dc_mode == "oracle" else None
     x = p.from_domain(res.sample, dc)
     assert res.nfe == 10
@@ -130,7 +144,7 @@ def test_exact_denoiser_noisy_last_step_marginal():
 
     grid = p.timesteps(10)[:-1] + [1]
     g = torch.Generator().manual_seed(0)
-    z = sample_loop(p, model_fn, z_star.shape, timesteps=grid, generator=g, dtype=torch.float64).sample
+    z = sample_loop(p, denoiser_for(p, model_fn), z_star.shape, timesteps=grid, generator=g, dtype=torch.float64).sample
     a1, s1 = (v.item() for v in p.alpha_sigma(torch.tensor([1])))
     r = (z - a1 * z_star) / s1
     assert r.std().item() == pytest.approx(1.0, rel=0.05)
@@ -143,7 +157,7 @@ def test_operator_noise_equivalence(domain):
     x0 = rand_images(3, 3, 16, 16)
     eps = rand_images(3, 3, 16, 16, seed=7) * 1.7
     t = torch.tensor([1, 400, 1000])
-    p = GradientDomainProcess(domain=domain, noise="operator")
+    p = GradientDomainProcess(domain=domain, noise_kind="operator")
     ddpm = DDPMProcess()
     z_t = p.forward(p.to_domain(x0), t, p.to_domain(eps))
     assert (z_t - p.to_domain(ddpm.forward(x0, t, eps))).abs().max() < 1e-12
@@ -160,7 +174,7 @@ def test_operator_noise_equivalence(domain):
     assert integrability(GradientDomainProcess(domain=domain), torch.randn(3, z_t.shape[1], 16, 16))["ls_residual"] > 0.01
     # the loss's state is integrable too (operator noise in training)
     seen = []
-    p.loss(lambda z, tt: seen.append(z) or torch.zeros_like(z), p.to_domain(x0), generator=g)
+    p.loss(denoiser_for(p, lambda z, tt: seen.append(z) or torch.zeros_like(z)), p.to_domain(x0), generator=g)
     assert integrability(p, seen[0])["ls_residual"] < 1e-6
 
 
@@ -170,7 +184,7 @@ def test_forward_noise_statistics():
     g = torch.Generator().manual_seed(0)
     for domain in ("gradient", "laplacian"):
         for noise in ("iid", "operator"):
-            p = GradientDomainProcess(domain=domain, noise=noise, dc_mode="oracle")
+            p = GradientDomainProcess(domain=domain, noise_kind=noise, dc_mode="oracle")
             z0 = p.to_domain(x0)
             t = torch.full((32,), 500)
             a, s = p.alpha_sigma(t[:1])
@@ -227,7 +241,7 @@ def test_mode_snr_crossing():
     assert torch.equal(mode_snr_crossing(shifted, sd).flatten()[1:], mode_snr_crossing(lap, 8 * sd).flatten()[1:])
     assert mode_snr_crossing(shifted, sd)[0, 0] == t[0, 0]  # the DC (aux channels) is not scaled
     spread = {}
-    for name, p in {"ddpm": GradientDomainProcess(noise="operator"), "gddm": GradientDomainProcess()}.items():
+    for name, p in {"ddpm": GradientDomainProcess(noise_kind="operator"), "gddm": GradientDomainProcess()}.items():
         q = torch.quantile(mode_snr_crossing(p, sd)[1:].double().flatten(), torch.tensor([0.1, 0.9], dtype=torch.float64))
         spread[name] = float(q[1] - q[0])
     assert spread["ddpm"] > 1.5 * spread["gddm"], spread
@@ -239,21 +253,26 @@ def test_time_sampling_modes():
     log-SNR vs first t below it), every mode is drawn; the default mixes in uniform times; it needs σ_data per mode."""
     from diffproc.ops import dct2
 
-    sd = dct2(shapes(64, 8)).pow(2).mean((0, 1)).sqrt()
-    p = GradientDomainProcess(domain="laplacian", time_sampling="modes")
-    with pytest.raises(ValueError, match="sigma_data_modes"):
-        p.sample_time(4)
-    p.sigma_data_modes = sd
+    images = shapes(64, 8)
+    sd = dct2(images).pow(2).mean((0, 1)).sqrt()
+    p = GradientDomainProcess(domain="laplacian")
+    h = ModeEDM(sigma_data_mode="spectrum", time_sampling="modes").setup(p, 8, 3)
+    with pytest.raises(ValueError, match="no spectrum yet"):
+        h.train_time(p, 4, None, "cpu")
+    h.estimate(images)
+    assert torch.allclose(h.spectrum, sd.double().clamp_min(1e-3))
     cross = mode_snr_crossing(p, sd).flatten()
-    p.modes_uniform_share, p.modes_logsnr_std = 0.0, 0.0
-    t = p.sample_time(4000, torch.Generator().manual_seed(0))
+    h.modes_uniform_share, h.modes_logsnr_std = 0.0, 0.0
+    t = h.train_time(p, 4000, torch.Generator().manual_seed(0), "cpu")
     near = (t[:, None] - cross[None, :]).abs() <= 1
     assert near.any(1).all() and near.any(0).all()
-    p.modes_uniform_share, p.modes_logsnr_std = 0.5, 2.0
-    t = p.sample_time(20000, torch.Generator().manual_seed(1))
+    h.modes_uniform_share, h.modes_logsnr_std = 0.5, 2.0
+    t = h.train_time(p, 20000, torch.Generator().manual_seed(1), "cpu")
     assert t.min() >= 1 and t.max() <= 1000 and float((t > 600).double().mean()) > 0.18  # the uniform half
-    with pytest.raises(ConfigError, match="sigma_data_mode"):
+    with pytest.raises(ValueError, match="sigma_data_mode"):
         gddm(image_size=8, channels=3, unet=TINY, time_sampling="modes")
+    with pytest.raises(ValueError, match="time_sampling"):
+        GradientDomainProcess(time_sampling="modes")  # the process's own laws: uniform, quad
 
 
 # --- process extras ---------------------------------------------------------------------------------
@@ -267,10 +286,10 @@ def test_project_every_step_and_clip():
             p = GradientDomainProcess(domain=domain, **opts)
             z = torch.randn(2, p.domain_channels(3), 16, 16, dtype=torch.float64, generator=g)
             out = torch.randn(z.shape, dtype=torch.float64, generator=g) * 3
-            u0, eps = p.predict(lambda zz, tt: out, z, t)
+            u0, eps = p.predict(denoiser_for(p, lambda zz, tt: out), z, t)
             if "clip_x0" in opts:
                 assert (u0.abs() <= p._bounds(3, u0) + 1e-12).all()
-                assert (u0 - p.split_prediction(out, z, t)[0]).abs().max() > 0.1  # something was clipped
+                assert (u0 - denoiser_for(p, lambda zz, tt: out)(z, t)[0]).abs().max() > 0.1  # something was clipped
             else:
                 assert integrability(p, u0)["ls_residual"] < 1e-10
             a, s = p.coefficients(t, z)
@@ -385,7 +404,7 @@ def test_poisson_net_smoke_spec():
 
 @pytest.mark.parametrize("kw", [dict(domain="gradient", reconstruction="poisson_net", poisson_net_stage="joint"),
                                 dict(domain="laplacian", dc_mode="dataset_mean"),
-                                dict(domain="hybrid", dc_mode="poisson_net", network_view="domain", prediction="eps")])
+                                dict(domain="hybrid", dc_mode="poisson_net", precond="eps")])
 def test_module_loss_sample_diagnostics(kw):
     torch.manual_seed(0)
     m = _gddm(**kw)
@@ -482,13 +501,14 @@ def test_cli_fit_gradient(tmp_path):
     # the default image view: the UNet sees and predicts a C-channel image, the state is 2C field + C aux
     assert ckpt["state_dict"]["unet.conv_in.weight"].shape[1] == 3
     assert ckpt["state_dict"]["unet.conv_out.weight"].shape[0] == 3
-    # the config's sigma_data_mode: spectrum_colour (issue 14): estimated at fit start, kept in the checkpoint
-    assert ckpt["hyper_parameters"]["sigma_data_mode"] == "spectrum_colour"
+    # the config's ModeEDM head with sigma_data_mode: spectrum_colour (issue 14): estimated at fit start into the
+    # head's buffers, kept in the checkpoint
+    assert ckpt["hyper_parameters"]["precond"]["init_args"]["sigma_data_mode"] == "spectrum_colour"
     assert process["init_args"]["noise_cap"] == 1.0  # docs/gddm.md §6
-    sd = ckpt["state_dict"]["sigma_data_spectrum"]
-    assert sd.shape == (3, 16, 16) and float(ckpt["state_dict"]["sigma_data_count"]) > 0
+    sd = ckpt["state_dict"]["precond.spectrum"]
+    assert sd.shape == (3, 16, 16) and float(ckpt["state_dict"]["precond.count"]) > 0
     assert float(sd[0, 0, 0]) > float(sd[0, 8, 8]) > 0
-    q = ckpt["state_dict"]["sigma_data_colour_basis"]
+    q = ckpt["state_dict"]["precond.colour_basis"]
     assert torch.allclose(q @ q.T, torch.eye(3, dtype=q.dtype), atol=1e-10)
     lit = _fit("gddm_literal_shapes.yaml", tmp_path / "literal")
     ckpt = torch.load(lit / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -505,10 +525,10 @@ def test_cli_fit_other_domains(config, tmp_path):
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)  # spectrum the
         hp = ckpt["hyper_parameters"]["process"]["init_args"]  # lowest modes cross SNR 1 where image DDPM's do, not at t <= 3
         assert hp["laplacian_noise_scale"] == pytest.approx(math.sqrt(20) / 2, rel=1e-4) and hp["noise_cap"] == 1.0
-        sd = ckpt["state_dict"]["sigma_data_spectrum"][0]  # first colour component (luma-like)
+        sd = ckpt["state_dict"]["precond.spectrum"][0]  # first colour component (luma-like)
         kw = dict(domain="laplacian", laplacian_noise_scale=hp["laplacian_noise_scale"])
         t_cfg = mode_snr_crossing(GradientDomainProcess(noise_cap=1.0, **kw), sd)
-        t_ddpm = mode_snr_crossing(GradientDomainProcess(noise="operator", **kw), sd)
+        t_ddpm = mode_snr_crossing(GradientDomainProcess(noise_kind="operator", **kw), sd)
         t_norm = mode_snr_crossing(GradientDomainProcess(domain="laplacian"), sd)
         assert int(t_norm[0, 1]) <= 3 and int(t_cfg[0, 1]) == int(t_ddpm[0, 1]) > 100, (int(t_norm[0, 1]), int(t_cfg[0, 1]))
 
@@ -552,16 +572,16 @@ def test_configs_parse(config, tmp_path):
 # --- the image-weighted loss and the image clip (docs/gddm.md "Why the seed-literal setting fails") -------
 @pytest.mark.parametrize("domain", ["gradient", "laplacian", "hybrid"])
 def test_image_loss_is_ddpm_image_mse(domain):
-    """loss_weighting='image' = (α/σ)² · image MSE of x̂0 (DDPM's L_simple in image units) + the uniform
+    """objective='image' = (α/σ)² · image MSE of x̂0 (DDPM's L_simple in image units) + the uniform
     ε-MSE on the part of the domain that never reaches the image, for an arbitrary (linear) error model."""
-    p = GradientDomainProcess(domain=domain, loss_weighting="image")
+    p = GradientDomainProcess(domain=domain, objective="image")
     x0 = rand_images(4, 3, 16, 16, seed=1)
     z0 = p.to_domain(x0)
     t = torch.tensor([1, 200, 500, 999])
     g = torch.Generator().manual_seed(2)
     noise = torch.randn(z0.shape, dtype=torch.float64, generator=g)
     err = torch.randn(z0.shape, dtype=torch.float64, generator=g) * 0.3
-    loss = p.loss(lambda z, tt: noise + err, z0, t, noise)
+    loss = p.loss(denoiser_for(p, lambda z, tt: noise + err), z0, t, noise)
     a, s = p.coefficients(t, z0)
     x0_hat = p.from_domain((p.forward(z0, t, noise) - s * (noise + err)) / a)
     image_mse = ((a / s) ** 2 * (x0_hat - x0) ** 2).mean()
@@ -569,8 +589,8 @@ def test_image_loss_is_ddpm_image_mse(domain):
     assert float((proj * (err - proj)).sum()).__abs__() < 1e-9  # Π is an orthogonal projection
     assert torch.allclose(loss, image_mse + ((err - proj) ** 2).mean(), rtol=1e-10, atol=0)
     # the seed-literal weighting is the plain ε-MSE
-    q = GradientDomainProcess(domain=domain, loss_weighting="uniform")
-    assert torch.allclose(q.loss(lambda z, tt: noise + err, z0, t, noise), (err**2).mean(), rtol=1e-12)
+    q = GradientDomainProcess(domain=domain, objective="head")
+    assert torch.allclose(q.loss(denoiser_for(q, lambda z, tt: noise + err), z0, t, noise), (err**2).mean(), rtol=1e-12)
 
 
 def test_image_loss_weights_per_dct_mode():
@@ -582,7 +602,7 @@ def test_image_loss_weights_per_dct_mode():
     n = 16
     lam = neumann_eigenvalues(n, n, torch.float64)
     for domain, power in (("gradient", 1), ("laplacian", 2)):
-        p = GradientDomainProcess(domain=domain, loss_weighting="image")
+        p = GradientDomainProcess(domain=domain, objective="image")
         s = p.s_g if domain == "gradient" else p.s_l
         for k, l in ((0, 1), (1, 1), (4, 4), (8, 8), (15, 15)):
             coef = torch.zeros(1, 1, n, n, dtype=torch.float64)
@@ -603,110 +623,111 @@ def test_clip_image(domain):
     t = torch.tensor([500, 20])
     z = torch.randn(2, p.domain_channels(3), 16, 16, dtype=torch.float64, generator=g)
     out = torch.randn(z.shape, dtype=torch.float64, generator=g) * 5
-    u0, eps = p.predict(lambda zz, tt: out, z, t)
+    u0, eps = p.predict(denoiser_for(p, lambda zz, tt: out), z, t)
     x = p.from_domain(u0)
     assert x.abs().max() <= 1 + 1e-12 and (p.to_domain(x) - u0).abs().max() < 1e-10
-    assert (p.from_domain(p.split_prediction(out, z, t)[0]).abs() > 1).any()  # something was clipped
+    assert (p.from_domain(denoiser_for(p, lambda zz, tt: out)(z, t)[0]).abs() > 1).any()  # something was clipped
     a, s = p.coefficients(t, z)
     assert (a * u0 + s * eps - z).abs().max() < 1e-10
     z0 = p.to_domain(rand_images(2, 3, 16, 16, seed=3) * 0.9)
     eps0 = torch.randn(z0.shape, dtype=torch.float64, generator=g)
-    u0, _ = p.predict(lambda zz, tt: eps0, p.forward(z0, t, eps0), t)
+    u0, _ = p.predict(denoiser_for(p, lambda zz, tt: eps0), p.forward(z0, t, eps0), t)
     assert (u0 - z0).abs().max() < 1e-9
     with pytest.raises(ValueError, match="dc_mode='aux'"):
         GradientDomainProcess(domain="gradient", dc_mode="dataset_mean", clip_image=True)
 
 
 def test_gddm_defaults_and_seed_literal_option():
-    """The process's defaults are the seed-literal setting; the measured fix (image view, x0, EDM weighting, image
-    clip) is four options away (configs/gddm_shapes.yaml), and non-aux DC modes run without the image clip."""
+    """The process's and the module's defaults are the seed-literal setting (eps head on the domain, the head's own
+    uniform loss, no image clip); the measured fix (the ModeEDM head with x0 and EDM weighting, image clip) is two
+    options away (configs/gddm_shapes.yaml), and non-aux DC modes run without the image clip."""
     m = gddm(image_size=8, channels=3, unet=TINY, ema_decay=0)
-    p = m.process
-    assert (p.network_view, p.prediction, p.loss_weighting, p.clip_image) == ("image", "x0", "edm", True)
+    assert isinstance(m.precond, ModeEDM) and (m.precond.parameterisation, m.precond.weighting) == ("x0", "edm")
+    assert m.process.clip_image and m.process.objective == "head"
     assert m.unet.config.in_channels == 3 and m.unet.config.out_channels == 3
     lit = build(GradientDomainProcess, image_size=8, channels=3, unet=TINY, ema_decay=0)
-    assert (lit.process.network_view, lit.process.prediction) == ("domain", "eps")
-    assert lit.process.loss_weighting == "uniform" and not lit.process.clip_image
-    assert lit.unet.config.in_channels == 9
-    with pytest.raises(ValueError, match="network_view='domain'"):
+    assert isinstance(lit.precond, EpsHead) and lit.process.objective == "head" and not lit.process.clip_image
+    assert lit.unet.config.in_channels == 9 and lit.hparams.precond["class_path"].endswith(".EpsHead")
+    with pytest.raises(ValueError, match="hybrid"):
         gddm(domain="hybrid", image_size=8, channels=3, unet=TINY)
-    with pytest.raises(ValueError, match="prediction='x0'"):
-        gddm(prediction="v", image_size=8, channels=3, unet=TINY)
+    with pytest.raises(ValueError, match="parameterisation"):
+        gddm(parameterisation="v", image_size=8, channels=3, unet=TINY)
     assert not gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, dc_mode="dataset_mean").process.clip_image
-    with pytest.raises(ValueError, match="loss_weighting"):
-        gddm(image_size=8, channels=3, unet=TINY, loss_weighting="min_snr")
+    with pytest.raises(ValueError, match="weighting"):
+        gddm(image_size=8, channels=3, unet=TINY, weighting="min_snr")
+    with pytest.raises(ValueError, match="objective"):
+        GradientDomainProcess(objective="edm")
 
 
-@pytest.mark.parametrize("domain,prediction,spectrum", [("gradient", "x0", False), ("laplacian", "x0", False),
-                                                         ("gradient", "eps", False), ("gradient", "x0", True),
-                                                         ("laplacian", "eps", True)])
-def test_image_view_noise_scale_and_exact_denoiser(domain, prediction, spectrum):
-    """network_view='image' (x0 or eps prediction, scalar or per-mode σ_data): (1) the per-mode noise of
+@pytest.mark.parametrize("domain,parameterisation,spectrum", [("gradient", "x0", False), ("laplacian", "x0", False),
+                                                               ("gradient", "eps", False), ("gradient", "x0", True),
+                                                               ("laplacian", "eps", True)])
+def test_image_view_noise_scale_and_exact_denoiser(domain, parameterisation, spectrum):
+    """The image view (ModeEDM; x0 or eps parameterisation, scalar or per-mode σ_data): (1) the per-mode noise of
     image_part(ε) has std c_k (Monte Carlo, ±5%); (2) the exact F* = (x* − c_skip x̃)/c_out (delta data)
     gives loss 0 and DDIM / ancestral sampling that returns x* to 1e-10; (3) the EDM weighting is 1/c_out²
     per image DCT mode."""
     from diffproc.ops import dct2, idct2
 
-    p = GradientDomainProcess(domain=domain, network_view="image", prediction=prediction, loss_weighting="edm")
-    if spectrum:
-        p.sigma_data_modes = 0.1 + torch.rand(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(0)
     for noise in ("iid", "operator"):  # operator noise is image DDPM seen through T: c_k = 1 for every mode
-        p.noise = noise
-        eps = p.noise_like(torch.zeros(4000, p.domain_channels(1), 8, 8, dtype=torch.float64), g)
-        ratio = dct2(p.image_part(eps)).std(0)[0] / p.mode_noise_scale(8, 8)
+        q = GradientDomainProcess(domain=domain, noise_kind=noise)
+        eps = q.noise_like(torch.zeros(4000, q.domain_channels(1), 8, 8, dtype=torch.float64), g)
+        ratio = dct2(q.image_part(eps)).std(0)[0] / q.mode_noise_scale(8, 8)
         assert 0.95 < float(ratio.min()) and float(ratio.max()) < 1.05, noise
-    assert bool((p.mode_noise_scale(8, 8) == 1).all())
-    p.noise = "iid"
+    assert bool((q.mode_noise_scale(8, 8) == 1).all())
+    p = GradientDomainProcess(domain=domain)
+    sd = 0.1 + torch.rand(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) if spectrum else None
+    h = image_view(p, parameterisation, sd)
     x_star = rand_images(2, 3, 16, 16, seed=4) * 0.9
 
     def exact(inp, t):  # the backbone's view is c_in ⊙ x̃ (DCT basis); undo it, then EDM's ideal F
-        c_in, c_skip, c_out, _ = p.preconditioning(t, inp)
+        c_in, c_skip, c_out, _ = h.coefficients(p, t, inp)
         return idct2((dct2(x_star) - c_skip * dct2(inp) / c_in) / c_out)
 
     z0 = p.to_domain(x_star)
-    assert float(p.loss(exact, z0, torch.tensor([1, 700]))) < 1e-20
+    assert float(p.loss(h.bind(p, exact), z0, torch.tensor([1, 700]))) < 1e-20
     for solver in ("ddim", "ancestral"):
-        res = sample_loop(p, exact, (2, p.domain_channels(3), 16, 16), 10, solver, torch.Generator().manual_seed(1),
-                          "cpu", torch.float64)
+        res = sample_loop(p, h.bind(p, exact), (2, p.domain_channels(3), 16, 16), 10, solver,
+                          torch.Generator().manual_seed(1), "cpu", torch.float64)
         assert float((p.from_domain(res.sample) - x_star).abs().max()) < 1e-10, solver
     # EDM weighting: an x̂0 error along one image DCT mode k costs 1/c_out,k² per unit squared error
     t = torch.tensor([300])
-    _, _, c_out, _ = p.preconditioning(t, z0)
+    _, _, c_out, _ = h.coefficients(p, t, z0)
     for k, l in ((0, 0), (0, 1), (5, 3)):
         coef = torch.zeros(1, 3, 16, 16, dtype=torch.float64)
         coef[:, :, k, l] = 1.0
         z0_hat = p.to_domain(x_star[:1] + idct2(coef))
-        got = float(p.edm_loss(z0_hat, z0[:1], torch.zeros_like(z0_hat), t)) * 3 * 16 * 16 / 3
+        got = float(p.reduce(h.mode_error(p, z0_hat, z0[:1], t) ** 2)) * 3 * 16 * 16 / 3
         assert got == pytest.approx(float(c_out[0, 0, k, l]) ** -2, rel=1e-9)
 
 
 def test_image_view_per_mode_weights_closed_form():
-    """The image view's per-mode coefficients and loss weights are what docs/gddm.md says: x0 prediction
-    (EDM) ``1/c_out² = α²/σ_k² + 1/σ_d,k²`` with σ_d,k = ``sigma_data_modes`` when set (else the scalar);
-    eps prediction ``c_skip = 1/α``, ``c_out = −σ_k/α``, so 1/c_out² = α²/σ_k² and the ``edm`` loss is the
-    ε-MSE of the image noise per mode, ``mean_k ((ε̂_k − ε_k)/c_k)²`` over the image DCT modes."""
+    """The image view's per-mode coefficients and loss weights are what docs/gddm.md says: x0 parameterisation
+    (EDM) ``1/c_out² = α²/σ_k² + 1/σ_d,k²`` with σ_d,k the spectrum when set (else the scalar); eps
+    ``c_skip = 1/α``, ``c_out = −σ_k/α``, so 1/c_out² = α²/σ_k² and the ``edm`` loss is the ε-MSE of the image noise
+    per mode, ``mean_k ((ε̂_k − ε_k)/c_k)²`` over the image DCT modes."""
     from diffproc.ops import dct2
 
     t = torch.tensor([50, 400, 900])
     sd = 0.1 + torch.rand(16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     for domain in ("gradient", "laplacian"):
-        for prediction in ("x0", "eps"):
-            p = GradientDomainProcess(domain=domain, network_view="image", prediction=prediction, loss_weighting="edm")
+        p = GradientDomainProcess(domain=domain)
+        for parameterisation in ("x0", "eps"):
             ref = torch.zeros(3, 1, 16, 16, dtype=torch.float64)
             a, sig = (v.double().view(-1, 1, 1, 1) for v in p.alpha_sigma(t))
             sk = sig * p.mode_noise_scale(16, 16)
             for modes in (None, sd):
-                p.sigma_data_modes = modes
+                h = image_view(p, parameterisation, modes)
                 s_d = 0.5 if modes is None else modes
-                c_in, c_skip, c_out, _ = p.preconditioning(t, ref)
+                c_in, c_skip, c_out, _ = h.coefficients(p, t, ref)
                 assert torch.allclose(c_in, (a * a * s_d**2 + sk * sk).rsqrt(), rtol=1e-12)
-                if prediction == "x0":
+                if parameterisation == "x0":
                     assert torch.allclose(c_out ** -2, a * a / sk**2 + 1 / s_d**2, rtol=1e-10)
                 else:
                     assert torch.allclose(c_skip, (1 / a).expand_as(sk)) and torch.allclose(c_out, -sk / a)
                     assert torch.allclose(c_out ** -2, a * a / sk**2, rtol=1e-10)
-            if prediction == "eps":  # edm loss == per-mode ε-MSE of the image noise
+            if parameterisation == "eps":  # edm loss == per-mode ε-MSE of the image noise
                 g = torch.Generator().manual_seed(1)
                 x0 = rand_images(3, 3, 16, 16, seed=1)
                 z0 = p.to_domain(x0)
@@ -717,20 +738,21 @@ def test_image_view_per_mode_weights_closed_form():
                 z0_hat = (z_t - s4 * eps_hat) / a4
                 c = p.mode_noise_scale(16, 16)
                 want = ((dct2(p.image_part(eps_hat)) - dct2(p.image_part(eps))) / c).pow(2).mean()
-                got = p.edm_loss(z0_hat, z0, eps_hat - eps, t)
+                got = p.reduce(h.mode_error(p, z0_hat, z0, t) ** 2)
                 assert float(got) == pytest.approx(float(want), rel=1e-9)
-    with pytest.raises(ValueError, match="prediction"):
-        GradientDomainProcess(network_view="image", prediction="v")
+    with pytest.raises(ValueError, match="parameterisation"):
+        ModeEDM(parameterisation="v")
 
 
 def test_sigma_data_spectrum_estimate_checkpoint_and_fit(tmp_path):
     """sigma_data_mode='spectrum': σ_data per mode = RMS of the training images' orthonormal DCT coefficients
-    (over images and channels), estimated at fit start from the first ``sigma_data_images`` training images,
-    used by the process, saved in the checkpoint; sampling before any estimate raises."""
+    (over images and channels), estimated at fit start from the first ``sigma_data_images`` training images into
+    the head's own buffers, saved in the checkpoint, never written into the process; sampling before any estimate
+    raises."""
     from diffproc.ops import dct2
 
     m = gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum", sigma_data_images=64)
-    with pytest.raises(ConfigError, match="no spectrum yet"):
+    with pytest.raises(ValueError, match="no spectrum yet"):
         m.sample(2, num_steps=2, progress=False)
     dm = ShapesDataModule(image_size=8, batch_size=16, num_train=128, num_val=16, num_test=16)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -738,16 +760,15 @@ def test_sigma_data_spectrum_estimate_checkpoint_and_fit(tmp_path):
     trainer.fit(m, dm)
     x = torch.stack([dm.train_dataloader().dataset[i][0] for i in range(64)]).double()
     want = dct2(x).pow(2).mean(dim=(0, 1)).sqrt()
-    assert torch.allclose(m.sigma_data_spectrum, want, rtol=1e-6)
-    assert float(m.sigma_data_spectrum[0, 0]) > 5 * float(m.sigma_data_spectrum[4, 4])  # DC ≫ high modes
-    m.model_fn()
-    assert m.process.sigma_data_modes is m.sigma_data_spectrum
+    assert torch.allclose(m.precond.spectrum, want, rtol=1e-6)
+    assert float(m.precond.spectrum[0, 0]) > 5 * float(m.precond.spectrum[4, 4])  # DC ≫ high modes
+    assert not any("sigma" in k for k in vars(m.process))
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     m2 = GDDM.load_from_checkpoint(path)
-    assert torch.equal(m2.sigma_data_spectrum, m.sigma_data_spectrum) and float(m2.sigma_data_count) == 64
+    assert torch.equal(m2.precond.spectrum, m.precond.spectrum) and float(m2.precond.count) == 64
     assert m2.sample(2, num_steps=2, progress=False).images.shape == (2, 3, 8, 8)
-    assert "sigma_data_spectrum" not in gddm(image_size=8, channels=3, unet=TINY, ema_decay=0).state_dict()
+    assert not any(k.startswith("precond.") for k in gddm(image_size=8, channels=3, unet=TINY, ema_decay=0).state_dict())
 
 
 def test_time_sampling_quad_distribution():
@@ -770,57 +791,55 @@ def test_spectrum_colour_basis_exact_denoiser_and_estimate():
     per (component, mode). (1) estimate: Q = eigenvectors of the channel second moments of the DCT coefficients
     (orthogonal, largest first) and σ_d[c, k] = RMS of (Q DCT(x))[c, k]; (2) the exact F* (delta data) in that
     basis gives loss 0 and DDIM returns x* to 1e-10; (3) the loss is invariant to Q for the same x̂0 error
-    when σ_d is scalar (Q orthogonal)."""
+    when σ_d is constant (Q orthogonal)."""
     from diffproc.ops import dct2, idct2
 
     x, _ = generate_shapes(256, 8, seed=0)
     x = x.double() / 127.5 - 1
     m = gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum_colour")
-    sd = m.estimate_sigma_data(x)
-    q = m.sigma_data_colour_basis
+    sd = m.precond.estimate(x)
+    q = m.precond.colour_basis
     assert torch.allclose(q @ q.T, torch.eye(3, dtype=torch.float64), atol=1e-12)
     want = torch.einsum("dc,bchw->bdhw", q, dct2(x)).pow(2).mean(0).sqrt()
     assert torch.allclose(sd, want) and sd.shape == (3, 8, 8)
     assert float(sd[0, 0, 0]) > float(sd[1, 0, 0]) > float(sd[2, 0, 0])  # luma-like component first
-    m.model_fn()
-    assert m.process.colour_basis is m.sigma_data_colour_basis
+    assert torch.equal(sigma_data_spectrum(x, True)[1], q)  # the one pure function behind the estimate
 
-    p = GradientDomainProcess(domain="gradient", network_view="image", prediction="x0", loss_weighting="edm")
+    p = GradientDomainProcess(domain="gradient")
     g = torch.Generator().manual_seed(0)
-    p.colour_basis = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=g))[0]
-    p.sigma_data_modes = 0.1 + torch.rand(3, 16, 16, dtype=torch.float64, generator=g)
+    basis = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64, generator=g))[0]
+    h = image_view(p, "x0", 0.1 + torch.rand(3, 16, 16, dtype=torch.float64, generator=g), basis)
     x_star = rand_images(2, 3, 16, 16, seed=4) * 0.9
 
     def exact(inp, t):
-        c_in, c_skip, c_out, _ = p.preconditioning(t, inp)
-        return idct2((dct2(p._rotate(x_star)) - c_skip * dct2(inp) / c_in) / c_out)
+        c_in, c_skip, c_out, _ = h.coefficients(p, t, inp)
+        return idct2((dct2(h._rotate(x_star)) - c_skip * dct2(inp) / c_in) / c_out)
 
     z0 = p.to_domain(x_star)
-    assert float(p.loss(exact, z0, torch.tensor([1, 700]))) < 1e-20
-    res = sample_loop(p, exact, (2, p.domain_channels(3), 16, 16), 10, "ddim", torch.Generator().manual_seed(1),
-                      "cpu", torch.float64)
+    assert float(p.loss(h.bind(p, exact), z0, torch.tensor([1, 700]))) < 1e-20
+    res = sample_loop(p, h.bind(p, exact), (2, p.domain_channels(3), 16, 16), 10, "ddim",
+                      torch.Generator().manual_seed(1), "cpu", torch.float64)
     assert float((p.from_domain(res.sample) - x_star).abs().max()) < 1e-10
-    p.sigma_data_modes = None
     z0_hat = p.to_domain(x_star + 0.1 * torch.randn(x_star.shape, dtype=torch.float64, generator=g))
     t = torch.tensor([100, 600])
-    with_q = float(p.edm_loss(z0_hat, z0, torch.zeros_like(z0), t))
-    p.colour_basis = None
-    assert with_q == pytest.approx(float(p.edm_loss(z0_hat, z0, torch.zeros_like(z0), t)), rel=1e-10)
+    with_q = float(p.reduce(image_view(p, "x0", torch.full((3, 16, 16), 0.5, dtype=torch.float64), basis)
+                            .mode_error(p, z0_hat, z0, t) ** 2))
+    assert with_q == pytest.approx(float(p.reduce(image_view(p, "x0").mode_error(p, z0_hat, z0, t) ** 2)), rel=1e-10)
 
 
 def test_snr_weighting_equals_eps_edm_loss():
-    """loss_weighting='snr' (x0 prediction) weights image DCT mode k by α²/σ_k²: the same loss, for the same x̂0,
-    as prediction='eps' with the edm weighting (DDPM's ε-MSE of the per-mode image noise)."""
+    """weighting='snr' (x0 parameterisation) weights image DCT mode k by α²/σ_k²: the same loss, for the same x̂0,
+    as parameterisation='eps' with the edm weighting (DDPM's ε-MSE of the per-mode image noise)."""
     t = torch.tensor([30, 300, 900])
     x0 = rand_images(3, 3, 16, 16, seed=2)
     g = torch.Generator().manual_seed(3)
     for domain in ("gradient", "laplacian"):
-        a = GradientDomainProcess(domain=domain, network_view="image", prediction="x0", loss_weighting="snr")
-        b = GradientDomainProcess(domain=domain, network_view="image", prediction="eps", loss_weighting="edm")
-        z0 = a.to_domain(x0)
-        z0_hat = a.to_domain(x0 + 0.1 * torch.randn(x0.shape, dtype=torch.float64, generator=g))
-        la = float(a.edm_loss(z0_hat, z0, torch.zeros_like(z0), t))
-        assert la == pytest.approx(float(b.edm_loss(z0_hat, z0, torch.zeros_like(z0), t)), rel=1e-10)
+        p = GradientDomainProcess(domain=domain)
+        a, b = image_view(p, "x0", weighting="snr"), image_view(p, "eps")
+        z0 = p.to_domain(x0)
+        z0_hat = p.to_domain(x0 + 0.1 * torch.randn(x0.shape, dtype=torch.float64, generator=g))
+        la = float(p.reduce(a.mode_error(p, z0_hat, z0, t) ** 2))
+        assert la == pytest.approx(float(p.reduce(b.mode_error(p, z0_hat, z0, t) ** 2)), rel=1e-10)
 
 
 @pytest.mark.parametrize("domain", ["gradient", "laplacian"])
@@ -834,8 +853,8 @@ def test_noise_cap(domain):
 
     cap = 1.0
     kw = dict(laplacian_noise_scale=math.sqrt(20) / 2) if domain == "laplacian" else {}  # configs/lddm_shapes.yaml
-    p = GradientDomainProcess(domain=domain, noise_cap=cap, network_view="image", prediction="x0", loss_weighting="edm",
-                              **kw)
+    p = GradientDomainProcess(domain=domain, noise_cap=cap, **kw)
+    h = image_view(p, "x0")
     ref = GradientDomainProcess(domain=domain, **kw)
     c_iid = ref.mode_noise_scale(8, 8)
     capped = c_iid > cap
@@ -863,21 +882,21 @@ def test_noise_cap(domain):
     x_star = rand_images(2, 3, 16, 16, seed=4) * 0.9
 
     def exact(inp, t):
-        c_in, c_skip, c_out, _ = p.preconditioning(t, inp)
+        c_in, c_skip, c_out, _ = h.coefficients(p, t, inp)
         return idct2((dct2(x_star) - c_skip * dct2(inp) / c_in) / c_out)
 
-    assert float(p.loss(exact, p.to_domain(x_star), torch.tensor([1, 700]))) < 1e-20
+    assert float(p.loss(h.bind(p, exact), p.to_domain(x_star), torch.tensor([1, 700]))) < 1e-20
     for solver in ("ddim", "ancestral"):
-        res = sample_loop(p, exact, (2, p.domain_channels(3), 16, 16), 10, solver, torch.Generator().manual_seed(1),
-                          "cpu", torch.float64)
+        res = sample_loop(p, h.bind(p, exact), (2, p.domain_channels(3), 16, 16), 10, solver,
+                          torch.Generator().manual_seed(1), "cpu", torch.float64)
         assert float((p.from_domain(res.sample) - x_star).abs().max()) < 1e-10, solver
 
     sd = 0.05 + torch.rand(3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     t_cap, t_iid = mode_snr_crossing(p, sd), mode_snr_crossing(ref, sd)
-    t_ddpm = mode_snr_crossing(GradientDomainProcess(domain=domain, noise="operator", **kw), sd)
+    t_ddpm = mode_snr_crossing(GradientDomainProcess(domain=domain, noise_kind="operator", **kw), sd)
     assert torch.equal(t_cap[:, capped], t_ddpm[:, capped]) and torch.equal(t_cap[:, ~capped], t_iid[:, ~capped])
     assert bool((t_cap[:, capped] >= t_iid[:, capped]).all())  # less noise on the lowest modes: decided earlier
     assert float((t_cap[:, capped] > t_iid[:, capped]).double().mean()) > 0.8
-    for bad in (dict(noise="operator"), dict(domain="hybrid"), dict(noise_cap=0.0)):
+    for bad in (dict(noise_kind="operator"), dict(domain="hybrid"), dict(noise_cap=0.0)):
         with pytest.raises(ValueError, match="noise_cap"):
             GradientDomainProcess(**{"domain": domain, "noise_cap": cap, **bad})

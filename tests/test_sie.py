@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from diffproc.processes.interpolation import InterpolationProcess, betas_for_alpha_bar
-from diffproc.samplers import NFE_PER_STEP, ODE_SOLVERS, CountingModelFn, sample_loop
+from diffproc.samplers import NFE_PER_STEP, ODE_SOLVERS, CountingDenoiser, sample_loop
+from diffproc.nets.precond import EpsHead, SigmaEpsHead, denoiser_for, make_head
 
 ROOT = Path(__file__).resolve().parents[1]
 MU, S = 0.3, 0.5
@@ -83,33 +84,36 @@ def test_zero_loss_for_perfect_heads_and_terms(schedule):
     t = torch.rand(6, generator=g, dtype=D)
     p = InterpolationProcess(schedule=schedule, gamma=0.7)
     perfect = lambda z, tt: torch.cat([x0, eps], 1)  # noqa: E731
-    assert p.loss(perfect, x0, t, eps).item() == 0.0
+    assert p.loss(denoiser_for(p, perfect), x0, t, eps).item() == 0.0
     # loss = ‖Δx0‖² + ‖Δε‖² + γ‖−sin η Δx0 + cos η Δε‖² with a known perturbation
     d0, de = 0.1 * torch.randn_like(x0, generator=g), 0.2 * torch.randn_like(x0, generator=g)
     off = lambda z, tt: torch.cat([x0 + d0, eps + de], 1)  # noqa: E731
     a, s = p.coefficients(t, x0)
     expect = (d0**2).mean() + (de**2).mean() + 0.7 * ((-s * d0 + a * de) ** 2).mean()
-    terms = p.loss_terms(off, x0, t, eps)
+    terms = p.loss_terms(denoiser_for(p, off), x0, t, eps)
     assert abs(terms["loss"].item() - expect.item()) < 1e-12
     # l1 norm, and gradient_wrt='t' scales the v term by η'/T = π/(2T) for sin
     p1 = InterpolationProcess(schedule=schedule, gamma=0.7, loss_norm="l1")
-    assert abs(p1.loss_terms(off, x0, t, eps)["x0"].item() - d0.abs().mean().item()) < 1e-12
+    assert abs(p1.loss_terms(denoiser_for(p1, off), x0, t, eps)["x0"].item() - d0.abs().mean().item()) < 1e-12
     if schedule == "sin":
         pt = InterpolationProcess(gamma=1.0, gradient_wrt="t")
-        vt = pt.loss_terms(off, x0, t, eps)["v"].item()
+        vt = pt.loss_terms(denoiser_for(pt, off), x0, t, eps)["v"].item()
         assert abs(vt - ((math.pi / 2000) ** 2) * ((-s * d0 + a * de) ** 2).mean().item()) < 1e-15
 
 
 def test_output_channels_and_errors():
-    assert InterpolationProcess().output_channels(3) == 6
-    assert InterpolationProcess(heads="eps", gamma=0).output_channels(3) == 3
+    p = InterpolationProcess()
+    assert make_head(None, p).setup(p, 4, 3).output_channels(p, 3) == 6  # the default: DualHead
+    p0 = InterpolationProcess(gamma=0)
+    assert make_head("eps", p0).setup(p0, 4, 3).output_channels(p0, 3) == 3
     with pytest.raises(ValueError, match="gamma"):
-        InterpolationProcess(heads="eps")
+        EpsHead().setup(p, 4, 3)
+    with pytest.raises(ValueError, match="sigma_eps"):
+        SigmaEpsHead().setup(p0, 4, 3)
     with pytest.raises(ValueError, match="schedule"):
         InterpolationProcess(schedule="cosine")
-    p = InterpolationProcess()
     with pytest.raises(ValueError, match="2C"):
-        p.split_prediction(torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), torch.ones(1))
+        denoiser_for(p, lambda z, t: torch.zeros(1, 3, 4, 4))(torch.zeros(1, 3, 4, 4), torch.ones(1))
 
 
 def test_beta_star_table():
@@ -135,7 +139,7 @@ def ode_errors(solver: str, steps=(16, 32, 64), mu=MU, s=S) -> list[float]:
     z = torch.linspace(-3, 3, 13, dtype=D).view(13, 1, 1, 1)
     errs = []
     for n in steps:
-        res = sample_loop(p, oracle(p, mu, s), z.shape, n, solver, z_init=z.clone(), dtype=D)
+        res = sample_loop(p, denoiser_for(p, oracle(p, mu, s)), z.shape, n, solver, z_init=z.clone(), dtype=D)
         assert res.nfe == NFE_PER_STEP[solver] * n
         errs.append(float((res.sample - (mu + s * z)).abs().max()))
     return errs
@@ -160,10 +164,10 @@ def test_ode_convergence_order(solver):
 
 def test_nfe_accounting_and_grid():
     p = InterpolationProcess()
-    counter = CountingModelFn(oracle(p))
+    counter = CountingDenoiser(oracle(p))
     for solver in ODE_SOLVERS + ("ddim_dual", "ddim", "ancestral"):
         before = counter.calls
-        res = sample_loop(p, counter, (2, 1, 4, 4), 5, solver, generator=torch.Generator().manual_seed(0),
+        res = sample_loop(p, denoiser_for(p, counter), (2, 1, 4, 4), 5, solver, generator=torch.Generator().manual_seed(0),
                           dtype=D)
         assert res.nfe == counter.calls - before == NFE_PER_STEP[solver] * 5
         assert res.steps == 5 and res.timesteps == [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
@@ -202,7 +206,7 @@ def test_ode_solvers_for_any_gaussian_process():
     z = torch.linspace(-2, 2, 9, dtype=D).view(9, 1, 1, 1)
     a1, s1 = p.alpha_sigma(torch.tensor([1.0], dtype=D))
     xT = a1 * MU + (a1**2 * S**2 + s1**2).sqrt() * z  # start on the exact marginal at t = 1
-    res = sample_loop(p, lambda x, t: oracle_eps(p, x, t), z.shape, 200, "rk4", z_init=xT, dtype=D)
+    res = sample_loop(p, denoiser_for(p, lambda x, t: oracle_eps(p, x, t)), z.shape, 200, "rk4", z_init=xT, dtype=D)
     a0, s0 = p.alpha_sigma(torch.tensor([0.001], dtype=D))
     exact = a0 * MU + (a0**2 * S**2 + s0**2).sqrt() * z  # PF-ODE is the monotone marginal transport
     assert res.nfe == 800
@@ -216,24 +220,24 @@ def oracle_eps(p, x, t):
 
 def test_ddim_dual_equals_ddim_eta0():
     """Both heads derived from one ε-oracle: ddim_dual == DDIM η=0 on cos/sin to 1e-12 (§9.5.4)."""
-    dual, single = InterpolationProcess(), InterpolationProcess(heads="eps", gamma=0)
-    eps_fn = oracle(single, heads="eps")
+    dual, single = InterpolationProcess(), InterpolationProcess(gamma=0)
+    eps_fn, head = oracle(single, heads="eps"), EpsHead(min_alpha=1e-4)
 
     def dual_fn(x, t):
         a, s = single.coefficients(t, x)
         e = eps_fn(x, t)
-        return torch.cat([(x - s * e) / a.clamp_min(single.eps_min_cos), e], 1)
+        return torch.cat([(x - s * e) / a.clamp_min(head.min_alpha), e], 1)
 
     z = torch.randn(8, 2, 4, 4, generator=torch.Generator().manual_seed(3), dtype=D)
     for n in (10, 16):
-        a = sample_loop(dual, dual_fn, z.shape, n, "ddim_dual", z_init=z.clone(), dtype=D)
-        b = sample_loop(single, eps_fn, z.shape, n, "ddim", z_init=z.clone(), dtype=D)
+        a = sample_loop(dual, denoiser_for(dual, dual_fn), z.shape, n, "ddim_dual", z_init=z.clone(), dtype=D)
+        b = sample_loop(single, denoiser_for(single, eps_fn, head), z.shape, n, "ddim", z_init=z.clone(), dtype=D)
         assert (a.sample - b.sample).abs().max() < 1e-12
         assert a.nfe == b.nfe == n
     # with the exact oracle, DDIM on the cos/sin schedule converges to μ + s·z at first order
     # (measured max errors 0.0706 / 0.0357 at S = 32 / 64)
     zz = torch.linspace(-3, 3, 13, dtype=D).view(13, 1, 1, 1)
-    e = [float((sample_loop(dual, oracle(dual), zz.shape, n, "ddim_dual", z_init=zz.clone(), dtype=D).sample
+    e = [float((sample_loop(dual, denoiser_for(dual, oracle(dual)), zz.shape, n, "ddim_dual", z_init=zz.clone(), dtype=D).sample
                 - (MU + S * zz)).abs().max()) for n in (32, 64)]
     assert 0.9 < math.log2(e[0] / e[1]) < 1.1 and e[1] < 0.04
 
@@ -243,7 +247,7 @@ def test_ddim_dual_single_heads_and_clipping():
     p = InterpolationProcess(clip_x0=True)
     z = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=D)
     big = lambda x, t: torch.cat([torch.full_like(x, 5.0), torch.zeros_like(x)], 1)  # noqa: E731
-    out = sample_loop(p, big, z.shape, 4, "ddim_dual", z_init=z.clone(), dtype=D).sample
+    out = sample_loop(p, denoiser_for(p, big), z.shape, 4, "ddim_dual", z_init=z.clone(), dtype=D).sample
     assert torch.allclose(out, torch.ones_like(out))  # x̂0 = 5 clipped to 1, final σ = 0
 
 
@@ -345,6 +349,6 @@ def test_configs_parse_and_build(capsys):
         m = getattr(importlib.import_module(module), cls)(**args)
         process = model["init_args"]["process"]
         dual = (process["class_path"].endswith(".InterpolationProcess")
-                and process["init_args"].get("heads", "dual") == "dual")
+                and model["init_args"].get("precond", {"class_path": ".DualHead"})["class_path"].endswith(".DualHead"))
         assert m.unet.config.out_channels == (6 if dual else 3), config
         assert m.solver in m.process.solvers

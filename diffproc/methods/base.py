@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
 from diffproc.methods.sdedit import sdedit_predict_step
+from diffproc.nets.precond import Denoiser, Head, make_head
 from diffproc.processes.base import DiffusionProcess, build_process, seeded_generator
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.samplers import NFE_PER_STEP, TIME_GRIDS, SampleResult, sample_loop, sampling_grid
@@ -270,6 +271,10 @@ class DiffusionModule(L.LightningModule):
         process: the forward process, configured by class path (``{class_path, init_args}``; in Python a process
             object, or that config as a dict); its arguments are saved in the hyperparameters as ``process`` (its
             :attr:`~DiffusionProcess.config`).
+        precond: the preconditioning head between the network and the process (:mod:`diffproc.nets.precond`, by
+            class path: ``EpsHead``, ``X0Head``, ``VHead``, ``SigmaEpsHead``, ``DualHead``, GDDM's ``ModeEDM``); None:
+            the process's ``default_head``. A submodule (``self.precond``): data statistics it estimates (ModeEDM's
+            σ_data spectrum, from the first training images when a fit starts) are in the checkpoint.
         image_size, channels: image geometry (linked from the DataModule by the CLI), also given to the
             process (:meth:`~DiffusionProcess.set_geometry`).
         unet: backbone config, see :func:`build_unet`.
@@ -310,7 +315,7 @@ class DiffusionModule(L.LightningModule):
         them and the reverse; all are off by default (``docs/results/throughput_cpu.md`` has the measured ratios).
     """
 
-    def __init__(self, process: DiffusionProcess, image_size: int = 32, channels: int = 3,
+    def __init__(self, process: DiffusionProcess, precond: Optional[Head] = None, image_size: int = 32, channels: int = 3,
                  unet: Optional[dict] = None, lr: float = 2e-4, weight_decay: float = 0.0,
                  betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 1000,
                  lr_schedule: str = "constant", ema_decay: float = 0.9999, ema_warmup: bool = True,
@@ -322,18 +327,24 @@ class DiffusionModule(L.LightningModule):
                  fused_optimizer: bool = False, time_grid: str = "process") -> None:
         super().__init__()
         process = as_process(process)
-        self.save_hyperparameters(ignore=["process"])
+        self.save_hyperparameters(ignore=["process", "precond"])
         self.hparams["process"] = process.config
         check_options(self.hparams)
         self.compile_train, self.compile_sample = compile_train, compile_sample
         self.channels_last, self.fused_optimizer = bool(channels_last), bool(fused_optimizer)
         self.image_size, self.channels = int(image_size), int(channels)
         self.process = process.set_geometry(self.image_size, self.channels)
+        try:
+            self.precond = make_head(precond, process).setup(process, self.image_size, self.channels)
+        except ValueError as err:
+            raise ConfigError(f"model.init_args.precond: {err}") from None
+        self.hparams["precond"] = self.precond.config
         self.solver = solver or process.default_solver
         self.num_steps = num_steps
         self.time_grid = time_grid
         self.check_sampling(num_steps, self.solver, "model.init_args.solver/num_steps")
-        in_ch, out_ch = process.input_channels(self.channels), process.output_channels(self.channels)
+        in_ch = self.precond.input_channels(process, self.channels)
+        out_ch = self.precond.output_channels(process, self.channels)
         self.unet = build_unet(unet, self.image_size, in_ch, out_ch)
         if init_from is not None and not os.path.isfile(os.path.expanduser(str(init_from))):
             # a diffusers folder: its UNet (architecture and weights) is the backbone (a .ckpt: on_fit_start)
@@ -346,15 +357,16 @@ class DiffusionModule(L.LightningModule):
             to_channels_last(self)
 
     # --- network as the process sees it ---------------------------------------------------------
-    def model_fn(self, net: Optional[nn.Module] = None):
-        """``model_fn(z, t)`` for the process: the backbone with the process's time scaling."""
+    def denoiser(self, net: Optional[nn.Module] = None) -> Denoiser:
+        """The denoiser the process sees, ``(z_t, t) -> (û0, ε̂)``: backbone ``net`` (default the raw UNet) called
+        with the process's time scaling, through the preconditioning head."""
         net = net if net is not None else self.unet
 
         def fn(z: Tensor, t: Tensor) -> Tensor:
             tt = self.process.model_time(t.to(z.device)).expand(z.shape[0])
             return self.net_call(net, z, tt)
 
-        return fn
+        return self.precond.bind(self.process, fn)
 
     def net_call(self, net: nn.Module, z: Tensor, t: Tensor) -> Tensor:
         """``net(z, t).sample`` in ``z``'s dtype, with the speed options: the input in channels-last format
@@ -385,7 +397,10 @@ class DiffusionModule(L.LightningModule):
     def compute_loss(self, x: Tensor, net: nn.Module, generator: Optional[torch.Generator] = None) -> Tensor:
         """The process's training objective on a batch of images; in training, its parts (SIE's x̂0, ε̂ and
         derivative terms) are logged as ``train/loss_<term>``. Subclasses may add terms."""
-        terms = self.process.loss_terms(self.model_fn(net), self.process.to_domain(x), generator=generator)
+        if self.training and self.precond.needs_statistics:
+            self.precond.estimate(x)  # fallback when on_fit_start found no indexable training set
+        t = self.precond.train_time(self.process, x.shape[0], generator, x.device)
+        terms = self.process.loss_terms(self.denoiser(net), self.process.to_domain(x), t=t, generator=generator)
         if len(terms) > 1 and self.training and self._trainer is not None:
             for name, value in terms.items():
                 if name != "loss":
@@ -523,7 +538,7 @@ class DiffusionModule(L.LightningModule):
         net.eval()
         try:
             shape = (num, self.process.domain_channels(self.channels), self.image_size, self.image_size)
-            fn = self.model_fn(net)
+            fn = self.denoiser(net)
 
             def guarded(z: Tensor, t: Tensor) -> Tensor:
                 if self._trainer is not None and self.trainer.received_sigterm:
@@ -565,10 +580,10 @@ class DiffusionModule(L.LightningModule):
         was_training = net.training
         net.eval()
         try:
-            z = torch.randn(num, self.process.input_channels(self.channels), self.image_size, self.image_size,
+            z = torch.randn(num, self.process.domain_channels(self.channels), self.image_size, self.image_size,
                             device=self.device)
             t = torch.full((num,), float(self.process.timesteps(self.num_steps)[0]), device=self.device)
-            fn = self.model_fn(net)
+            fn = self.denoiser(net)
             if self.compile_sample != "none":  # compile outside the timed call
                 fn(z, t)
             start = time.perf_counter()
@@ -586,10 +601,22 @@ class DiffusionModule(L.LightningModule):
                           batch_size=self.hparams.predict_batch_size)
 
     #: state-dict key prefixes a checkpoint given as ``init_from`` may lack (e.g. GDDM's Poisson network)
-    init_from_optional_keys: tuple[str, ...] = ()
+    init_from_optional_keys: tuple[str, ...] = ("precond.",)
 
     def on_fit_start(self) -> None:
-        """``init_from`` = a diffproc checkpoint: its weights start a fresh fit (not a resumed one)."""
+        """``init_from`` = a diffproc checkpoint: its weights start a fresh fit (not a resumed one). Then a head that
+        needs data statistics and has none yet (a fresh fit) estimates them from the first training images."""
+        self._load_init_from()
+        if not self.precond.needs_statistics or self._trainer is None:
+            return
+        dm = self.trainer.datamodule
+        dataset = getattr(dm.train_dataloader(), "dataset", None) if dm is not None else None
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return  # no indexable training set here: compute_loss estimates it from the first batch
+        n = min(len(dataset), self.precond.statistics_images)  # the first n, in order (no RNG used)
+        self.precond.estimate(torch.stack([images_of(dataset[i]) for i in range(n)]).to(self.device))
+
+    def _load_init_from(self) -> None:
         path = self.hparams.get("init_from")
         if not path or self._trainer is None or self.trainer.ckpt_path is not None:
             return

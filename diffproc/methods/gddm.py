@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffproc.methods.base import ConfigError, DiffusionModule, as_process, build_unet, images_of
-from diffproc.ops import dct2
+from diffproc.methods.base import ConfigError, DiffusionModule, as_process, build_unet
 from diffproc.processes.base import randn_like
 from diffproc.processes.gradient import GradientDomainProcess
 
@@ -73,49 +72,31 @@ def poisson_reconstruct(process: GradientDomainProcess, z: Tensor, dc: Optional[
     return x_dct + out.mean(dim=(-2, -1), keepdim=True)  # dct shape, DC from the net
 
 
-def use_sigma_data(process: GradientDomainProcess, spectrum: Tensor, colour_basis: Optional[Tensor]) -> None:
-    """Give the process GDDM's estimated σ_data per DCT mode (and colour basis, ``spectrum_colour``)."""
-    process.sigma_data_modes = spectrum
-    process.colour_basis = colour_basis
-
-
-def check_gddm_options(process: GradientDomainProcess, reconstruction: str, sigma_data_mode: str,
-                       poisson_net_stage: str) -> None:
+def check_gddm_options(process: GradientDomainProcess, reconstruction: str, poisson_net_stage: str) -> None:
     """Refuse, with :class:`ConfigError`, GDDM options that cannot work with each other or with ``process``."""
     if not isinstance(process, GradientDomainProcess):
         raise ConfigError(f"GDDM needs a GradientDomainProcess, got {type(process).__name__}")
     for name, value, allowed in (("reconstruction", reconstruction, ("dct", "poisson_net")),
-                                 ("sigma_data_mode", sigma_data_mode, ("uniform", "spectrum", "spectrum_colour")),
                                  ("poisson_net_stage", poisson_net_stage, ("separate", "joint", "poisson_only"))):
         if value not in allowed:
             raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
     if poisson_net_stage == "poisson_only" and not (reconstruction == "poisson_net" or process.dc_mode == "poisson_net"):
         raise ConfigError("poisson_net_stage='poisson_only' trains the Poisson network, but none is built: "
                           "set reconstruction='poisson_net' or the process's dc_mode='poisson_net'.")
-    if process.time_sampling == "modes" and sigma_data_mode == "uniform":
-        raise ConfigError("time_sampling='modes' draws times around the data's per-mode SNR crossings: set "
-                          "sigma_data_mode: spectrum_colour (or spectrum).")
-    if sigma_data_mode != "uniform" and process.network_view != "image" and process.loss_weighting not in ("edm", "snr"):
-        raise ConfigError(f"sigma_data_mode={sigma_data_mode!r} sets σ_data of network_view='image' / "
-                          "loss_weighting='edm'; neither is used here.")
 
 
 class GDDM(DiffusionModule):
     """Gradient-domain (GDDM), Laplacian-domain (LDDM) and hybrid diffusion: a :class:`DiffusionModule` given a
     :class:`~diffproc.processes.gradient.GradientDomainProcess` (``process: {class_path:
-    diffproc.processes.gradient.GradientDomainProcess, init_args: {...}}``: domain, noise, DC mode, schedule,
-    network view, loss weighting, ``noise_cap``; its defaults are the seed-literal setting, the measured one is
-    in ``configs/gddm_shapes.yaml``), plus what the paper adds beyond the process:
+    diffproc.processes.gradient.GradientDomainProcess, init_args: {...}}``: domain, noise kind, DC mode, schedule,
+    objective, ``noise_cap``; its defaults are the seed-literal setting, the measured one is in
+    ``configs/gddm_shapes.yaml``) and a preconditioning head (``precond``: the eps head on the domain state by
+    default; ``diffproc.nets.precond.ModeEDM``, the image view with its σ_data spectrum, in the measured setting),
+    plus what the paper adds beyond the process:
 
     Args:
         reconstruction: ``dct`` — exact Neumann Poisson solve (default, parameter-free); ``poisson_net`` —
             the paper's Poisson U-Net (with ``poisson_residual`` it corrects the DCT solve).
-        sigma_data_mode: σ_data of the process's image view / ``edm`` weighting: ``uniform`` (the process's scalar
-            ``sigma_data`` for every image DCT mode), ``spectrum`` (σ_data per mode = the RMS of the orthonormal
-            DCT coefficients of the first ``sigma_data_images`` training images, averaged over channels) or
-            ``spectrum_colour`` (per colour component of the images' principal colour basis and mode). Estimated
-            when a fit starts and kept in the checkpoint (buffers ``sigma_data_*``; :meth:`estimate_sigma_data`
-            sets it by hand). The process's ``time_sampling="modes"`` needs a spectrum mode.
         poisson_net: UNet config of the Poisson network (:func:`build_unet` keys); built when
             ``reconstruction="poisson_net"`` or the process's ``dc_mode="poisson_net"``. Its last conv is
             zero-initialised.
@@ -136,13 +117,12 @@ class GDDM(DiffusionModule):
     """
 
     def __init__(self, process: GradientDomainProcess, reconstruction: Literal["dct", "poisson_net"] = "dct",
-                 sigma_data_mode: Literal["uniform", "spectrum", "spectrum_colour"] = "uniform",
-                 sigma_data_images: int = 2048, poisson_net: Optional[dict] = None,
+                 poisson_net: Optional[dict] = None,
                  poisson_net_stage: PoissonStage = "separate", poisson_residual: bool = True,
                  poisson_aug_sigma: float = 0.05, poisson_curl_noise: float = 0.0,
                  poisson_loss_weight: float = 1.0, poisson_lr: Optional[float] = None, **kwargs: Any) -> None:
         process = as_process(process)
-        check_gddm_options(process, reconstruction, sigma_data_mode, poisson_net_stage)
+        check_gddm_options(process, reconstruction, poisson_net_stage)
         super().__init__(process=process, **kwargs)
         self.process: GradientDomainProcess
         self.reconstruction = reconstruction
@@ -157,15 +137,6 @@ class GDDM(DiffusionModule):
             raise ConfigError(f"dataset_mean has {init.numel()} values but the images have {self.channels} channels")
         self.register_buffer("dc_mean", init.clone())
         self.register_buffer("dc_count", torch.tensor(0.0, dtype=torch.float64))
-        # σ_data per DCT mode, estimated from training images at fit start (buffers only then, so checkpoints of
-        # the uniform mode load unchanged)
-        if sigma_data_mode != "uniform":
-            n, c = self.image_size, self.channels
-            shape = (c, n, n) if sigma_data_mode == "spectrum_colour" else (n, n)
-            self.register_buffer("sigma_data_spectrum", torch.zeros(shape, dtype=torch.float64))
-            self.register_buffer("sigma_data_count", torch.tensor(0.0, dtype=torch.float64))
-            if sigma_data_mode == "spectrum_colour":
-                self.register_buffer("sigma_data_colour_basis", torch.eye(c, dtype=torch.float64))
 
     def _build_poisson_net(self, config: Optional[dict], residual: bool, stage: str) -> nn.Module:
         """The Poisson network (last conv zero: residual mode starts as the exact DCT solve, spec §2.10.12), frozen
@@ -182,64 +153,7 @@ class GDDM(DiffusionModule):
             self.unet.requires_grad_(False)
         return net
 
-    init_from_optional_keys = ("poisson_net.", "dc_", "sigma_data_")  # a stage-1 checkpoint has no Poisson network
-
-    # --- σ_data per DCT mode (sigma_data_mode="spectrum") ------------------------------------------
-    @torch.no_grad()
-    def estimate_sigma_data(self, images: Tensor) -> Tensor:
-        """Set σ_data per image DCT mode to the RMS of the orthonormal DCT coefficients of ``images`` (N, C,
-        H, W in [−1, 1]), averaged over images and channels (the DC's RMS includes the mean); kept in the
-        checkpoint as ``sigma_data_spectrum``. Returns it (H, W) float64."""
-        mode = self.hparams.sigma_data_mode
-        if mode == "uniform":
-            raise ConfigError("estimate_sigma_data needs sigma_data_mode='spectrum' or 'spectrum_colour'")
-        u = dct2(images.to(self.sigma_data_spectrum.device, torch.float64))
-        if mode == "spectrum_colour":  # colour basis: eigenvectors of the channel second moments of all coefficients
-            flat = u.transpose(0, 1).reshape(u.shape[1], -1)
-            _, vecs = torch.linalg.eigh(flat @ flat.T / flat.shape[1])
-            q = vecs.flip(-1).T.contiguous()  # rows = components, largest first
-            q = q * torch.where(q.sum(1, keepdim=True) < 0, -1.0, 1.0)  # sign convention: rows sum >= 0
-            self.sigma_data_colour_basis.copy_(q)
-            rms = torch.einsum("dc,bchw->bdhw", q, u).pow(2).mean(dim=0).sqrt().clamp_min(1e-3)
-        else:
-            rms = u.pow(2).mean(dim=(0, 1)).sqrt().clamp_min(1e-3)
-        self.sigma_data_spectrum.copy_(rms)
-        self.sigma_data_count.fill_(u.shape[0])
-        return rms
-
-    def _sigma_data_ready(self) -> bool:
-        """Whether the σ_data spectrum is estimated (or loaded). Once true it stays true, so the buffer on the
-        device is read (a host sync on a GPU) only until then, not at every network evaluation."""
-        if not getattr(self, "_sigma_data_known", False):
-            self._sigma_data_known = float(self.sigma_data_count) > 0
-        return self._sigma_data_known
-
-    def _sync_sigma_data(self) -> None:
-        mode = self.hparams.get("sigma_data_mode", "uniform")
-        if mode == "uniform":
-            return
-        if not self._sigma_data_ready():
-            raise ConfigError(f"sigma_data_mode={mode!r} has no spectrum yet: it is estimated from the training "
-                              "images when a fit starts (or call model.estimate_sigma_data(images)).")
-        use_sigma_data(self.process, self.sigma_data_spectrum,
-                       self.sigma_data_colour_basis if mode == "spectrum_colour" else None)
-
-    def model_fn(self, net: Optional[nn.Module] = None):
-        self._sync_sigma_data()
-        return super().model_fn(net)
-
-    def on_fit_start(self) -> None:
-        """The base's ``init_from``; then, for ``sigma_data_mode="spectrum"`` and no spectrum yet (a fresh fit),
-        σ_data per DCT mode from the first ``sigma_data_images`` training images."""
-        super().on_fit_start()
-        if self.hparams.get("sigma_data_mode", "uniform") == "uniform" or self._sigma_data_ready():
-            return
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        dataset = getattr(dm.train_dataloader(), "dataset", None) if dm is not None else None
-        if dataset is None or not hasattr(dataset, "__len__"):
-            return  # no indexable training set here: compute_loss estimates it from the first batch
-        n = min(len(dataset), int(self.hparams.sigma_data_images))  # the first n, in order (no RNG used)
-        self.estimate_sigma_data(torch.stack([images_of(dataset[i]) for i in range(n)]))
+    init_from_optional_keys = ("poisson_net.", "dc_", "precond.")  # a stage-1 checkpoint has no Poisson network
 
     # --- stages ---------------------------------------------------------------------------------
     @property
@@ -321,8 +235,6 @@ class GDDM(DiffusionModule):
                 self.dc_mean.mul_(self.dc_count / (self.dc_count + b)).add_(
                     x.double().mean(dim=(0, 2, 3)) * (b / (self.dc_count + b)))
                 self.dc_count.add_(b)
-        if self.training and self.hparams.get("sigma_data_mode", "uniform") != "uniform" and not self._sigma_data_ready():
-            self.estimate_sigma_data(x)  # fallback when on_fit_start found no indexable training set
         only_poisson = self.hparams.poisson_net_stage == "poisson_only"
         loss = None if only_poisson else super().compute_loss(x, net, generator)
         if self.trains_poisson:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import DiffusionProcess, ModelFn, PerSampleGenerator, batch_times, randn_like
+from diffproc.processes.base import DiffusionProcess, Denoiser, PerSampleGenerator, batch_times, randn_like
 from diffproc.samplers import SampleResult, sample_loop
 
 
@@ -48,7 +48,7 @@ def hijack_grid(process: DiffusionProcess, strength: Optional[float] = None, t0:
 
 
 @torch.no_grad()
-def sdedit_loop(process: DiffusionProcess, model_fn: ModelFn, z_guide: Tensor, grid: Sequence,
+def sdedit_loop(process: DiffusionProcess, denoiser: Denoiser, z_guide: Tensor, grid: Sequence,
                 solver: Optional[str] = None, generator: Optional[torch.Generator] = None) -> SampleResult:
     """Noise the guide (process domain) to ``grid[0]`` with ``process.forward`` and run the reverse
     steps along ``grid`` (a grid of one time makes no step and returns the noised guide)."""
@@ -57,7 +57,7 @@ def sdedit_loop(process: DiffusionProcess, model_fn: ModelFn, z_guide: Tensor, g
     z_init = process.forward(z_guide, batch_times(t0, z_guide.shape[0], z_guide.device), noise)
     if len(grid) < 2:
         return SampleResult(sample=z_init, nfe=0, timesteps=list(grid), solver=solver or process.default_solver)
-    return sample_loop(process, model_fn, tuple(z_guide.shape), solver=solver, generator=generator,
+    return sample_loop(process, denoiser, tuple(z_guide.shape), solver=solver, generator=generator,
                        z_init=z_init, timesteps=grid, desc="SDEdit")
 
 
@@ -83,7 +83,7 @@ def sdedit(module, guides: Tensor, strength: Optional[float] = 0.5, t0: Any = No
     net.eval()
     try:
         z_g = process.to_domain(guides.to(module.device, torch.float32))
-        res = sdedit_loop(process, module.model_fn(net), z_g, grid, solver or module.solver, generator)
+        res = sdedit_loop(process, module.denoiser(net), z_g, grid, solver or module.solver, generator)
     finally:
         net.train(was_training)
     res.images = module.decode(res.sample).clamp(-1, 1)

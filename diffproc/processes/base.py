@@ -1,8 +1,11 @@
 """The process API every forward process implements (DESIGN.md, "The three layers").
 
-A process is pure tensor math. It never sees an ``nn.Module``: the network reaches it only as
-``model_fn(z_t, t) -> Tensor`` where ``t`` is a ``(B,)`` float tensor in the process's own time
-convention. That is what lets tests drive a process with an analytic denoiser.
+A process is pure tensor math. It never sees an ``nn.Module``: the network reaches it only as a
+:class:`Denoiser`, ``denoiser(z_t, t) -> (û0, ε̂)`` where ``t`` is a ``(B,)`` tensor in the process's own time
+convention: the estimates of the clean state and of the noise, in the process's basis coefficients. How a network's
+output becomes that pair (eps, x0, v, σε heads, SIE's two heads, GDDM's per-mode EDM preconditioning) is the
+preconditioning layer's business (:mod:`diffproc.nets.precond`), not the process's. That is what lets tests drive a
+process with an analytic denoiser.
 """
 
 from __future__ import annotations
@@ -11,12 +14,24 @@ import importlib
 import inspect
 import sys
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
-ModelFn = Callable[[Tensor, Tensor], Tensor]
+#: a raw network as the preconditioning layer calls it: ``net_fn(input, t) -> output``
+NetFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Denoiser(Protocol):
+    """What a process sees of the network: ``denoiser(z_t, t) -> (û0, ε̂)``, the clean-state and noise estimates in
+    the process's basis coefficients (work dtype), and ``error(z_t, t, z0, noise)``, the per-element training error of
+    its head (:class:`diffproc.nets.precond.Denoiser`; an analytic test denoiser needs only ``__call__`` unless it is
+    trained)."""
+
+    def __call__(self, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def error(self, z_t: Tensor, t: Tensor, z0: Tensor, noise: Tensor) -> Tensor: ...
 
 #: probability-flow ODE solvers (run by ``diffproc.samplers.sample_loop`` through the ODE protocol)
 ODE_SOLVERS: tuple[str, ...] = ("euler", "heun", "midpoint", "rk4")
@@ -59,6 +74,17 @@ class DiffusionProcess(ABC):
         Returns ``self``."""
         return self
 
+    #: names of the preconditioning heads this process takes (:mod:`diffproc.nets.precond`; None: any), and the one
+    #: used when a module names none
+    heads: tuple[str, ...] | None = None
+    default_head: str = "eps"
+
+    def check_head(self, name: str) -> None:
+        """Refuse, with ``ValueError``, a head this process cannot use (default: one outside :attr:`heads`)."""
+        if self.heads is not None and name not in self.heads:
+            raise ValueError(f"{type(self).__name__} takes the heads {list(self.heads)}, not {name!r}: set "
+                             "model.init_args.precond to one of them (diffproc.nets.precond)")
+
     #: names accepted by :meth:`reverse_step` (``solver`` argument)
     solvers: tuple[str, ...] = ()
     #: solver used when the caller does not name one
@@ -74,14 +100,6 @@ class DiffusionProcess(ABC):
     def domain_channels(self, channels: int) -> int:
         """Channels of the network input for images with ``channels`` channels."""
         return channels
-
-    def input_channels(self, channels: int) -> int:
-        """Channels of the network input (the domain's unless the process shows the network another view)."""
-        return self.domain_channels(channels)
-
-    def output_channels(self, channels: int) -> int:
-        """Channels of the network output (e.g. 2C for two-headed predictions)."""
-        return self.domain_channels(channels)
 
     def to_domain(self, x0: Tensor) -> Tensor:
         """Map images in [-1, 1] to the domain the process diffuses in (identity by default)."""
@@ -106,15 +124,15 @@ class DiffusionProcess(ABC):
         """Closed-form sample of q(z_t | z_0) for the given standard-normal ``noise``."""
 
     @abstractmethod
-    def loss(self, model_fn: ModelFn, z0: Tensor, t: Tensor | None = None,
+    def loss(self, denoiser: Denoiser, z0: Tensor, t: Tensor | None = None,
              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """The paper's training objective (a scalar)."""
 
-    def loss_terms(self, model_fn: ModelFn, z0: Tensor, t: Tensor | None = None,
+    def loss_terms(self, denoiser: Denoiser, z0: Tensor, t: Tensor | None = None,
                    noise: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """``{"loss": objective, <term>: value, ...}``: the objective and its parts (logged as
         ``train/loss_<term>``); default: the objective alone."""
-        return {"loss": self.loss(model_fn, z0, t, noise, generator)}
+        return {"loss": self.loss(denoiser, z0, t, noise, generator)}
 
     # --- sampling -----------------------------------------------------------------------------
     @abstractmethod
@@ -127,7 +145,7 @@ class DiffusionProcess(ABC):
         """A draw from the terminal distribution at ``timesteps()[0]``."""
 
     @abstractmethod
-    def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
+    def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         """One step of the reverse process from time ``t`` to ``t_next`` (< t)."""
 

@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 
 from diffproc.ops import SeparableBasis, kernel_spectrum
-from diffproc.processes.base import MULTISTEP_SOLVERS, ModelFn, batch_times, bcast, randn, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, Denoiser, batch_times, bcast, randn, randn_like
 from diffproc.processes.ddpm import Spacing, ddim_timesteps
 from diffproc.processes.ddpm import make_betas
-from diffproc.processes.gaussian import GaussianProcess, Prediction, Variance
+from diffproc.processes.gaussian import GaussianProcess, Variance
 
 FType = Literal["linear", "log", "quadratic", "cubic", "quartic", "triangular"]
 F_TYPES: tuple[str, ...] = ("linear", "log", "quadratic", "cubic", "quartic", "triangular")
@@ -125,8 +125,8 @@ class BlurProcess(GaussianProcess):
         data_range: ``zero_one`` (official code: images mapped x ↦ (x+1)/2 in :meth:`to_domain`) or
             ``minus_one_one`` (the package convention; 4x higher SNR for the same β).
         official_layout_quirk: reproduce the official channel-layout bug (§0 finding 2). Off by default.
-        prediction, variance, eta, clip_x0, loss_reduction: see :class:`GaussianProcess` (paper: eps,
-            mean). spacing: sub-sequence for strided ``ancestral``/``ddim``. default_solver: ``official``.
+        variance, eta, clip_x0, loss_reduction: see :class:`GaussianProcess` (paper: mean; its network is an
+            eps head). spacing: sub-sequence for strided ``ancestral``/``ddim``. default_solver: ``official``.
     """
 
     solvers = ("official", "ancestral", "ddim", *MULTISTEP_SOLVERS)
@@ -138,7 +138,7 @@ class BlurProcess(GaussianProcess):
                  sig_max: float = 0.15, basis: Literal["dct", "toeplitz_eig"] = "dct",
                  kernel: Literal["sampled", "heat"] = "sampled", invert_spectrum: bool = False,
                  spectrum_floor: float = 0.03, data_range: DataRange = "zero_one",
-                 official_layout_quirk: bool = False, prediction: Prediction = "eps",
+                 official_layout_quirk: bool = False,
                  variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
                  clip_x0: bool = True, loss_reduction: Literal["mean", "sum"] = "mean",
                  default_solver: str = "official") -> None:
@@ -150,7 +150,7 @@ class BlurProcess(GaussianProcess):
         if sig <= 0 or sig_min < 0 or sig_max < 0:
             raise ValueError(f"need sig > 0 and sig_min, sig_max >= 0; got sig={sig}, sig_min={sig_min}, "
                              f"sig_max={sig_max}")
-        super().__init__(prediction=prediction, basis=None, variance=variance, eta=eta, clip_x0=clip_x0,
+        super().__init__(basis=None, variance=variance, eta=eta, clip_x0=clip_x0,
                          loss_reduction=loss_reduction)
         self.default_solver = default_solver
         self.image_size: tuple[int, int] | None = None  # set_geometry
@@ -277,11 +277,11 @@ class BlurProcess(GaussianProcess):
         _, s = self.coefficients(t, z)
         return self.from_basis(s * self.to_basis(z))
 
-    def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
+    def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         solver = solver or self.default_solver
         if solver != "official":
-            return super().reverse_step(model_fn, z_t, t, t_next, solver, generator)
+            return super().reverse_step(denoiser, z_t, t, t_next, solver, generator)
         i, j = int(t), int(t_next)
         if j != i - 1:
             raise ValueError(f"the 'official' blur sampler runs every step (got t={i} -> {j}); sample with "
@@ -290,7 +290,7 @@ class BlurProcess(GaussianProcess):
         tb = batch_times(t, z_t.shape[0], z_t.device)
         t1 = tb[:1]  # one time for the whole batch: (1, H, W) grids broadcast over B
         u = self.to_basis(z_t)
-        _, eps_u = self.split_prediction(model_fn(z_t, tb), u, t1)
+        _, eps_u = denoiser(z_t, tb)
         _, sig = self.coefficients(t1, u)
         a, b = self.step_coefficients(t1)
         a, b = bcast(a, u), bcast(b, u)

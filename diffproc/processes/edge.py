@@ -12,8 +12,8 @@ and the per-pixel Gaussian posterior (Eqs. 3, 5, 6, 13, 14, float64) with ``G = 
 every reverse step (§1.7).
 
 The process is the Gaussian core (:class:`~diffproc.processes.gaussian.GaussianProcess`) with one
-hook: :meth:`EdgePreservingProcess.alpha_sigma_given` returns σ_t(x0) per pixel, and the network's
-target is ``prediction="sigma_eps"``. Loss, forward marginal, posterior, ancestral and DDIM(η) steps are
+hook: :meth:`EdgePreservingProcess.alpha_sigma_given` returns σ_t(x0) per pixel, and the network is a
+σε head (``diffproc.nets.precond.SigmaEpsHead``, the only head it takes). Loss, forward marginal, posterior, ancestral and DDIM(η) steps are
 the core's (``work_dtype`` float64, as the official code). DDIM is an **extension**: the DDIM family
 q(x_s | x_t, x0) = N(α_s x0 + sqrt(σ_s(x0)² − c²)(x_t − α_t x0)/σ_t(x0), c²) keeps every marginal
 q(x_s | x0) = N(α_s x0, σ_s(x0)²) for any x0-dependent σ, so the DDIM derivation holds per x0
@@ -72,6 +72,8 @@ class EdgePreservingProcess(DDPMProcess):
 
     solvers = ("ancestral", "ddim")
     default_solver = "ancestral"
+    heads = ("sigma_eps",)
+    default_head = "sigma_eps"
     data_dependent = True
     work_dtype = torch.float64
 
@@ -91,7 +93,7 @@ class EdgePreservingProcess(DDPMProcess):
                  loss_reduction: Literal["sum", "mean"] = "sum", clip_x0: bool = False,
                  edge_eps: float = 1e-12, eta: float = 0.0, default_solver: str = "ancestral") -> None:
         super().__init__(num_timesteps=num_timesteps, schedule="linear", beta_start=beta_start,
-                         beta_end=beta_end, prediction="sigma_eps", variance="fixedsmall", eta=eta,
+                         beta_end=beta_end, variance="fixedsmall", eta=eta,
                          clip_x0=clip_x0, loss_reduction=loss_reduction, default_solver=default_solver)
         for name, value, allowed in (("transition", transition, TRANSITIONS),
                                      ("train_transition", train_transition, TRANSITIONS + (None,)),

@@ -27,10 +27,9 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import (MULTISTEP_SOLVERS, DiffusionProcess, ModelFn, batch_times, bcast, randn,
+from diffproc.processes.base import (MULTISTEP_SOLVERS, Denoiser, DiffusionProcess, batch_times, bcast, randn,
                                      randn_like)
 
-Prediction = Literal["eps", "x0", "v", "sigma_eps"]
 Variance = Literal["fixedsmall", "fixedlarge"]
 
 
@@ -44,12 +43,11 @@ class Basis(Protocol):
 
 class GaussianProcess(DiffusionProcess):
     """Base class: subclasses define the schedule :meth:`alpha_sigma`, the training-time law and the
-    time grid; this class owns the forward marginal, the loss, conversions and the reverse steps.
+    time grid; this class owns the forward marginal, the loss, the posterior and the reverse steps. The network's
+    parameterisation (eps, x0, v or σε head) is not the process's: it reaches the process as a denoiser returning
+    ``(û0, ε̂)`` (:mod:`diffproc.nets.precond`).
 
     Args:
-        prediction: what the network outputs — ``eps`` (Ho et al. 2020), ``x0``, ``v``
-            (Salimans & Ho 2022, ``v = α ε − σ x0``) or ``sigma_eps`` (the scaled noise ``σ_t ⊙ ε``:
-            EPDM Eq. 15, the natural target when σ_t depends on the unknown x0).
         basis: orthonormal basis with ``forward``/``inverse`` (``None`` = pixels).
         variance: ancestral-step variance — ``fixedsmall`` (posterior variance β̃) or ``fixedlarge``
             (σ²_ts, = β_t on the full grid); DDPM §3.2.
@@ -60,6 +58,7 @@ class GaussianProcess(DiffusionProcess):
 
     solvers = ("ancestral", "ddim", *MULTISTEP_SOLVERS)
     default_solver = "ancestral"
+    heads = ("eps", "x0", "v", "sigma_eps")
     #: valid range of a clean sample in the process domain (for ``clip_x0``); None disables clipping
     x0_range: tuple[float, float] | None = (-1.0, 1.0)
     #: True when :meth:`alpha_sigma_given` depends on x0 (the core then passes x0 / x̂0 to it)
@@ -67,16 +66,12 @@ class GaussianProcess(DiffusionProcess):
     #: dtype of the reverse-step algebra (None = the state's); EPDM uses float64 as its official code
     work_dtype: torch.dtype | None = None
 
-    def __init__(self, prediction: Prediction = "eps", basis: Basis | None = None,
-                 variance: Variance = "fixedsmall", eta: float = 0.0, clip_x0: bool = True,
-                 loss_reduction: Literal["mean", "sum"] = "mean") -> None:
-        if prediction not in ("eps", "x0", "v", "sigma_eps"):
-            raise ValueError(f"prediction must be 'eps', 'x0', 'v' or 'sigma_eps', got {prediction!r}")
+    def __init__(self, basis: Basis | None = None, variance: Variance = "fixedsmall", eta: float = 0.0,
+                 clip_x0: bool = True, loss_reduction: Literal["mean", "sum"] = "mean") -> None:
         if variance not in ("fixedsmall", "fixedlarge"):
             raise ValueError(f"variance must be 'fixedsmall' or 'fixedlarge', got {variance!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        self.prediction = prediction
         self.basis = basis
         self.variance = variance
         self.eta = float(eta)
@@ -129,61 +124,33 @@ class GaussianProcess(DiffusionProcess):
             return a * z0 + s * noise
         return self.from_basis(a * self.to_basis(z0) + s * self.to_basis(noise))
 
-    def target(self, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-        """The regression target of ``prediction`` in the process domain (training coefficients)."""
-        if self.prediction == "eps":
-            return noise
-        if self.prediction == "x0":
-            return z0
-        a, s = self.coefficients(t, z0, z0 if self.data_dependent else None, train=True)
-        if self.prediction == "sigma_eps":
-            return self.from_basis(s * self.to_basis(noise))
-        return self.from_basis(a * self.to_basis(noise) - s * self.to_basis(z0))
-
     def reduce(self, err: Tensor) -> Tensor:
         """Per-element squared error -> scalar loss (``loss_reduction``)."""
         if self.loss_reduction == "sum":
             return err.flatten(1).sum(1).mean()
         return err.mean()
 
-    def loss(self, model_fn: ModelFn, z0: Tensor, t: Tensor | None = None,
+    def loss(self, denoiser: Denoiser, z0: Tensor, t: Tensor | None = None,
              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Simple loss ``‖target − model(z_t, t)‖²`` (DDPM Eq. 14 for ``eps``)."""
+        """The denoiser's own objective at ``z_t ~ q(z_t | z0)``: ``reduce(‖output − target‖²)`` of its head (DDPM
+        Eq. 14 for an eps head)."""
         if t is None:
             t = self.sample_time(z0.shape[0], generator, z0.device)
         if noise is None:
             noise = self.noise_like(z0, generator)
         z_t = self.forward(z0, t, noise, train=True)
-        return self.reduce((model_fn(z_t, t) - self.target(z0, noise, t)) ** 2)
+        return self.reduce(denoiser.error(z_t, t, z0, noise))
 
     # --- predictions ----------------------------------------------------------------------------
-    def split_prediction(self, out: Tensor, u_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Network output -> ``(û_0, ε̂_u)`` in basis coefficients (spec §1.3 conversions)."""
-        a, s = self.coefficients(t, u_t)
-        o = self.to_basis(out)
-        if self.prediction == "eps":
-            return (u_t - s * o) / a, o
-        if self.prediction == "x0":
-            return o, (u_t - a * o) / s
-        if self.prediction == "sigma_eps":  # o = σ_t(x0) ⊙ ε: û0 needs only α; ε̂ = o / σ_t(x̂0)
-            u0 = (u_t - o) / a
-            x0 = self.clip(self.from_basis(u0)) if self.data_dependent else None
-            return u0, o / self.coefficients(t, u_t, x0)[1]
-        norm = a * a + s * s  # v-prediction: û0 = (α u − σ v)/(α²+σ²), ε̂ = (σ u + α v)/(α²+σ²)
-        return (a * u_t - s * o) / norm, (s * u_t + a * o) / norm
-
     def clip(self, x0: Tensor) -> Tensor:
         """x̂0 clipped to ``x0_range`` when ``clip_x0`` (process domain)."""
         if self.clip_x0 and self.x0_range is not None:
             return x0.clamp(*self.x0_range)
         return x0
 
-    def predict(self, model_fn: ModelFn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(û_0, ε̂_u)`` for state ``z_t`` at times ``t``; û_0 clipped to ``x0_range`` if asked. The
-        network sees ``z_t`` as given; the algebra runs in ``work_dtype`` when the process sets one."""
-        wd = self.work_dtype or z_t.dtype
-        u_t = self.to_basis(z_t.to(wd))
-        u0, eps = self.split_prediction(model_fn(z_t, t).to(wd), u_t, t)
+    def predict(self, denoiser: Denoiser, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(û_0, ε̂_u)`` of the denoiser for state ``z_t`` at times ``t``; û_0 clipped to ``x0_range`` if asked."""
+        u0, eps = denoiser(z_t, t)
         if self.clip_x0 and self.x0_range is not None:
             u0 = self.to_basis(self.clip(self.from_basis(u0)))
         return u0, eps
@@ -203,7 +170,7 @@ class GaussianProcess(DiffusionProcess):
         c_0 = bcast(a_s * var_ts * inv, u_t)
         return c_t * u_t + c_0 * u0, bcast(var_ts * s_s**2 * inv, u_t), bcast(var_ts, u_t)
 
-    def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
+    def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         """Ancestral (posterior) or DDIM(η) step from ``t`` to ``t_next`` on any sub-grid (algebra in
         ``work_dtype``; the result in ``z_t``'s dtype)."""
@@ -218,7 +185,7 @@ class GaussianProcess(DiffusionProcess):
         sb = batch_times(t_next, z_t.shape[0], z_t.device)
         wd = self.work_dtype or z_t.dtype
         u_t = self.to_basis(z_t.to(wd))
-        u0, eps = self.predict(model_fn, z_t, tb)
+        u0, eps = self.predict(denoiser, z_t, tb)
         final = bool((self.alpha_sigma(sb[:1])[1] == 0).all())
 
         def noise() -> Tensor:  # drawn in the state's dtype: the same stream whatever work_dtype is
@@ -247,26 +214,26 @@ class GaussianProcess(DiffusionProcess):
         return randn(shape, generator, device, dtype)
 
 
-def gaussian_pf_velocity(process, model_fn: ModelFn, z: Tensor, t: Tensor) -> Tensor:
+def gaussian_pf_velocity(process, denoiser: Denoiser, z: Tensor, t: Tensor) -> Tensor:
     """PF-ODE of a diagonal Gaussian process: ``dz/dt = Mᵀ(α'(t) û0 + σ'(t) ε̂)``.
 
     Needs ``process.alpha_sigma_dot(t)`` (float64 ``(B,)`` or ``(B,H,W)`` each) and
-    ``process.predict(model_fn, z, t) -> (û0, ε̂)`` in basis coefficients (``GaussianProcess``).
+    ``process.predict(denoiser, z, t) -> (û0, ε̂)`` in basis coefficients (``GaussianProcess``).
     """
-    u0, eps = process.predict(model_fn, z, t)
+    u0, eps = process.predict(denoiser, z, t)
     da, ds = process.alpha_sigma_dot(t)
     return process.from_basis(bcast(da, u0) * u0 + bcast(ds, u0) * eps)
 
 
-def ddim_dual_step(process, model_fn: ModelFn, z: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
+def ddim_dual_step(process, denoiser: Denoiser, z: Tensor, t: Tensor, t_next: Tensor) -> Tensor:
     """``u' = α_{t'} û0 + σ_{t'} ε̂`` with both predictions taken as they are (SIE "DDIM + x̂0, ε̂",
     spec §5.3; exact for frozen predictions). With one ε head this is DDIM η = 0. 1 NFE."""
-    u0, eps = process.predict(model_fn, z, t)
+    u0, eps = process.predict(denoiser, z, t)
     a, s = process.coefficients(t_next, u0)
     return process.from_basis(a * u0 + s * eps)
 
 
-def gaussian_reverse_sde_step(process, model_fn: ModelFn, z: Tensor, t: Tensor, t_next: Tensor,
+def gaussian_reverse_sde_step(process, denoiser: Denoiser, z: Tensor, t: Tensor, t_next: Tensor,
                               noise: Tensor) -> Tensor:
     """One Euler–Maruyama step ``t → t_next`` (< t) of the reverse-time SDE of a diagonal Gaussian process.
 
@@ -285,7 +252,7 @@ def gaussian_reverse_sde_step(process, model_fn: ModelFn, z: Tensor, t: Tensor, 
     """
     wd = process.work_dtype or z.dtype
     u = process.to_basis(z.to(wd))
-    _, eps = process.predict(model_fn, z, t)
+    _, eps = process.predict(denoiser, z, t)
     a, s = process.alpha_sigma(t)
     da, ds = process.alpha_sigma_dot(t)
     f = da / a
@@ -332,7 +299,7 @@ def _usable(h_prev: Tensor | None, h: Tensor, final: Tensor) -> Tensor:
     return torch.isfinite(h_prev) & ~final
 
 
-def dpmpp_step(process, model_fn: ModelFn, z: Tensor, t, t_next, solver: str, state: MultistepState,
+def dpmpp_step(process, denoiser: Denoiser, z: Tensor, t, t_next, solver: str, state: MultistepState,
                generator: torch.Generator | None = None, noise: Tensor | None = None,
                max_order: int | None = None) -> Tensor:
     """One step ``t → t_next`` of DPM-Solver++(2M) (``dpmpp_2m``; Lu et al. 2022, "DPM-Solver++", Alg. 2), its
@@ -383,7 +350,7 @@ def dpmpp_step(process, model_fn: ModelFn, z: Tensor, t, t_next, solver: str, st
     sb = batch_times(torch.as_tensor(t_next, dtype=torch.float64) if isinstance(t_next, float) else t_next, B, dev)
     wd = process.work_dtype or z.dtype
     u = process.to_basis(z.to(wd))
-    u0, _ = process.predict(model_fn, z, tb)
+    u0, _ = process.predict(denoiser, z, tb)
     a_t, s_t = process.alpha_sigma(tb)
     a_n, s_n = process.alpha_sigma(sb)
     a_t, s_t, a_n, s_n = (x.to(torch.float64) for x in (a_t, s_t, a_n, s_n))

@@ -40,60 +40,55 @@ from diffproc.ops import (
     screened_poisson,
 )
 from diffproc.ops.finite_diff import _check_stencil, neumann_eigenvalues
-from diffproc.processes.base import randn, randn_like
+from diffproc.processes.base import Denoiser, randn, randn_like
 from diffproc.processes.ddpm import DDPMProcess, Schedule, Spacing
-from diffproc.processes.gaussian import Prediction, Variance
+from diffproc.processes.gaussian import Variance
 
 Domain = Literal["gradient", "laplacian", "hybrid"]
 NoiseKind = Literal["iid", "operator"]
 DCMode = Literal["aux", "poisson_net", "dataset_mean", "oracle"]
-LossWeighting = Literal["uniform", "image", "edm", "snr"]
-NetworkView = Literal["domain", "image"]
+Objective = Literal["head", "image"]
 
 DOMAINS = ("gradient", "laplacian", "hybrid")
 DC_MODES = ("aux", "poisson_net", "dataset_mean", "oracle")
-LOSS_WEIGHTINGS = ("uniform", "image", "edm", "snr")
-NETWORK_VIEWS = ("domain", "image")
+OBJECTIVES = ("head", "image")
 
 
-def check_options(domain: str, noise: str, dc_mode: str, loss_weighting: str, clip_image: bool, network_view: str,
-                  prediction: str, sigma_data: float, time_sampling: str, noise_cap: float | None) -> None:
+def check_options(domain: str, noise_kind: str, dc_mode: str, objective: str, clip_image: bool,
+                  time_sampling: str, noise_cap: float | None) -> None:
     """Refuse, with ``ValueError``, :class:`GradientDomainProcess` options that cannot work (alone or together)."""
-    for name, value, allowed in (("domain", domain, DOMAINS), ("noise", noise, ("iid", "operator")),
-                                 ("dc_mode", dc_mode, DC_MODES), ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
-                                 ("network_view", network_view, NETWORK_VIEWS),
-                                 ("time_sampling", time_sampling, ("uniform", "quad", "modes"))):
+    for name, value, allowed in (("domain", domain, DOMAINS), ("noise_kind", noise_kind, ("iid", "operator")),
+                                 ("dc_mode", dc_mode, DC_MODES), ("objective", objective, OBJECTIVES),
+                                 ("time_sampling", time_sampling, ("uniform", "quad"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     if clip_image and dc_mode != "aux" and domain != "hybrid":
         raise ValueError("clip_image clips the reconstructed image, which needs the DC inside the state: "
                          "use dc_mode='aux' (or domain='hybrid'), or set clip_image=False.")
-    if network_view == "image" and domain == "hybrid":
-        raise ValueError("network_view='image' is defined for domain='gradient' or 'laplacian' (the hybrid "
-                         "state already carries the image); use network_view='domain' for hybrid.")
-    if network_view == "image" and prediction not in ("x0", "eps"):
-        raise ValueError("network_view='image' predicts the clean image (EDM preconditioning, prediction='x0') "
-                         f"or the per-mode image noise (prediction='eps'), got prediction={prediction!r}.")
-    if not sigma_data > 0:
-        raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-    if noise_cap is not None and (noise != "iid" or domain == "hybrid" or not noise_cap > 0):
+    if noise_cap is not None and (noise_kind != "iid" or domain == "hybrid" or not noise_cap > 0):
         raise ValueError("noise_cap caps the Poisson amplification of the i.i.d. domain noise: it needs "
-                         f"noise='iid', domain='gradient' or 'laplacian' and a value > 0 (got noise={noise!r}, "
-                         f"domain={domain!r}, noise_cap={noise_cap}); use noise_cap=None otherwise.")
+                         f"noise_kind='iid', domain='gradient' or 'laplacian' and a value > 0 (got noise_kind="
+                         f"{noise_kind!r}, domain={domain!r}, noise_cap={noise_cap}); use noise_cap=None otherwise.")
 
 
 class GradientDomainProcess(DDPMProcess):
     """DDPM in the gradient / Laplacian / hybrid domain with normalised stencil noise (spec §2.4-2.8).
 
+    What the network sees and predicts is the preconditioning layer's (``model.init_args.precond``): an eps head
+    on the normalised domain state (seed-literal, the default), or ``diffproc.nets.precond.ModeEDM``, which shows
+    the network the state as an image and predicts it with EDM preconditioning per image DCT mode (the measured
+    setting; its σ_data spectrum is that head's state). ``configs/gddm_shapes.yaml`` is the measured preset,
+    ``configs/gddm_literal_shapes.yaml`` the paper's.
+
     Args:
         domain: ``gradient`` (GDDM, 2C field channels), ``laplacian`` (LDDM, C) or ``hybrid``
             (``[x, Dx/s_g]``, 3C; DC from the image channels, screened-Poisson reconstruction) [recon §2.8].
-        noise: ``iid`` — the paper's "direct" noise, i.i.d. per entry of the normalised field (the
+        noise_kind: ``iid`` — the paper's "direct" noise, i.i.d. per entry of the normalised field (the
             equivalent image process has per-frequency noise ``sqrt(s²(1−γ)/λ_k)``, §2.4); ``operator`` —
             ``z_t = T x_t / s`` with ``x_t`` the image-domain DDPM sample, i.e. noise ``T ε / s`` (exactly
             image DDPM seen through T; ablation and oracle). With ``operator`` the prior and the ancestral
             noise are drawn in the image and mapped by the same linear ``to_domain``.
-        noise_cap: with ``noise="iid"``, a cap on the image noise per DCT mode: ``c_k ← min(c_k, noise_cap)``
+        noise_cap: with ``noise_kind="iid"``, a cap on the image noise per DCT mode: ``c_k ← min(c_k, noise_cap)``
             in units of image DDPM's noise (``c_k = 1``). Only the lowest modes, where the Poisson solve
             amplifies the i.i.d. domain noise by ``s/√λ_k`` (``s/(wλ_k)`` Laplacian), are touched: the
             part of the noise that reaches those modes is scaled by ``noise_cap/c_k`` and everything else
@@ -114,62 +109,41 @@ class GradientDomainProcess(DDPMProcess):
             by LS Poisson; Laplacian part made zero-mean). Not in the paper; off by default (§2.5).
         clip_x0: clip x̂0 per channel group to the box a clean sample can occupy (image and aux ±1,
             gradient ±2/s_g, Laplacian ±8w/s_L). Off by default (the core's ±1 clip is wrong here).
-        loss_weighting: ``uniform`` — the seed-literal ``mean ‖ε̂ − ε‖²`` over the normalised domain. As an
-            image loss it weights DCT mode k by λ_k/s² (≈ 2e-2 for the lowest modes at 16², 1e-3 at 64²)
-            while the Poisson solve multiplies their error by s/√λ_k, so the lowest image frequencies are
-            left untrained (docs/gddm.md "Why the seed-literal setting fails"). ``image`` — the ε error
-            measured in the image (:meth:`image_loss`): the part of ``ε̂ − ε`` that reaches the image goes
-            through the exact Poisson solve, so every image mode counts as in image DDPM's loss, and the
-            part that never reaches the image (curl, structural zeros, non-constant aux) keeps the uniform
-            weight. [ours]
-            ``edm`` — per image DCT mode k, the weight ``1/c_out,k²`` of EDM (Karras et al. 2022, Eq. 8 and
-            Table 1) for that mode's noise level ``σ_k``: ``α²/σ_k² + 1/σ_data²`` on ``(x̂0_k − x0_k)²``, i.e.
-            the uniform ε weight plus a floor ``1/σ_data²``, so modes buried in noise still count. [ours]
-            ``snr`` — ``α²/σ_k²`` per image DCT mode on ``(x̂0_k − x0_k)²``: DDPM's ε-MSE of the per-mode image
-            noise (the ``edm`` weight without its floor); the same loss as ``prediction="eps"`` with ``edm``. [ours]
-        network_view: ``domain`` — the backbone sees and outputs the normalised domain state (seed-literal).
-            ``image`` — it sees the state as an image in the DCT basis, per mode ``c_in,k · x̃_k`` with
-            ``x̃ = image_part(z_t)`` (the exact sufficient statistic: the rest is data-free noise), and outputs
-            EDM's ``F``: ``x̂0_k = c_skip,k x̃_k + c_out,k F_k`` (EDM preconditioning with the per-mode noise
-            ``σ_k = σ_t c_k``, ``c_k = s/√λ_k`` gradient, ``s/(wλ_k)`` Laplacian, 1 for the DC). ẑ0 =
-            ``to_domain(x̂0)``; the noise parts that never reach the image are then predicted exactly. Needs
-            ``prediction="x0"`` (EDM's ``c_skip``/``c_out``) or ``prediction="eps"`` (F is the per-mode image
-            noise ε̂_k: ``c_skip = 1/α``, ``c_out = −σ_k/α``, DDPM's parameterisation with the per-mode noise;
-            with ``loss_weighting="edm"`` the loss is then DDPM's ε-MSE per image mode), and a gradient or
-            Laplacian domain. [ours]
-        time_sampling: training-time distribution, ``uniform`` (DDPM), ``quad`` (t = ⌈T u²⌉) or ``modes``
-            (half uniform, half around the times the data's image modes cross SNR 1; see :meth:`sample_time`). [ours]
-        sigma_data: σ_data of ``network_view="image"`` and ``loss_weighting="edm"`` (EDM's 0.5). The attribute
-            ``sigma_data_modes`` ((H, W) float64, default None) replaces it per image DCT mode (set by
-            GDDM's ``sigma_data_mode="spectrum"`` from the training images' DCT RMS).
+        objective: ``head`` — the preconditioning head's own objective: with the eps head the seed-literal
+            ``mean ‖ε̂ − ε‖²`` over the normalised domain (as an image loss it weights DCT mode k by λ_k/s², ≈ 2e-2
+            for the lowest modes at 16², 1e-3 at 64², while the Poisson solve multiplies their error by s/√λ_k, so
+            the lowest image frequencies are left untrained: docs/gddm.md "Why the seed-literal setting fails");
+            with ``ModeEDM`` EDM's per-mode weighting. ``image`` — the ε error measured in the image
+            (:meth:`image_loss`): the part of ``ε̂ − ε`` that reaches the image goes through the exact Poisson
+            solve, so every image mode counts as in image DDPM's loss, and the part that never reaches the image
+            (curl, structural zeros, non-constant aux) keeps the uniform weight. [ours]
+        time_sampling: training-time distribution, ``uniform`` (DDPM) or ``quad`` (t = ⌈T u²⌉). (EDM's per-mode law
+            around the data's SNR crossings is ``ModeEDM(time_sampling="modes")``: it needs the data's spectrum.) [ours]
         clip_image: reconstruct x̂0 as an image, clip it to [−1, 1] and map it back (DDPM's ``clip_x0``
             seen through ``T``; it also removes the non-integrable part of x̂0). Needs the DC inside the
             state (``dc_mode="aux"`` or ``domain="hybrid"``). [ours]
-        num_timesteps, schedule, beta_start, beta_end, prediction, variance, eta, spacing,
-        loss_reduction, default_solver: as :class:`DDPMProcess` (project defaults: T=1000, linear β).
+        num_timesteps, schedule, beta_start, beta_end, variance, eta, spacing, loss_reduction, default_solver: as
+            :class:`DDPMProcess` (project defaults: T=1000, linear β).
     """
 
     x0_range = None  # the domain is not [-1, 1]; see clip_x0 / _bounds
+    heads = ("eps", "x0", "v", "sigma_eps", "mode_edm")
 
-    def __init__(self, domain: Domain = "gradient", noise: NoiseKind = "iid", dc_mode: DCMode = "aux",
+    def __init__(self, domain: Domain = "gradient", noise_kind: NoiseKind = "iid", dc_mode: DCMode = "aux",
                  gradient_noise_scale: float | None = None, laplacian_noise_scale: float | None = None,
                  laplacian_stencil: Literal["5point", "5point_quarter"] = "5point",
                  hybrid_mu: float | None = None, dataset_mean: Sequence[float] | Tensor | None = None,
                  project_every_step: bool = False, num_timesteps: int = 1000, schedule: Schedule = "linear",
-                 beta_start: float = 1e-4, beta_end: float = 0.02, prediction: Prediction = "eps",
-                 variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
-                 clip_x0: bool = False, loss_reduction: Literal["mean", "sum"] = "mean",
-                 default_solver: str = "ancestral", loss_weighting: LossWeighting = "uniform",
-                 clip_image: bool = False, network_view: NetworkView = "domain", sigma_data: float = 0.5,
-                 time_sampling: Literal["uniform", "quad", "modes"] = "uniform",
-                 noise_cap: float | None = None) -> None:
+                 beta_start: float = 1e-4, beta_end: float = 0.02, variance: Variance = "fixedsmall",
+                 eta: float = 0.0, spacing: Spacing = "uniform", clip_x0: bool = False,
+                 loss_reduction: Literal["mean", "sum"] = "mean", default_solver: str = "ancestral",
+                 objective: Objective = "head", clip_image: bool = False,
+                 time_sampling: Literal["uniform", "quad"] = "uniform", noise_cap: float | None = None) -> None:
         super().__init__(num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start,
-                         beta_end=beta_end, prediction=prediction, variance=variance, eta=eta,
-                         spacing=spacing, clip_x0=clip_x0, loss_reduction=loss_reduction,
-                         default_solver=default_solver)
-        check_options(domain, noise, dc_mode, loss_weighting, clip_image, network_view, prediction, sigma_data,
-                      time_sampling, noise_cap)
-        self.domain, self.noise, self.dc_mode = domain, noise, dc_mode
+                         beta_end=beta_end, variance=variance, eta=eta, spacing=spacing, clip_x0=clip_x0,
+                         loss_reduction=loss_reduction, default_solver=default_solver)
+        check_options(domain, noise_kind, dc_mode, objective, clip_image, time_sampling, noise_cap)
+        self.domain, self.noise_kind, self.dc_mode = domain, noise_kind, dc_mode
         self.laplacian_stencil = laplacian_stencil
         self.s_g = float(gradient_noise_scale) if gradient_noise_scale else GRAD_NOISE_SCALE
         self.s_l = float(laplacian_noise_scale) if laplacian_noise_scale else stencil_noise_scale(laplacian_stencil)
@@ -178,49 +152,18 @@ class GradientDomainProcess(DDPMProcess):
             raise ValueError(f"hybrid_mu must be > 0, got {hybrid_mu}")
         self.dataset_mean = None if dataset_mean is None else torch.as_tensor(dataset_mean, dtype=torch.float64)
         self.project_every_step = bool(project_every_step)
-        self.loss_weighting, self.clip_image, self.time_sampling = loss_weighting, bool(clip_image), time_sampling
-        self.network_view, self.sigma_data = network_view, float(sigma_data)
-        #: optional (H, W) float64 σ_data per image DCT mode (GDDM's ``sigma_data_mode="spectrum"``); None = the
-        #: scalar ``sigma_data`` for every mode
-        self.sigma_data_modes: Tensor | None = None
-        #: optional (C, C) orthogonal colour basis (rows = components) in which the image view preconditions and
-        #: the ``edm``/``snr`` loss is measured (GDDM's ``sigma_data_mode="spectrum_colour"``); None = the channels
-        self.colour_basis: Tensor | None = None
+        self.objective, self.clip_image, self.time_sampling = objective, bool(clip_image), time_sampling
         self.noise_cap = None if noise_cap is None else float(noise_cap)
-
-    #: ``time_sampling="modes"``: share of uniform times, and the std of the log-SNR jitter around a mode's crossing
-    modes_uniform_share: float = 0.5
-    modes_logsnr_std: float = 2.0
 
     def sample_time(self, batch: int, generator: torch.Generator | None = None,
                     device: torch.device | str | None = None) -> Tensor:
         """Training times. ``uniform``: t ~ U{1, …, T} (DDPM). ``quad``: t = ⌈T u²⌉, u ~ U(0, 1) (density ∝ 1/√t:
-        P(t ≤ T/10) = 0.32 instead of 0.1). ``modes``: with probability ``modes_uniform_share`` uniform, else
-        the t whose log-SNR ``log(ᾱ/(1−ᾱ))`` is nearest to ``2 log(c_k/σ_d,k) + modes_logsnr_std·n``, n ~ N(0, 1),
-        for an image DCT mode k drawn uniformly (per colour component with ``sigma_data_modes`` (C, H, W)): the
-        times at which the data's modes cross SNR 1 (:func:`~diffproc.processes.gradient_stats.mode_snr_crossing`),
-        where the sampler decides them; needs ``sigma_data_modes``. [ours]"""
+        P(t ≤ T/10) = 0.32 instead of 0.1). [ours]"""
         if self.time_sampling == "uniform":
             return super().sample_time(batch, generator, device)
         dev = generator.device if generator is not None else torch.device(device or "cpu")
-        if self.time_sampling == "quad":
-            u = torch.rand(batch, generator=generator, device=dev, dtype=torch.float64)
-            return (self.num_timesteps * u * u).ceil().clamp(1, self.num_timesteps).long().to(device)
-        sd = self.sigma_data_modes
-        if sd is None:
-            raise ValueError("time_sampling='modes' needs the per-mode σ_data (sigma_data_modes; GDDM's "
-                             "sigma_data_mode: spectrum or spectrum_colour)")
-        sd = sd.to(device=dev, dtype=torch.float64)
-        crossing = (2 * (self.mode_noise_scale(*sd.shape[-2:], dev) / sd).log()).flatten()
-        k = torch.randint(0, crossing.numel(), (batch,), generator=generator, device=dev)
-        target = crossing[k] + self.modes_logsnr_std * torch.randn(batch, generator=generator, device=dev,
-                                                                   dtype=torch.float64)
-        a, sig = self.alpha_sigma(torch.arange(1, self.num_timesteps + 1, device=dev))  # the per-device table
-        logsnr = 2 * (a / sig).log()  # decreasing in t = 1..T
-        t_modes = (logsnr - target[:, None]).abs().argmin(1) + 1
-        t_unif = torch.randint(1, self.num_timesteps + 1, (batch,), generator=generator, device=dev)
-        use_unif = torch.rand(batch, generator=generator, device=dev) < self.modes_uniform_share
-        return torch.where(use_unif, t_unif, t_modes).to(device)
+        u = torch.rand(batch, generator=generator, device=dev, dtype=torch.float64)
+        return (self.num_timesteps * u * u).ceil().clamp(1, self.num_timesteps).long().to(device)
 
     # --- channel bookkeeping ----------------------------------------------------------------------
     @property
@@ -237,12 +180,6 @@ class GradientDomainProcess(DDPMProcess):
 
     def domain_channels(self, channels: int) -> int:
         return (self._field_factor() + int(self.has_aux)) * channels
-
-    def input_channels(self, channels: int) -> int:
-        return channels if self.network_view == "image" else self.domain_channels(channels)
-
-    def output_channels(self, channels: int) -> int:
-        return channels if self.network_view == "image" else self.domain_channels(channels)
 
     def image_channels(self, z: Tensor) -> int:
         """C of the images behind a domain state ``z``."""
@@ -322,14 +259,14 @@ class GradientDomainProcess(DDPMProcess):
         dc = None if (self.has_aux or self.domain == "hybrid") else 0.0
         return self.from_domain(z, dc)
 
-    # --- per-mode noise and the image view of the network (ours) ------------------------------------
+    # --- per-mode noise (what diffproc.nets.precond.ModeEDM preconditions with; ours) ----------------
     def mode_noise_scale(self, h: int, w: int, device=None) -> Tensor:
         """(H, W) float64 ``c_k``: std of ``image_part(ε)`` per image DCT mode for unit i.i.d. domain noise —
         ``s_g/√λ_k`` (gradient), ``s_L/(wλ_k)`` (Laplacian, w = stencil scale), 1 for the DC (aux channels).
-        The equivalent image process is ``x̃_k = α_t x0_k + σ_t c_k ε_k`` (spec §2.4). With ``noise="operator"``
+        The equivalent image process is ``x̃_k = α_t x0_k + σ_t c_k ε_k`` (spec §2.4). With ``noise_kind="operator"``
         the state is image DDPM seen through the operator, so ``c_k = 1`` for every mode; with ``noise_cap``,
         ``min(c_k, noise_cap)`` (the DC keeps 1)."""
-        if self.noise == "operator":
+        if self.noise_kind == "operator":
             return torch.ones(h, w, dtype=torch.float64, device=device)
         c = self._iid_mode_scale(h, w, device)
         if self.noise_cap is not None:
@@ -348,56 +285,7 @@ class GradientDomainProcess(DDPMProcess):
         c[0, 0] = 1.0
         return c
 
-    def mode_sigma_data(self, h: int, w: int, device=None) -> Tensor | float:
-        """σ_data per image DCT mode: ``sigma_data_modes`` ((H, W), or (C, H, W) per colour component) when set,
-        else the scalar ``sigma_data``."""
-        sd = self.sigma_data_modes
-        if sd is None:
-            return self.sigma_data
-        if tuple(sd.shape[-2:]) != (h, w):
-            raise ValueError(f"sigma_data_modes has shape {tuple(sd.shape)}, the images are {h}x{w}")
-        return sd.to(device=device, dtype=torch.float64)
-
-    def _rotate(self, x: Tensor, inverse: bool = False) -> Tensor:
-        """Channels -> ``colour_basis`` components (or back with ``inverse``); identity without a basis."""
-        q = self.colour_basis
-        if q is None:
-            return x
-        q = q.to(device=x.device, dtype=x.dtype)
-        return torch.einsum("cd,bchw->bdhw" if inverse else "dc,bchw->bdhw", q, x)
-
-    def preconditioning(self, t: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(c_in, c_skip, c_out)`` per DCT mode, each (B, 1, H, W) float64, for the per-mode noise
-        ``σ_k = σ_t c_k`` of a VP process with signal ``α_t`` (x̃ = α x0 + σ_k ε), ``x̂0 = c_skip x̃ + c_out F``;
-        plus ``α`` as (B, 1, 1, 1). ``c_in = 1/√(α²σ_d² + σ_k²)`` (unit-variance input); ``prediction="x0"``:
-        EDM Table 1, ``c_skip = ασ_d²/(α²σ_d² + σ_k²)``, ``c_out = σ_kσ_d/√(α²σ_d² + σ_k²)``; ``prediction="eps"``
-        (DDPM's parameterisation per mode, F = ε̂_k): ``c_skip = 1/α``, ``c_out = −σ_k/α``. σ_d is
-        :meth:`mode_sigma_data` (a scalar, or per mode)."""
-        a, sig = self.alpha_sigma(t)
-        a = a.to(torch.float64).view(-1, 1, 1, 1)
-        sk = sig.to(torch.float64).view(-1, 1, 1, 1) * self.mode_noise_scale(*ref.shape[-2:], ref.device)
-        sd = self.mode_sigma_data(*ref.shape[-2:], ref.device)
-        sd2 = sd * sd
-        var = a * a * sd2 + sk * sk
-        if self.prediction == "eps":
-            return var.rsqrt(), (1.0 / a).expand_as(sk), -sk / a, a
-        return var.rsqrt(), a * sd2 / var, sk * sd * var.rsqrt(), a
-
-    def network_prediction(self, model_fn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(ẑ0, ε̂)`` from one network evaluation at ``z_t``, before any clipping. ``domain`` view: the
-        network sees ``z_t`` (``prediction`` as in DDPM). ``image`` view: it sees ``c_in ⊙ x̃`` with
-        ``x̃ = DCT(image_part(z_t))`` and outputs F; ``x̂0 = IDCT(c_skip ⊙ x̃ + c_out ⊙ DCT(F))``, ``ẑ0 =
-        to_domain(x̂0)`` and ``ε̂ = (z_t − α ẑ0)/σ`` (exact on the data-free noise parts)."""
-        if self.network_view == "domain":
-            return self.split_prediction(model_fn(z_t, t), z_t, t)
-        c_in, c_skip, c_out, _ = self.preconditioning(t, z_t)
-        u = dct2(self._rotate(self.image_part(z_t).double()))
-        out = model_fn(idct2(c_in * u).to(z_t.dtype), t)
-        z0 = self.to_domain(self._rotate(idct2(c_skip * u + c_out * dct2(out.double())), inverse=True)).to(z_t.dtype)
-        a, s = self.coefficients(t, z_t)
-        return z0, (z_t - a * z0) / s
-
-    # --- training loss (§2.5; ``image`` and ``edm`` weightings are ours) ---------------------------
+    # --- training loss (§2.5; ``image`` is ours) ----------------------------------------------------
     def image_loss(self, eps_hat: Tensor, eps: Tensor) -> Tensor:
         """ε error in image units: ``reduce(x_e²) + reduce((e − T x_e)²)`` with ``e = ε̂ − ε`` and
         ``x_e = image_part(e)``.
@@ -411,46 +299,17 @@ class GradientDomainProcess(DDPMProcess):
         x_e = self.image_part(e)
         return self.reduce(x_e**2) + self.reduce((e - self.to_domain(x_e)) ** 2)
 
-    def loss(self, model_fn, z0: Tensor, t: Tensor | None = None, noise: Tensor | None = None,
+    def loss(self, denoiser: Denoiser, z0: Tensor, t: Tensor | None = None, noise: Tensor | None = None,
              generator: torch.Generator | None = None) -> Tensor:
-        """``uniform``: L_simple on the normalised field (seed-literal; in the ``image`` view, on the ε̂ the
-        view implies). ``image``: :meth:`image_loss`; ``edm``: :meth:`edm_loss` — both of the (ẑ0, ε̂)
-        implied by the network output in either view."""
-        if self.loss_weighting == "uniform" and self.network_view == "domain":
-            return super().loss(model_fn, z0, t, noise, generator)
+        """``head``: the denoiser's own objective (the core's loss); ``image``: :meth:`image_loss` of its ε̂."""
+        if self.objective == "head":
+            return super().loss(denoiser, z0, t, noise, generator)
         if t is None:
             t = self.sample_time(z0.shape[0], generator, z0.device)
         if noise is None:
             noise = self.noise_like(z0, generator)
         z_t = self.forward(z0, t, noise)
-        z0_hat, eps_hat = self.network_prediction(model_fn, z_t, t)
-        if self.loss_weighting == "uniform":
-            return self.reduce((eps_hat - noise) ** 2)
-        if self.loss_weighting == "image":
-            return self.image_loss(eps_hat, noise)
-        return self.edm_loss(z0_hat, z0, eps_hat - noise, t)
-
-    def mode_loss_scale(self, t: Tensor, ref: Tensor) -> Tensor:
-        """(B, 1, H, W) float64 per image DCT mode: the x̂0-error divisor of the ``edm`` / ``snr`` weightings
-        (loss weight = its −2 power). ``edm``: ``c_out`` of :meth:`preconditioning` (``α²/σ_k² + 1/σ_d²`` for x0
-        prediction, ``α²/σ_k²`` for eps); ``snr``: ``σ_k/α`` (weight ``α²/σ_k²``, DDPM's ε-MSE of the per-mode
-        image noise, whatever the parameterisation)."""
-        _, _, c_out, a = self.preconditioning(t, ref)
-        if self.loss_weighting == "snr":
-            _, sig = self.alpha_sigma(t)
-            return sig.to(torch.float64).view(-1, 1, 1, 1) * self.mode_noise_scale(*ref.shape[-2:], ref.device) / a
-        return c_out
-
-    def edm_loss(self, z0_hat: Tensor, z0: Tensor, e: Tensor, t: Tensor) -> Tensor:
-        """``reduce(DCT(x̂0 − x0)² / c_out²) + reduce((e − T image_part(e))²)``: EDM's per-mode weighting on the
-        image error (:meth:`preconditioning`; ``snr``: ``σ_k/α`` instead of ``c_out``, :meth:`mode_loss_scale`),
-        plus, in the ``domain`` view, the uniform loss on the part of the ε error ``e`` that never reaches the
-        image (in the ``image`` view that part of ε̂ is exact and carries no gradient, so the term is left out)."""
-        c_out = self.mode_loss_scale(t, z0)
-        d = self.reduce((dct2(self._rotate(self.image_part(z0_hat - z0).double())) / c_out).to(z0.dtype) ** 2)
-        if self.network_view == "image":  # the data-free part of ε̂ is exact: nothing to train there
-            return d
-        return d + self.reduce((e - self.to_domain(self.image_part(e))) ** 2)
+        return self.image_loss(denoiser(z_t, t)[1], noise)
 
     # --- noise: i.i.d. (paper) or through the operator (exact image DDPM) ------------------------
     def _image_noise(self, z_shape: Sequence[int], generator, device, dtype) -> Tensor:
@@ -471,14 +330,14 @@ class GradientDomainProcess(DDPMProcess):
 
     def noise_like(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """i.i.d. N(0, I) on the domain (with ``noise_cap``: :meth:`cap_noise` of it), or ``to_domain(ε)`` with
-        image noise ε for ``noise="operator"``."""
-        if self.noise == "iid":
+        image noise ε for ``noise_kind="operator"``."""
+        if self.noise_kind == "iid":
             return self.cap_noise(randn_like(z, generator))
         return self.to_domain(self._image_noise(z.shape, generator, z.device, z.dtype))
 
     def prior(self, shape: tuple[int, ...], generator: torch.Generator | None = None,
               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        if self.noise == "iid":
+        if self.noise_kind == "iid":
             return self.cap_noise(super().prior(shape, generator, device, dtype))
         return self.to_domain(self._image_noise(shape, generator, device, dtype))
 
@@ -504,10 +363,10 @@ class GradientDomainProcess(DDPMProcess):
         z0[:, lo:lo + 2 * c] = grad(poisson_from_gradient(g * self.s_g, 0.0)) / self.s_g
         return z0
 
-    def predict(self, model_fn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def predict(self, denoiser: Denoiser, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(ẑ0, ε̂)`` with ``project_every_step``, ``clip_image`` and the per-group clip (``clip_x0``)
         applied to ẑ0 in that order (ε̂ is recomputed from the modified ẑ0 so the DDIM step stays consistent)."""
-        u0, eps = self.network_prediction(model_fn, z_t, t)
+        u0, eps = denoiser(z_t, t)
         if not (self.clip_x0 or self.project_every_step or self.clip_image):
             return u0, eps
         if self.project_every_step:
@@ -521,4 +380,4 @@ class GradientDomainProcess(DDPMProcess):
         return u0, (z_t - a * u0) / s
 
 
-__all__ = ["GradientDomainProcess", "LOSS_WEIGHTINGS", "NETWORK_VIEWS", "DOMAINS", "DC_MODES"]
+__all__ = ["GradientDomainProcess", "OBJECTIVES", "DOMAINS", "DC_MODES"]

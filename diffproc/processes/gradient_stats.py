@@ -71,7 +71,7 @@ def image_snr_crossing(x0: Tensor, alphas_bar: Tensor, threshold: float = 0.01) 
 def mode_snr_crossing(process: GradientDomainProcess, sigma_data: Tensor, threshold: float = 1.0) -> Tensor:
     """Per image DCT mode k, the first ``t`` at which its SNR ``γ_t σ_d,k² / ((1−γ_t) c_k²)`` falls below
     ``threshold``: the time around which the sampler decides that mode (ours; docs/gddm.md §5). ``sigma_data``
-    is the data's RMS per mode, (H, W) or (C, H, W) (``GDDM.sigma_data_spectrum``); ``c_k`` is
+    is the data's RMS per mode, (H, W) or (C, H, W) (``ModeEDM.spectrum``, the GDDM module's ``precond``); ``c_k`` is
     :meth:`~GradientDomainProcess.mode_noise_scale` (1 for every mode = image DDPM). ``T+1`` if never reached."""
     c = process.mode_noise_scale(*sigma_data.shape[-2:], sigma_data.device)
     energy = (sigma_data.double() / c).pow(2)

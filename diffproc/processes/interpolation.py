@@ -11,7 +11,8 @@ values as one trained on the paper's integer grid.
 
 Derivative (eq. 10 with η' = 1; §0 finding 5): ``v = dx/dη = −sin η x0 + cos η ε`` — Salimans & Ho's v.
 
-Loss (eq. 12), network with 2C outputs ``[x̂0 | ε̂]``::
+Loss (eq. 12), a network with two heads ``[x̂0 | ε̂]`` on 2C outputs (``diffproc.nets.precond.DualHead``, the
+default head)::
 
     L = ‖x̂0 − x0‖ + ‖ε̂ − ε‖ + γ · c² ‖v̂ − v‖,     v̂ = −sin η x̂0 + cos η ε̂
 
@@ -41,12 +42,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, ModelFn, batch_times, bcast, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times, bcast, randn_like
 from diffproc.processes.ddpm import ddim_timesteps, make_betas
 from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
 
 Schedule = Literal["sin", "beta_star", "linear"]
-Heads = Literal["dual", "eps", "x0", "v"]
 GradientWrt = Literal["eta", "t"]
 LossNorm = Literal["l2", "l1"]
 TimeSampling = Literal["continuous", "discrete"]
@@ -68,12 +68,12 @@ class InterpolationProcess(GaussianProcess):
         num_timesteps: T of the paper's integer grid (1000). Sets the backbone's time scale
             (``model_time = T·t``), the tables of ``beta_star``/``linear`` and the DDIM grids.
         schedule: ``sin`` (paper eq. 9), ``beta_star`` or ``linear`` (Table 2 ablation rows; see module doc).
-        heads: ``dual`` = 2C outputs ``[x̂0 | ε̂]`` (paper §3.2); ``eps``/``x0``/``v`` = one head (ablation
-            rows "DDIM + sin(·)" and "DDIM + β*").
         gamma: weight γ of the derivative term (eq. 12). Not reported in the paper; default 1.0 weighs
             the three terms equally (all three targets have unit variance per element under the
             forward law, so γ = 1 gives them the same scale). ``gamma=0`` is the "+x̂0, ε̂" ablation.
-            Only meaningful for ``heads='dual'``.
+            Only meaningful with the dual head (the module's ``precond``: ``DualHead``, the default, paper §3.2). With
+            one head (``EpsHead``/``X0Head``/``VHead``: the ablation rows "DDIM + sin(·)" and "DDIM + β*") the loss is
+            that head's own objective and ``gamma`` must be 0.
         gradient_wrt: the variable the derivative term differentiates by. ``eta`` (default): v = dx/dη,
             O(1) like the other two terms. ``t``: the paper's literal eq. 10 with integer t,
             ẋ = η'(t)·v with η' = π/(2T) for ``sin`` — that term is ≈2.5e-6 × smaller, i.e. useless,
@@ -91,7 +91,6 @@ class InterpolationProcess(GaussianProcess):
         clip_x0: clip x̂0 to [-1, 1] inside every step. Default False: the paper builds on DDIM's code,
             which does not clip, and clipping makes the ODE right-hand side non-smooth (it would cap
             the RK orders); the final sample is clipped by the caller (``DiffusionModule.sample``).
-        eps_min_cos: lower bound on cos η when a single ε head is converted to x̂0 (§5.3).
         max_beta: clipping of β* (``beta_star`` only; 0.999 as in improved DDPM).
         beta_start, beta_end: the ``linear`` schedule (DDPM: 1e-4, 0.02).
         variance, eta: ancestral variance and DDIM η of the core's ``ancestral``/``ddim`` solvers.
@@ -106,16 +105,16 @@ class InterpolationProcess(GaussianProcess):
 
     solvers = ODE_SOLVERS + ("ddim_dual", "ddim", "ancestral", *MULTISTEP_SOLVERS)
     default_solver = "euler"
+    heads = ("dual", "eps", "x0", "v")
+    default_head = "dual"
 
-    def __init__(self, num_timesteps: int = 1000, schedule: Schedule = "sin", heads: Heads = "dual",
-                 gamma: float = 1.0, gradient_wrt: GradientWrt = "eta", loss_norm: LossNorm = "l2",
+    def __init__(self, num_timesteps: int = 1000, schedule: Schedule = "sin", gamma: float = 1.0, gradient_wrt: GradientWrt = "eta", loss_norm: LossNorm = "l2",
                  loss_reduction: Literal["mean", "sum"] = "mean",
                  time_sampling: TimeSampling = "continuous", spacing: Spacing = "linspace",
-                 clip_x0: bool = False, eps_min_cos: float = 1e-4, max_beta: float = 0.999,
+                 clip_x0: bool = False, max_beta: float = 0.999,
                  beta_start: float = 1e-4, beta_end: float = 0.02, variance: Variance = "fixedsmall",
                  eta: float = 0.0, default_solver: str = "euler", basis: Basis | None = None) -> None:
         checks = {"schedule": (schedule, ("sin", "beta_star", "linear")),
-                  "heads": (heads, ("dual", "eps", "x0", "v")),
                   "gradient_wrt": (gradient_wrt, ("eta", "t")), "loss_norm": (loss_norm, ("l2", "l1")),
                   "time_sampling": (time_sampling, ("continuous", "discrete")),
                   "spacing": (spacing, ("linspace", "uniform", "quad"))}
@@ -124,18 +123,14 @@ class InterpolationProcess(GaussianProcess):
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
         if default_solver not in self.solvers:
             raise ValueError(f"default_solver must be one of {list(self.solvers)}, got {default_solver!r}")
-        if heads != "dual" and gamma != 0:
-            raise ValueError(f"gamma={gamma} weighs the derivative loss of two heads (x̂0, ε̂), but "
-                             f"heads={heads!r} has one; set gamma: 0 or heads: dual")
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
-        super().__init__(prediction="eps" if heads == "dual" else heads, basis=basis, variance=variance,
+        super().__init__(basis=basis, variance=variance,
                          eta=eta, clip_x0=clip_x0, loss_reduction=loss_reduction)
         self.num_timesteps = int(num_timesteps)
-        self.schedule, self.heads, self.gamma = schedule, heads, float(gamma)
+        self.schedule, self.gamma = schedule, float(gamma)
         self.gradient_wrt, self.loss_norm = gradient_wrt, loss_norm
         self.time_sampling, self.spacing = time_sampling, spacing
-        self.eps_min_cos = float(eps_min_cos)
         self.default_solver = default_solver
         self.eta_table: Tensor | None = None  # η_k at t = k/T, k = 0..T (tabulated schedules)
         if schedule != "sin":
@@ -181,26 +176,12 @@ class InterpolationProcess(GaussianProcess):
         """``T·t``: the paper's integer time scale for the diffusers embedding."""
         return (t.double() * self.num_timesteps).float()
 
-    # --- network outputs --------------------------------------------------------------------------
-    def output_channels(self, channels: int) -> int:
-        """2C for ``dual`` heads (x̂0 first, then ε̂), else C."""
-        return 2 * self.domain_channels(channels) if self.heads == "dual" else self.domain_channels(channels)
-
-    def split_prediction(self, out: Tensor, u_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Network output -> ``(û0, ε̂_u)``. Dual heads are taken as they are (no division anywhere);
-        a single ε head uses ``cos η ≥ eps_min_cos`` in x̂0 = (x − sin η ε̂)/cos η (§5.3)."""
-        if self.heads == "dual":
-            c = u_t.shape[1]
-            if out.shape[1] != 2 * c:
-                raise ValueError(f"heads='dual' needs a network with 2C = {2 * c} output channels "
-                                 f"([x̂0 | ε̂]); got {out.shape[1]}. Build the UNet with "
-                                 "out_channels = process.output_channels(C).")
-            return self.to_basis(out[:, :c]), self.to_basis(out[:, c:])
-        if self.heads == "eps":
-            a, s = self.coefficients(t, u_t)
-            o = self.to_basis(out)
-            return (u_t - s * o) / a.clamp_min(self.eps_min_cos), o
-        return super().split_prediction(out, u_t, t)
+    def check_head(self, name: str) -> None:
+        """Eq. 12's derivative term needs two heads: ``gamma > 0`` with one head is refused."""
+        super().check_head(name)
+        if name != "dual" and self.gamma != 0:
+            raise ValueError(f"gamma={self.gamma} weighs the derivative loss of two heads (x̂0, ε̂), but the {name!r} "
+                             "head is one; set the process's gamma: 0 or model.init_args.precond: DualHead")
 
     # --- training ---------------------------------------------------------------------------------
     def sample_time(self, batch: int, generator: torch.Generator | None = None,
@@ -222,19 +203,20 @@ class InterpolationProcess(GaussianProcess):
     def _err(self, diff: Tensor) -> Tensor:
         return self.reduce(diff.abs() if self.loss_norm == "l1" else diff * diff)
 
-    def loss_terms(self, model_fn: ModelFn, z0: Tensor, t: Tensor | None = None,
+    def loss_terms(self, denoiser: Denoiser, z0: Tensor, t: Tensor | None = None,
                    noise: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """The terms of eq. 12: ``x0``, ``eps``, ``v`` (unweighted) and ``loss`` (weighted sum)."""
+        """The terms of eq. 12: ``x0``, ``eps``, ``v`` (unweighted) and ``loss`` (weighted sum); with one head, that
+        head's own objective (``loss_norm`` on its output's error)."""
         if t is None:
             t = self.sample_time(z0.shape[0], generator, z0.device)
         if noise is None:
             noise = randn_like(z0, generator)
         z_t = self.forward(z0, t, noise)
-        out = model_fn(z_t, t)
-        if self.heads != "dual":
-            term = self._err(out - self.target(z0, noise, t))
-            return {self.heads: term, "loss": term}
-        u0, e = self.split_prediction(out, self.to_basis(z_t), t)
+        kind = getattr(denoiser, "kind", "dual")
+        if kind != "dual":
+            term = self._err(denoiser.residual(z_t, t, z0, noise))
+            return {kind: term, "loss": term}
+        u0, e = denoiser(z_t, t)
         dx0, de = self.from_basis(u0) - z0, self.from_basis(e) - noise
         terms = {"x0": self._err(dx0), "eps": self._err(de)}
         loss = terms["x0"] + terms["eps"]
@@ -247,10 +229,10 @@ class InterpolationProcess(GaussianProcess):
         terms["loss"] = loss
         return terms
 
-    def loss(self, model_fn: ModelFn, z0: Tensor, t: Tensor | None = None,
+    def loss(self, denoiser: Denoiser, z0: Tensor, t: Tensor | None = None,
              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Eq. 12: ``‖x̂0 − x0‖² + ‖ε̂ − ε‖² + γ‖v̂ − v‖²`` (single head: ``‖ε̂ − ε‖²`` etc.)."""
-        return self.loss_terms(model_fn, z0, t, noise, generator)["loss"]
+        return self.loss_terms(denoiser, z0, t, noise, generator)["loss"]
 
     # --- sampling ---------------------------------------------------------------------------------
     def timesteps(self, num_steps: int | None = None) -> list[float]:
@@ -267,11 +249,11 @@ class InterpolationProcess(GaussianProcess):
         """The ODE grid (same as :meth:`timesteps`)."""
         return self.timesteps(num_steps)
 
-    def ode_velocity(self, model_fn: ModelFn, z: Tensor, t: Tensor) -> Tensor:
+    def ode_velocity(self, denoiser: Denoiser, z: Tensor, t: Tensor) -> Tensor:
         """``dz/dt = η'(t)·v̂ = α' x̂0 + σ' ε̂`` (eq. 11) — the ODE protocol of :mod:`diffproc.samplers`."""
-        return gaussian_pf_velocity(self, model_fn, z, t)
+        return gaussian_pf_velocity(self, denoiser, z, t)
 
-    def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
+    def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         """``ddim_dual`` (x' = cos η' x̂0 + sin η' ε̂), else the core's ``ancestral``/``ddim``.
         ODE solvers are not single reverse steps: run them with :func:`diffproc.samplers.sample_loop`."""
@@ -280,9 +262,9 @@ class InterpolationProcess(GaussianProcess):
         tb = batch_times(torch.as_tensor(t, dtype=torch.float64), B, dev)
         sb = batch_times(torch.as_tensor(t_next, dtype=torch.float64), B, dev)
         if solver == "ddim_dual":
-            return ddim_dual_step(self, model_fn, z_t, tb, sb)
+            return ddim_dual_step(self, denoiser, z_t, tb, sb)
         if solver in ODE_SOLVERS:
             raise ValueError(f"{solver!r} integrates the probability-flow ODE over a whole grid, not one reverse step: "
                              "run it with diffproc.samplers.sample_loop (or ode_step for a single step).")
-        return super().reverse_step(model_fn, z_t, tb, sb, solver=solver, generator=generator)
+        return super().reverse_step(denoiser, z_t, tb, sb, solver=solver, generator=generator)
 

@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, ModelFn, batch_times, rand
-from diffproc.processes.gaussian import (Basis, GaussianProcess, Prediction, Variance,
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times, rand
+from diffproc.processes.gaussian import (Basis, GaussianProcess, Variance,
                                          gaussian_reverse_sde_step)
 
 
@@ -44,7 +44,7 @@ class VPSDEProcess(GaussianProcess):
         default_steps: steps of the grid when a sampler names no ``num_steps`` (999: N = 1000 points).
         time_scale: the backbone sees ``time_scale · t`` (999: score_sde's continuous-time VP labels).
         default_solver: ``euler_maruyama`` (reverse SDE), an ODE solver, ``ancestral`` or ``ddim``.
-        prediction, variance, eta, clip_x0, loss_reduction, basis: see :class:`GaussianProcess`. With an
+        variance, eta, clip_x0, loss_reduction, basis: see :class:`GaussianProcess`. With an
             exact analytic denoiser on unbounded data pass ``clip_x0=False``.
 
     ``prior`` draws ``N(0, I)``, the usual approximation of ``p_1``; the exact ``p_1`` of data with
@@ -55,11 +55,11 @@ class VPSDEProcess(GaussianProcess):
     default_solver = "euler_maruyama"
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-3,
-                 default_steps: int = 999, time_scale: float = 999.0, prediction: Prediction = "eps",
+                 default_steps: int = 999, time_scale: float = 999.0,
                  variance: Variance = "fixedsmall", eta: float = 0.0, clip_x0: bool = True,
                  loss_reduction: Literal["mean", "sum"] = "mean", basis: Basis | None = None,
                  default_solver: str = "euler_maruyama") -> None:
-        super().__init__(prediction=prediction, basis=basis, variance=variance, eta=eta,
+        super().__init__(basis=basis, variance=variance, eta=eta,
                          clip_x0=clip_x0, loss_reduction=loss_reduction)
         if default_solver not in self.solvers:
             raise ValueError(f"default_solver must be one of {self.solvers}, got {default_solver!r}")
@@ -122,7 +122,7 @@ class VPSDEProcess(GaussianProcess):
         """The probability-flow ODE grid (the same as :meth:`timesteps`)."""
         return self.timesteps(num_steps)
 
-    def reverse_sde_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, noise: Tensor) -> Tensor:
+    def reverse_sde_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, noise: Tensor) -> Tensor:
         """Euler–Maruyama step of the reverse SDE ``dx = [−β_t x − 2β_t ∇log p_t] dt + √(2β_t) dw̄`` with the
         given standard-normal ``noise`` (:func:`gaussian_reverse_sde_step`)::
 
@@ -131,22 +131,22 @@ class VPSDEProcess(GaussianProcess):
         B, dev = z_t.shape[0], z_t.device
         tb = batch_times(torch.as_tensor(t, dtype=torch.float64), B, dev)
         sb = batch_times(torch.as_tensor(t_next, dtype=torch.float64), B, dev)
-        return gaussian_reverse_sde_step(self, model_fn, z_t, tb, sb, noise)
+        return gaussian_reverse_sde_step(self, denoiser, z_t, tb, sb, noise)
 
-    def reverse_step(self, model_fn: ModelFn, z_t: Tensor, t, t_next, solver: str | None = None,
+    def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None) -> Tensor:
         """``euler_maruyama`` (:meth:`reverse_sde_step`, noise from ``generator`` through
         :meth:`noise_like`), else the core's ``ancestral``/``ddim`` on the continuous grid. ODE solvers are
         not single reverse steps: run them with :func:`diffproc.samplers.sample_loop`."""
         solver = solver or self.default_solver
         if solver == "euler_maruyama":
-            return self.reverse_sde_step(model_fn, z_t, t, t_next, self.noise_like(z_t, generator))
+            return self.reverse_sde_step(denoiser, z_t, t, t_next, self.noise_like(z_t, generator))
         if solver in ODE_SOLVERS:
             raise ValueError(f"{solver!r} integrates the probability-flow ODE: run it with "
                              "diffproc.samplers.sample_loop (or ode_sample), not reverse_step")
         if solver not in self.solvers:
             raise ValueError(f"unknown solver {solver!r} for {type(self).__name__}; choose one of {self.solvers}")
         B, dev = z_t.shape[0], z_t.device
-        return super().reverse_step(model_fn, z_t, batch_times(torch.as_tensor(t, dtype=torch.float64), B, dev),
+        return super().reverse_step(denoiser, z_t, batch_times(torch.as_tensor(t, dtype=torch.float64), B, dev),
                                     batch_times(torch.as_tensor(t_next, dtype=torch.float64), B, dev),
                                     solver=solver, generator=generator)
