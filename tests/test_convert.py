@@ -11,7 +11,7 @@ import yaml
 
 from clitools import assert_same_training_state, flat, load, run_cli
 from diffproc.convert import convert_config, convert_file, convert_model
-from diffproc.export import load_module
+from diffproc.interop.export import load_module
 
 DATA = Path(__file__).resolve().parent / "data" / "v0_1"
 

@@ -14,7 +14,7 @@ from clitools import REPO, TINY, run_cli
 from diffproc.methods.base import DiffusionModule
 from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
-from diffproc.processes.base import PerSampleGenerator, randn, sample_seed
+from diffproc.processes.rng import PerSampleGenerator, randn, sample_seed
 
 
 def test_per_sample_generator_rows_do_not_depend_on_the_batch():

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffproc.methods.base import ConfigError, DiffusionModule, as_process, build_unet, images_of
+from diffproc.errors import ConfigError
+from diffproc.methods.base import DiffusionModule, as_process, images_of
+from diffproc.nets.unet import build_unet
 from diffproc.ops import dct2
-from diffproc.processes.base import randn_like
 from diffproc.processes.gradient import GradientDomainProcess
+from diffproc.processes.rng import randn_like
 
 #: default Poisson network: about a tenth of the DDPM CelebA backbone
 DEFAULT_POISSON_NET: dict[str, Any] = {
@@ -116,7 +118,7 @@ class GDDM(DiffusionModule):
             ``spectrum_colour`` (per colour component of the images' principal colour basis and mode). Estimated
             when a fit starts and kept in the checkpoint (buffers ``sigma_data_*``; :meth:`estimate_sigma_data`
             sets it by hand). The process's ``time_sampling="modes"`` needs a spectrum mode.
-        poisson_net: UNet config of the Poisson network (:func:`build_unet` keys); built when
+        poisson_net: UNet config of the Poisson network (:func:`~diffproc.nets.unet.build_unet` keys); built when
             ``reconstruction="poisson_net"`` or the process's ``dc_mode="poisson_net"``. Its last conv is
             zero-initialised.
         poisson_net_stage: ``separate`` (default) — this run trains the diffusion UNet only, the Poisson

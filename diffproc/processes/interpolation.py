@@ -41,9 +41,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, ModelFn, batch_times, bcast, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, ModelFn, batch_times, bcast
 from diffproc.processes.ddpm import ddim_timesteps, make_betas
 from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
+from diffproc.processes.rng import randn_like
 
 Schedule = Literal["sin", "beta_star", "linear"]
 Heads = Literal["dual", "eps", "x0", "v"]
