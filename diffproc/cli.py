@@ -16,12 +16,15 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import zipfile
 from typing import Any
 
+import torch
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from diffproc.callbacks.checkpoint import Checkpoint
 from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics
@@ -32,7 +35,8 @@ from diffproc.callbacks.sample_grid import SampleGrid
 from diffproc.callbacks.stop_deadline import cancel_stop_deadline, install_stop_deadline
 from diffproc.callbacks.throughput import ImageThroughputMonitor
 from diffproc.data.base import CorruptImageError, DatasetNotFoundError, ImageDataModule
-from diffproc.methods.base import ConfigError, DiffusionModule
+from diffproc.errors import ConfigError
+from diffproc.methods.base import DiffusionModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -81,8 +85,6 @@ def _config_files(args: Any) -> list[str]:
 def check_yaml(path: str) -> None:
     """A config file that exists but is not valid YAML: an error naming the file and the line (jsonargparse's
     own message names neither)."""
-    import yaml
-
     if not os.path.isfile(path):
         return  # jsonargparse says it does not exist
     try:
@@ -225,10 +227,6 @@ def check_checkpoint(path: str, model: DiffusionModule) -> None:
     """Open ``path`` (memory-mapped: no copy of the weights) and refuse it, with :class:`ConfigError`, when it
     cannot restore ``model``: truncated, not a PyTorch / Lightning checkpoint, written by another method, or
     by a config whose network differs (the differing keys and hyper-parameters are named)."""
-    import zipfile
-
-    import torch
-
     size = os.path.getsize(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -305,7 +303,6 @@ def _main(args: Any) -> None:
         print("error: stopped by SIGTERM (the last consistent state of a fit is in last.ckpt)", file=sys.stderr)
         sys.exit(143)
     except FloatingPointError as err:  # NaN/inf loss or weights (methods/base.py, callbacks/nonfinite.py)
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
         if rank_zero_only.rank == 0:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -315,7 +312,6 @@ def _main(args: Any) -> None:
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        from lightning.pytorch.utilities.rank_zero import rank_zero_only
         if rank_zero_only.rank == 0:
             print(f"error: {user_error_message(cause)}", file=sys.stderr)
         sys.exit(2)

@@ -2,6 +2,7 @@
 
     python -m diffproc.convert OLD.ckpt NEW.ckpt        # a checkpoint (weights, EMA, optimiser, loader state kept)
     python -m diffproc.convert OLD.yaml NEW.yaml        # a config (e.g. a run's saved config.yaml)
+    python -m diffproc.convert OLD_EXPORT/ NEW_EXPORT/  # a folder exported to diffusers (weights copied as they are)
 
 What changed in 0.2 (and what this rewrites):
 
@@ -27,6 +28,9 @@ What changed in 0.2 (and what this rewrites):
   ``sigma_data_spectrum`` / ``sigma_data_count`` / ``sigma_data_colour_basis`` become ``precond.spectrum`` /
   ``precond.count`` / ``precond.colour_basis``; GDDM's ``loss_weighting`` is the process's ``objective`` (``uniform``,
   ``edm``, ``snr`` -> ``head``; ``image`` -> ``image``) and its ``noise`` is ``noise_kind``.
+* ``diffproc.pipelines`` moved to ``diffproc.interop.pipelines``: diffusers names the module of
+  ``DiffprocScheduler`` in an exported folder's ``model_index.json`` and imports it to load the folder, so a folder
+  exported before the move names the former module (and its model card the former import) until it is converted.
 
 A checkpoint's tensors are not changed (GDDM's σ_data buffers only renamed): its hyperparameters (and the data
 module's) are rewritten, so it loads and resumes bit for bit under 0.2. YAML comments are not kept.
@@ -35,6 +39,8 @@ module's) are rewritten, so it loads and resumes bit for bit under 0.2. YAML com
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -87,6 +93,8 @@ STATE_KEYS = {"sigma_data_spectrum": "precond.spectrum", "sigma_data_count": "pr
               "sigma_data_colour_basis": "precond.colour_basis"}
 #: top-level config sections whose options were renamed
 CALLBACK_SECTIONS = ("sample_grid", "metrics", "fid")
+#: modules that moved, as an exported diffusers folder names them (``model_index.json``, model card)
+MOVED_MODULES = {"diffproc.pipelines": "diffproc.interop.pipelines"}
 
 
 def rename(args: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -222,11 +230,36 @@ def convert_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def convert_export(old: Path, new: Path) -> Path:
+    """An exported diffusers folder copied to ``new`` with the moved modules (:data:`MOVED_MODULES`) renamed in its
+    ``model_index.json`` and model card; every weight file is copied unchanged."""
+    index = old / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{old} is a folder without model_index.json: not a folder exported to diffusers")
+    if new.exists():
+        raise ValueError(f"{new} exists; choose a new folder")
+    shutil.copytree(old, new)
+    components = json.loads(index.read_text())
+    for name, value in components.items():
+        if isinstance(value, list) and value and value[0] in MOVED_MODULES:
+            components[name] = [MOVED_MODULES[value[0]], *value[1:]]
+    (new / "model_index.json").write_text(json.dumps(components, indent=2, sort_keys=True) + "\n")
+    card = new / "README.md"
+    if card.is_file():
+        text = card.read_text()
+        for former, module in MOVED_MODULES.items():
+            text = text.replace(f"from {former} import", f"from {module} import")
+        card.write_text(text)
+    return new
+
+
 def convert_file(old: str | Path, new: str | Path) -> Path:
-    """Convert ``old`` (``.ckpt``, or a ``.yaml``/``.yml`` config) into ``new``."""
+    """Convert ``old`` (``.ckpt``, a ``.yaml``/``.yml`` config, or an exported diffusers folder) into ``new``."""
     old, new = Path(old), Path(new)
     if old.resolve() == new.resolve():
         raise ValueError("write the converted file next to the old one, not over it")
+    if old.is_dir():
+        return convert_export(old, new)
     if old.suffix in (".yaml", ".yml"):
         cfg = yaml.safe_load(old.read_text()) or {}
         new.write_text(yaml.safe_dump(convert_config(cfg), sort_keys=False))
@@ -240,7 +273,8 @@ def convert_file(old: str | Path, new: str | Path) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m diffproc.convert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("old", help="a 0.1 checkpoint (.ckpt) or config (.yaml)")
+    ap.add_argument("old", help="a 0.1 checkpoint (.ckpt) or config (.yaml), or a folder exported before "
+                                "diffproc.pipelines moved to diffproc.interop.pipelines")
     ap.add_argument("new", help="where to write the 0.2 one")
     args = ap.parse_args(argv)
     try:

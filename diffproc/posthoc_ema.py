@@ -15,7 +15,7 @@ w are closest (least squares over the steps) to the target's: ``x = argmin || su
 is summed over the discrete steps (exact for the discrete updates above), and the coefficients are constrained to
 sum to 1 like every w, so the part of the weights common to all steps is reproduced exactly.
 
-Command (writes a checkpoint that ``cli.py test``/``predict`` and ``python -m diffproc.export`` take)::
+Command (writes a checkpoint that ``cli.py test``/``predict`` and ``python -m diffproc.interop.export`` take)::
 
     python -m diffproc.posthoc_ema --ckpt runs/quickstart/version_0/checkpoints/last.ckpt --sigma_rel 0.08 \\
         --out runs/quickstart/version_0/checkpoints/phema_0.080.ckpt

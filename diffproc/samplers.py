@@ -26,20 +26,27 @@ log-SNR of the process's median coordinate). Any solver walks any of them.
 
 NFE: every solver counts calls through :class:`CountingDenoiser`; per step Euler 1, Heun 2,
 midpoint 2, RK4 4, DPM-Solver++ 1 (:data:`NFE_PER_STEP`), reported as ``SampleResult.nfe``.
+
+SDEdit (:func:`hijack_grid`, :func:`sdedit_loop`): the same loop started from a guide noised to a hijack time
+(``diffproc.methods.sdedit`` runs it with a module).
+
+Room ``samplers``: imports ``processes`` (their public API) only; ``methods`` and ``interop`` use it, a process
+never does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, DiffusionProcess, Denoiser
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, DiffusionProcess, Denoiser, batch_times
 from diffproc.processes.gaussian import MultistepState, ddim_dual_step, dpmpp_step, gaussian_pf_velocity
+from diffproc.processes.rng import randn_like
 
 # ODE_SOLVERS (defined with the process API, processes/base.py): the probability-flow ODE solvers run by
 # :func:`sample_loop` through the ODE protocol. gaussian_pf_velocity / ddim_dual_step live with the Gaussian
@@ -276,3 +283,41 @@ def ode_sample(process: DiffusionProcess, denoiser: Denoiser, shape: Sequence[in
     for t, t_next in tqdm(pairs, desc=desc, disable=not progress, leave=False):
         z = ode_step(process, counted, z, t, t_next, solver)
     return SampleResult(sample=z, nfe=counted.calls, timesteps=ts, solver=solver)
+
+
+# --- SDEdit: a reverse loop started from a noised guide ----------------------------------------------
+def hijack_grid(process: DiffusionProcess, strength: Optional[float] = None, t0: Any = None,
+                num_steps: Optional[int] = None) -> list:
+    """Sampling grid truncated at the hijack time: ``[t0] + [t in process.timesteps(num_steps) if t < t0]``.
+
+    Give either ``strength`` ∈ [0, 1] (fraction of the top time of the full chain,
+    ``process.timesteps(None)[0]``; T for DDPM and EPDM) or ``t0`` (process units).
+    """
+    grid = list(process.timesteps(num_steps))
+    try:  # top of the full chain (a strided grid may start below it, e.g. DDIM's 91 of T = 100)
+        t_max = max(grid[0], process.timesteps(None)[0])
+    except (TypeError, ValueError):
+        t_max = grid[0]
+    if t0 is None:
+        if strength is None or not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"SDEdit strength must lie in [0, 1] (fraction of the chain), got {strength}")
+        t0 = float(strength) * float(t_max)
+        if isinstance(t_max, int):
+            t0 = int(round(t0))
+    if t0 > t_max or t0 < 0:
+        raise ValueError(f"SDEdit hijack time t0={t0} is outside [0, {t_max}] of {type(process).__name__}")
+    return [t0] + [t for t in grid if t < t0]
+
+
+@torch.no_grad()
+def sdedit_loop(process: DiffusionProcess, denoiser: Denoiser, z_guide: Tensor, grid: Sequence,
+                solver: Optional[str] = None, generator: Optional[torch.Generator] = None) -> SampleResult:
+    """Noise the guide (process domain) to ``grid[0]`` with ``process.forward`` and run the reverse
+    steps along ``grid`` (a grid of one time makes no step and returns the noised guide)."""
+    t0 = grid[0]
+    noise = randn_like(z_guide, generator)
+    z_init = process.forward(z_guide, batch_times(t0, z_guide.shape[0], z_guide.device), noise)
+    if len(grid) < 2:
+        return SampleResult(sample=z_init, nfe=0, timesteps=list(grid), solver=solver or process.default_solver)
+    return sample_loop(process, denoiser, tuple(z_guide.shape), solver=solver, generator=generator,
+                       z_init=z_init, timesteps=grid, desc="SDEdit")

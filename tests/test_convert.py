@@ -3,6 +3,8 @@ made by its make.sh) convert, load and resume bit for bit; 0.1 configs convert t
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,11 @@ import torch
 import yaml
 
 from clitools import assert_same_training_state, flat, load, run_cli
-from diffproc.convert import STATE_KEYS, convert_config, convert_file, convert_model
-from diffproc.export import load_module
+from diffproc.convert import STATE_KEYS, convert_config, convert_file, convert_model, main
+from diffproc.interop.export import export_module, load_module
+from diffproc.interop.pipelines import DiffprocPipeline
+from diffproc.processes.interpolation import InterpolationProcess
+from modules import build
 
 DATA = Path(__file__).resolve().parent / "data" / "v0_1"
 
@@ -87,3 +92,28 @@ def test_01_method_arguments_convert():
     data = convert_config({"data": {"class_path": "diffproc.data.strokes.StrokesDataModule",
                                     "init_args": {"sdedit_steps": 20, "sdedit_sampler": "ddim"}}})
     assert data["data"]["init_args"] == {"sdedit_num_steps": 20, "sdedit_solver": "ddim"}
+
+
+def test_a_folder_exported_before_pipelines_moved_converts_and_loads(tmp_path):
+    """diffusers names the scheduler's module in model_index.json and imports it on load: a folder that names the
+    former ``diffproc.pipelines`` loads after ``python -m diffproc.convert OLD NEW``, and samples what it did."""
+    torch.manual_seed(0)
+    module = build(InterpolationProcess, image_size=8, channels=3, num_timesteps=20, ema_decay=0, solver="heun",
+                   num_steps=2, unet={"block_out_channels": [8, 16], "layers_per_block": 1})
+    out = export_module(module.eval(), tmp_path / "now")
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in out.iterdir():  # the folder as it was written before the move
+        if f.is_dir():
+            shutil.copytree(f, old / f.name)
+        else:
+            (old / f.name).write_text(f.read_text().replace("diffproc.interop.pipelines", "diffproc.pipelines"))
+    assert json.loads((old / "model_index.json").read_text())["scheduler"][0] == "diffproc.pipelines"
+    with pytest.raises(ValueError, match=r"diffproc\.pipelines"):  # diffusers loads only modules imported before
+        DiffprocPipeline.from_pretrained(old)
+    main([str(old), str(tmp_path / "new")])
+    new = tmp_path / "new"
+    assert (new / "model_index.json").read_text() == (out / "model_index.json").read_text()
+    assert (new / "README.md").read_text() == (out / "README.md").read_text()
+    got = DiffprocPipeline.from_pretrained(new)(batch_size=2, seed=3, output_type="pt").images
+    assert torch.equal(got, DiffprocPipeline.from_pretrained(out)(batch_size=2, seed=3, output_type="pt").images)

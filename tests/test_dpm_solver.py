@@ -13,13 +13,14 @@ import torch
 from benchmarks.gaussian_w2 import (EIGENVALUES, deterministic_gain, exact_denoiser, load_eigenvalues,
                                     multistep_sde_variance, paper_process, solver_processes, solver_w2,
                                     start_variance)
-from diffproc.processes.base import MULTISTEP_SOLVERS, PerSampleGenerator, randn
+from diffproc.processes.base import MULTISTEP_SOLVERS
 from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import EdgePreservingProcess
 from diffproc.processes.gaussian import GaussianProcess, MultistepState, dpmpp_step
 from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.interpolation import InterpolationProcess
+from diffproc.processes.rng import PerSampleGenerator, randn
 from diffproc.processes.vp_sde import VPSDEProcess
 from diffproc.samplers import NFE_PER_STEP, _median_log_snr, sample_loop, time_grid
 from diffproc.nets.precond import denoiser_for
@@ -275,7 +276,8 @@ def test_epdm_refuses_with_reason():
 def test_module_sample_through_diffusion_module(solver):
     """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.solver``): exact
     NFE, and the same images whatever the batch split (per-sample noise of the SDE variant)."""
-    from diffproc.methods.base import ConfigError, DiffusionModule
+    from diffproc.errors import ConfigError
+    from diffproc.methods.base import DiffusionModule
 
     torch.manual_seed(0)
     m = DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3, ema_decay=0,
@@ -291,7 +293,8 @@ def test_module_sample_through_diffusion_module(solver):
 
 
 def test_epdm_module_refuses_at_config_time():
-    from diffproc.methods.base import ConfigError, DiffusionModule
+    from diffproc.errors import ConfigError
+    from diffproc.methods.base import DiffusionModule
 
     with pytest.raises(ConfigError, match="depends on the clean image x0"):
         DiffusionModule(process=EdgePreservingProcess(), image_size=8, channels=1, ema_decay=0,

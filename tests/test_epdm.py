@@ -12,11 +12,11 @@ import torch
 from scipy import ndimage
 
 from diffproc.data.strokes import StrokesDataModule, kmeans_colors
-from diffproc.methods.sdedit import hijack_grid, sdedit, sdedit_loop
+from diffproc.methods.sdedit import sdedit
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import TRANSITIONS, EdgePreservingProcess
-from diffproc.samplers import sample_loop
 from diffproc.nets.precond import SigmaEpsHead, denoiser_for
+from diffproc.samplers import hijack_grid, sample_loop, sdedit_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -398,7 +398,7 @@ def test_sdedit_with_module():
 
 
 def test_epdm_module_config_errors():
-    from diffproc.methods.base import ConfigError
+    from diffproc.errors import ConfigError
     with pytest.raises(ValueError, match="transition"):
         tiny_epdm(transition="quadratic")
     with pytest.raises(ConfigError, match="num_steps"):

@@ -23,16 +23,17 @@ from PIL import Image
 
 from clitools import REPO, TINY, run_cli
 from diffproc.cli import main as cli_main
-from diffproc.export import export_checkpoint, export_module
-from diffproc.export import main as export_main
-from diffproc.methods.base import ConfigError, shift_time_input
-from diffproc.pipelines import DiffprocPipeline
-from diffproc.processes.base import sample_seed
+from diffproc.errors import ConfigError
+from diffproc.interop.export import export_checkpoint, export_module
+from diffproc.interop.export import main as export_main
+from diffproc.interop.pipelines import DiffprocPipeline
+from diffproc.nets.unet import shift_time_input
 from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import EdgePreservingProcess
 from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.nets.precond import EpsHead, VHead
+from diffproc.processes.rng import sample_seed
 from modules import build
 from modules import gddm as gddm_module
 
@@ -227,7 +228,7 @@ LOADER = textwrap.dedent("""
         res[cls.__name__] = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=steps,
                                  output_type="pt").images
     assert not any(m == "diffproc" or m.startswith("diffproc.") for m in sys.modules), "DDPM folder needed diffproc"
-    from diffproc.pipelines import DiffprocPipeline
+    from diffproc.interop.pipelines import DiffprocPipeline
     res["DiffprocPipeline"] = DiffprocPipeline.from_pretrained(generic)(batch_size=2, seed=3, output_type="pt").images
     torch.save(res, out)
 """)

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.gaussian_w2 import (EIGENVALUES, GRID_POINTS, PUBLISHED, SHAPE, deterministic_gain, exact_denoiser,
                                     load_eigenvalues, paper_process, pT_variance, w2_cell, w2_diag)
-from diffproc.processes.base import PerSampleGenerator, randn
+from diffproc.processes.rng import PerSampleGenerator, randn
 from diffproc.processes.vp_sde import VPSDEProcess
 from diffproc.samplers import NFE_PER_STEP, sample_loop
 from diffproc.nets.precond import denoiser_for

@@ -19,7 +19,7 @@ import torch
 
 from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics, diagnostics
 from diffproc.data.shapes import ShapesDataModule, generate_shapes
-from diffproc.methods.base import ConfigError
+from diffproc.errors import ConfigError
 from diffproc.methods.gddm import GDDM
 from diffproc.nets.precond import EpsHead, ModeEDM, denoiser_for, sigma_data_spectrum
 from modules import build, gddm

@@ -347,7 +347,7 @@ class NoiseModel(L.LightningModule):
         self.w = nn.Parameter(torch.zeros(1))
 
     def sample(self, num, num_steps=None, solver=None, generator=None, progress=True, seed=None, indices=None):
-        from diffproc.processes.base import PerSampleGenerator, rand
+        from diffproc.processes.rng import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
 
         x = rand((num, 3, 16, 16), PerSampleGenerator(seed, indices)) * 2 - 1

@@ -287,7 +287,7 @@ class Dummy(L.LightningModule):
         self.fail = fail
 
     def sample(self, num, num_steps=None, solver=None, generator=None, progress=True, seed=None, indices=None):
-        from diffproc.processes.base import PerSampleGenerator, rand
+        from diffproc.processes.rng import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
         assert not self.fail, "sampling started before the metric set-up failed"
         g = PerSampleGenerator(seed, indices)
@@ -497,7 +497,7 @@ class _BlendModel(torch.nn.Module):
         self.pool = dm.dataset("train").images[:64].float() / 127.5 - 1
 
     def sample(self, num, num_steps=None, solver=None, progress=True, use_ema=True, seed=None, indices=None, **kw):
-        from diffproc.processes.base import PerSampleGenerator, rand
+        from diffproc.processes.rng import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
 
         g = PerSampleGenerator(seed, indices)

@@ -13,7 +13,7 @@ import torch
 
 from clitools import TINY
 from diffproc.cli import main as cli_main
-from diffproc.export import export_checkpoint, load_module
+from diffproc.interop.export import export_checkpoint, load_module
 from diffproc.posthoc_ema import (PowerEMA, gamma_to_sigma_rel, list_snapshots, power_beta, reconstruct,
                                   sigma_rel_to_gamma, step_weights)
 from diffproc.posthoc_ema import main as posthoc_main

@@ -14,7 +14,7 @@ from clitools import REPO, TINY, run_cli
 from diffproc.methods.base import DiffusionModule
 from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
-from diffproc.processes.base import PerSampleGenerator, randn, sample_seed
+from diffproc.processes.rng import PerSampleGenerator, randn, sample_seed
 
 
 def test_per_sample_generator_rows_do_not_depend_on_the_batch():
@@ -90,13 +90,47 @@ def test_processes_import_no_samplers_lightning_or_nn():
     diffproc.samplers, lightning or torch.nn, at top level or inside a function."""
     files = sorted((REPO / "diffproc" / "processes").glob("*.py"))
     assert len(files) >= 8
-    forbidden = ("diffproc.samplers", "diffproc.methods", "diffproc.callbacks", "lightning", "pytorch_lightning",
-                 "torch.nn")
+    forbidden = ("diffproc.samplers", "diffproc.nets", "diffproc.methods", "diffproc.callbacks", "diffproc.interop",
+                 "lightning", "pytorch_lightning", "torch.nn")
     bad = {f.name: sorted(n for n in _imports(f.read_text()) if any(n == b or n.startswith(b + ".") for b in forbidden))
            for f in files}
     assert not {k: v for k, v in bad.items() if v}, bad
     # the walk sees imports hidden inside functions too
     assert "diffproc.samplers.sample_loop" in _imports("def f():\n    from diffproc.samplers import sample_loop\n")
+
+
+#: rooms and what they never import (docs/core.md, "Layers"): Run -> Callbacks -> Methods -> (Nets, Samplers) ->
+#: Processes -> Ops; Interop -> (Methods, Nets, Samplers, Processes); nothing imports upward
+UPWARD = {
+    "nets": ("diffproc.methods", "diffproc.samplers", "diffproc.callbacks", "diffproc.interop", "diffproc.cli"),
+    "samplers.py": ("diffproc.methods", "diffproc.nets", "diffproc.callbacks", "diffproc.interop", "diffproc.cli"),
+    "methods": ("diffproc.callbacks", "diffproc.interop", "diffproc.cli"),
+    "callbacks": ("diffproc.interop", "diffproc.cli"),
+}
+
+
+def test_rooms_import_only_downward():
+    """nets, samplers, methods and callbacks import no room above them, and nothing in diffproc imports interop."""
+    pkg = REPO / "diffproc"
+    bad = {}
+    for f in sorted(pkg.rglob("*.py")):
+        room = f.relative_to(pkg).parts[0]
+        forbidden = UPWARD.get(room, ()) + (() if room == "interop" else ("diffproc.interop",))
+        names = [n for n in _imports(f.read_text()) if any(n == b or n.startswith(b + ".") for b in forbidden)]
+        if names:
+            bad[str(f.relative_to(REPO))] = sorted(names)
+    assert not bad, bad
+
+
+def test_no_import_inside_a_function():
+    """Every import of the package stands at module level (an optional dependency in a module-level try)."""
+    bad = []
+    for f in sorted((REPO / "diffproc").rglob("*.py")):
+        for fn in ast.walk(ast.parse(f.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                bad += [f"{f.relative_to(REPO)}:{n.lineno}" for n in ast.walk(fn)
+                        if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not bad, bad
 
 
 def test_former_spellings_are_gone():

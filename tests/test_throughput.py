@@ -24,8 +24,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffproc.cli import DiffprocCLI
-from diffproc.export import export_module
-from diffproc.methods.base import ConfigError, DiffusionModule
+from diffproc.interop.export import export_module
+from diffproc.errors import ConfigError
+from diffproc.methods.base import DiffusionModule
 from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import EdgePreservingProcess
@@ -218,7 +219,7 @@ def test_export_with_channels_last(tmp_path):
     shift (so the exported net at diffusers' t is ours at t + 1)."""
     from diffusers import UNet2DModel
 
-    from diffproc.methods.base import diffusers_timestep_shift
+    from diffproc.nets.unet import diffusers_timestep_shift
 
     m = _make(**OPTIONS)
     assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()

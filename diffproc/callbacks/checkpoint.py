@@ -10,10 +10,12 @@ from weakref import proxy
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from diffproc.callbacks import lightning_api
 
@@ -178,9 +180,6 @@ def mark_resume_in_tensorboard(trainer: L.Trainer, step: int) -> None:
     duplicated steps. Rank 0 only (the only rank that logs)."""
     if trainer.global_rank != 0:
         return
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             writer = logger.experiment

@@ -14,7 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities import cloud_io
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from torch.utils.tensorboard import SummaryWriter
 
 #: (object it lives on, private attribute path, the diffproc code that needs it)
 PRIVATE: tuple[tuple[str, str, str], ...] = (
@@ -93,17 +96,11 @@ def tensorboard_add_event(writer: Any, event: Any) -> None:
 
 def is_local_path(path: Any) -> bool:
     """Whether ``path`` is on the local file system (not ``s3://``, ``gs://``, ...), as Lightning decides it."""
-    from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-
-    return bool(_is_local_file_protocol(path))
+    return bool(cloud_io._is_local_file_protocol(path))
 
 
 def missing() -> list[str]:
     """Every entry of :data:`PRIVATE` the installed Lightning / TensorBoard lacks, as an actionable line."""
-    from lightning.fabric.utilities import cloud_io
-    from lightning.pytorch.cli import LightningCLI
-    from torch.utils.tensorboard import SummaryWriter
-
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1)
     owners = {"Trainer": trainer, "ModelCheckpoint": ModelCheckpoint(), "SummaryWriter": SummaryWriter,

@@ -9,7 +9,7 @@ Lightning's weight averaging deep-copies the module, and checkpoints would carry
 
 Sampling is split disjointly across ranks: batch ``b`` covers global sample indices
 ``[b*batch_size, (b+1)*batch_size)`` and runs on rank ``b % world_size``; sample ``i`` draws all its
-noise from ``(seed, i)`` (:class:`~diffproc.processes.base.PerSampleGenerator`). So the samples (and,
+noise from ``(seed, i)`` (:class:`~diffproc.processes.rng.PerSampleGenerator`). So the samples (and,
 since the metric states are synced and sorted by index, the numbers) depend neither on the batch size
 nor on the number of ranks.
 
@@ -34,6 +34,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
 from diffproc.callbacks.sample_grid import check_sampling
 from diffproc.metrics.features import build_extractor
@@ -161,8 +163,6 @@ class _MetricsBase(L.Callback):
         suite.reset()
         world, rank = trainer.world_size, trainer.global_rank
         starts = list(range(0, num_samples, self.batch_size))[rank::world]
-        from tqdm.auto import tqdm
-
         if self.progress and hasattr(pl_module, "planned_nfe"):
             rank_zero_info(f"{desc}: {num_samples} images x {pl_module.planned_nfe(self.num_steps, self.solver)} "
                            f"network evaluations ({self.solver or pl_module.solver}), batches of {self.batch_size} "
@@ -304,8 +304,6 @@ class TestMetricsCallback(_MetricsBase):
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / self.output).write_text(json.dumps(self.results, indent=2) + "\n")
             if first is not None:
-                from torchvision.utils import save_image
-
                 save_image((first + 1) / 2, out_dir / "samples.png", nrow=max(1, int(math.sqrt(len(first)))), padding=1)
             missing = "".join(f"; {m}: unavailable ({r})" for m, r in self.suite.unavailable.items())
             rank_zero_info(f"metrics -> {out_dir / self.output}: " + format_blocks(agg, len(blocks)) + missing)

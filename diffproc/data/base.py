@@ -11,11 +11,13 @@ Also here: PIL decoding (``convert("RGB")``), antialiased resizing, the file-lis
 
 from __future__ import annotations
 
+import io
 import math
 import multiprocessing
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence, Sized
+from multiprocessing import context
 from pathlib import Path
 from typing import Literal
 
@@ -68,8 +70,6 @@ def missing_dataset_error(dataset: str, expected: Path | str, layout: str, downl
 
 def decode_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """Decode a file path or encoded bytes to an RGB PIL image; failures raise :class:`CorruptImageError`."""
-    import io
-
     label = name if name is not None else str(source)
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
@@ -154,7 +154,6 @@ class _SkipCounter:
     def __getstate__(self) -> dict:
         # shared with processes being started (DataLoader workers, spawn); a plain pickle/deepcopy
         # gets an independent counter starting at the current total
-        from multiprocessing import context
         if context.get_spawning_popen() is not None:
             return {"value": self.value}
         return {"count": self.total}

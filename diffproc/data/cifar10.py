@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.datasets import CIFAR10
 
 from diffproc.data.base import ImageDataModule, TensorImageDataset, missing_dataset_error, resize_uint8
 
@@ -69,7 +70,6 @@ class CIFAR10DataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
-            from torchvision.datasets import CIFAR10
             CIFAR10(str(self.root), train=True, download=True)
 
     def _check(self) -> None:

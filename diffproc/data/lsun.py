@@ -23,16 +23,22 @@ from torch.utils.data import Dataset
 from diffproc.data.base import (CorruptImageError, ImageDataModule, OnCorrupt, SkippingDataset, decode_image,
                                 missing_dataset_error, pil_to_tensor, resize_shorter_center_crop)
 
+try:  # the optional extra ``lsun``: without it the module imports, and reading LSUN says what to install (_lmdb)
+    import lmdb
+    _LMDB_MISSING: ImportError | None = None
+except ImportError as err:
+    lmdb = None
+    _LMDB_MISSING = err
+
 LAYOUT = """<root>/lsun/                     (or <root>/ directly)
     <category>_train_lmdb/data.mdb      e.g. church_outdoor_train_lmdb/, bedroom_train_lmdb/
     <category>_val_lmdb/data.mdb"""
 
 
 def _lmdb():
-    try:
-        import lmdb
-    except ImportError as err:
-        raise ImportError("LSUN needs the lmdb package: pip install diffproc[lsun]  (or: pip install lmdb)") from err
+    if lmdb is None:
+        raise ImportError("LSUN needs the lmdb package: pip install diffproc[lsun]  (or: pip install lmdb)") \
+            from _LMDB_MISSING
     return lmdb
 
 

@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 
 from diffproc.data.base import (CorruptImageError, DatasetNotFoundError, ImageDataModule, TensorImageDataset,
@@ -195,7 +196,6 @@ class MNISTDataModule(ImageDataModule):
 
     def prepare_data(self) -> None:
         if self.download:
-            import torchvision.datasets as tvd
             getattr(tvd, self.torchvision_dir)(str(self.root), train=True, download=True)
             getattr(tvd, self.torchvision_dir)(str(self.root), train=False, download=True)
 

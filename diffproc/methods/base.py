@@ -10,6 +10,9 @@ The module is *given* its process (``diffproc.processes``), in a config by class
 The process's signature is the only config surface of its math; the training step is the process loss,
 sampling is the process's reverse steps. A subclass exists only for what a paper adds beyond a process
 (:class:`~diffproc.methods.gddm.GDDM`). No method copies a loop.
+
+Room ``methods``: imports ``nets`` (the backbone and its speed options), ``samplers`` and ``processes``; never
+``callbacks`` or ``interop``.
 """
 
 from __future__ import annotations
@@ -17,217 +20,27 @@ from __future__ import annotations
 import copy
 import math
 import os
-from typing import Any, Callable, Literal, Optional, Sequence
+import time
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
-from diffusers import UNet2DModel
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid, save_image
 
+from diffproc.errors import ConfigError
 from diffproc.methods.sdedit import sdedit_predict_step
 from diffproc.nets.precond import Denoiser, Head, make_head
-from diffproc.processes.base import DiffusionProcess, build_process, seeded_generator
-from diffproc.processes.ddpm import DDPMProcess
+from diffproc.nets.speed import (COMPILE_MODES, CUDAGRAPH_MODES, CompileMode, _optimizer_load_flags,
+                                 _optimizer_match_layout, _optimizer_state_contiguous, _unet_call, compiled_unet_call,
+                                 to_channels_last)
+from diffproc.nets.unet import build_unet, diffusers_timestep_shift, load_diffusers_unet, shift_time_input
+from diffproc.processes.base import DiffusionProcess, build_process
+from diffproc.processes.rng import seeded_generator, train_batch_seed
 from diffproc.samplers import NFE_PER_STEP, TIME_GRIDS, SampleResult, sample_loop, sampling_grid
 
-#: a small CPU-friendly default backbone (overridden by every paper config)
-DEFAULT_UNET: dict[str, Any] = {
-    "block_out_channels": [32, 64, 64],
-    "layers_per_block": 1,
-    "attention_resolutions": [],
-    "dropout": 0.0,
-}
-
-
-class ConfigError(ValueError):
-    """A configuration the user must change; the CLI prints its message without a traceback."""
-
-
-# --- speed options (issue 20): compile, channels-last, fused AdamW ------------------------------------
-#: ``torch.compile`` modes of ``compile_train`` / ``compile_sample`` ("none": eager)
-CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-#: modes that capture CUDA graphs on CUDA (their outputs are overwritten by the next replay: cloned)
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def train_batch_seed(seed: int, rank: int, batch: int) -> int:
-    """A 64-bit seed for training batch ``batch`` of DDP rank ``rank`` in a run seeded with ``seed``
-    (a linear mix with SplitMix64's odd constants: neighbouring batches, ranks and seeds get unrelated
-    streams)."""
-    return (seed * 0x9E3779B97F4A7C15 + (rank + 1) * 0xBF58476D1CE4E5B9 + batch * 0x94D049BB133111EB) % 2**64
-
-
-def _unet_call(net: nn.Module, z: Tensor, t: Tensor) -> Tensor:
-    """One backbone evaluation, output in the input's dtype (fp32 under bf16/fp16 autocast: the process
-    math after the network stays in full precision)."""
-    return net(z, t).sample.to(z.dtype)
-
-
-_COMPILED: dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]] = {}
-
-
-def compiled_unet_call(mode: str) -> Callable[[nn.Module, Tensor, Tensor], Tensor]:
-    """:func:`_unet_call` under ``torch.compile(mode=mode)``, one per mode and process. The module is an
-    argument, not a wrapped attribute: no ``OptimizedModule`` replaces ``self.unet``, so state-dict keys,
-    EMA copies and checkpoints are the eager ones (no ``_orig_mod.`` prefixes)."""
-    if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(_unet_call, mode=None if mode == "default" else mode)
-    return _COMPILED[mode]
-
-
-def _contiguous_state_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` post-hook of channels-last modules: their 4-D weights are saved contiguous, so a
-    checkpoint (and a safetensors export, which refuses strided tensors) does not depend on the option."""
-    for name in list(module._parameters) + list(module._buffers):
-        v = state_dict.get(prefix + name)
-        if isinstance(v, Tensor) and not isinstance(v, nn.Parameter) and not v.is_contiguous():
-            state_dict[prefix + name] = v.contiguous()
-
-
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """``module`` with its 4-D parameters and buffers in channels-last memory format (in place), saving them
-    contiguous (:func:`_contiguous_state_hook`). Values and state-dict keys do not change; idempotent."""
-    module.to(memory_format=torch.channels_last)
-    for m in module.modules():
-        if getattr(m, "_diffproc_contiguous_state", False):
-            continue
-        if any(t is not None and t.dim() == 4 for t in list(m._parameters.values()) + list(m._buffers.values())):
-            m.register_state_dict_post_hook(_contiguous_state_hook)
-            m._diffproc_contiguous_state = True
-    return module
-
-
-def _optimizer_state_contiguous(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
-    """Optimizer ``state_dict`` post-hook: moments saved contiguous whatever the parameters' memory format
-    (new dicts: the live state keeps its layout)."""
-    state_dict["state"] = {k: {n: (v.contiguous() if isinstance(v, Tensor) and not v.is_contiguous() else v)
-                               for n, v in st.items()} for k, st in state_dict["state"].items()}
-    return state_dict
-
-
-def _optimizer_load_flags(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
-    """Optimizer ``load_state_dict`` pre-hook: the configured ``fused``/``foreach`` implementation wins over
-    the one recorded in the checkpoint (torch would otherwise restore the saved flags with the groups)."""
-    state_dict = dict(state_dict)
-    groups = []
-    for cur, saved in zip(optimizer.param_groups, state_dict["param_groups"]):
-        saved = dict(saved)
-        for key in ("fused", "foreach"):
-            if key in cur:
-                saved[key] = cur[key]
-        groups.append(saved)
-    state_dict["param_groups"] = groups + list(state_dict["param_groups"][len(groups):])
-    return state_dict
-
-
-def _optimizer_match_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Optimizer ``load_state_dict`` post-hook: each moment takes its parameter's strides (a checkpoint of a
-    contiguous run resumed channels-last, or the reverse; fused kernels need equal layouts)."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p)
-            for n, v in (st or {}).items():
-                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                    st[n] = torch.empty_strided(p.shape, p.stride(), dtype=v.dtype, device=v.device).copy_(v)
-
-
-
-def build_unet(config: Optional[dict], image_size: int, in_channels: int, out_channels: int) -> UNet2DModel:
-    """diffusers ``UNet2DModel`` from a compact config dict.
-
-    Keys: ``block_out_channels`` (one width per resolution level), ``layers_per_block``,
-    ``attention_resolutions`` (feature-map sizes in pixels that get self-attention, DDPM style: e.g.
-    ``[16]``), ``dropout``, ``norm_num_groups`` (default: largest of 32/16/8/4 dividing every width),
-    ``attention_head_dim``; any other key is passed to ``UNet2DModel`` unchanged.
-    """
-    cfg = dict(DEFAULT_UNET)
-    cfg.update(config or {})
-    widths = list(cfg.pop("block_out_channels"))
-    attn = set(int(r) for r in cfg.pop("attention_resolutions", []) or [])
-    levels = len(widths)
-    factor = 2 ** (levels - 1)
-    if image_size % factor != 0:
-        raise ConfigError(
-            f"image_size={image_size} cannot go through a UNet with {levels} resolution levels "
-            f"(block_out_channels={widths}): it must be divisible by {factor}. Use an image size that "
-            f"is a multiple of {factor}, or fewer entries in model.unet.block_out_channels.")
-    resolutions = [image_size // 2**i for i in range(levels)]
-    unknown = attn - set(resolutions)
-    if unknown:
-        raise ConfigError(f"unet.attention_resolutions {sorted(unknown)} are not feature-map sizes of "
-                          f"this UNet; available: {resolutions}")
-    down = ["AttnDownBlock2D" if r in attn else "DownBlock2D" for r in resolutions]
-    up = ["AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(resolutions)]
-    groups = cfg.pop("norm_num_groups", None) or next(g for g in (32, 16, 8, 4, 2, 1)
-                                                      if all(w % g == 0 for w in widths))
-    return UNet2DModel(sample_size=image_size, in_channels=in_channels, out_channels=out_channels,
-                       block_out_channels=tuple(widths), down_block_types=tuple(down),
-                       up_block_types=tuple(up), norm_num_groups=groups, **cfg)
-
-
-def diffusers_timestep_shift(process: DiffusionProcess) -> int:
-    """Steps by which diffusers' timestep index trails this process's network time: 1 for DDPM/DDIM (diffusers'
-    ``DDPMScheduler``/``DDIMScheduler`` call the UNet with the 0-based ``t - 1`` for diffproc's ``t`` in 1..T, at
-    the same alpha-bar), 0 for every other process (no diffusers scheduler; diffproc's pipeline feeds ``model_time``
-    itself). :func:`shift_time_input` moves a UNet between the two conventions (export and ``init_from``)."""
-    return 1 if type(process) is DDPMProcess else 0
-
-
-@torch.no_grad()
-def shift_time_input(unet: UNet2DModel, shift: float) -> UNet2DModel:
-    """Make ``unet(x, t)`` compute what it computed at ``t + shift`` (in place; returns ``unet``).
-
-    The sinusoidal embedding of ``t + d`` is the embedding of ``t`` rotated by ``d * w_k`` in each (sin, cos) pair,
-    a linear map R(d), so it folds into the first layer of the time MLP: ``W <- W R(d)`` (exact up to rounding).
-    """
-    if shift == 0:
-        return unet
-    if unet.config.time_embedding_type != "positional":
-        raise ConfigError(f"cannot shift the time input of a UNet with time_embedding_type="
-                          f"{unet.config.time_embedding_type!r}; only 'positional' (sinusoidal) embeddings fold a shift")
-    proj, lin = unet.time_proj, unet.time_embedding.linear_1
-    half = proj.num_channels // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64)
-                      / (half - proj.downscale_freq_shift)) * proj.scale
-    c, s = torch.diag(torch.cos(shift * freqs)), torch.diag(torch.sin(shift * freqs))
-    sin_i, cos_i = slice(0, half), slice(half, 2 * half)
-    if proj.flip_sin_to_cos:
-        sin_i, cos_i = cos_i, sin_i
-    rot = torch.eye(proj.num_channels, dtype=torch.float64)  # an odd width's zero pad stays as it is
-    rot[sin_i, sin_i], rot[sin_i, cos_i], rot[cos_i, cos_i], rot[cos_i, sin_i] = c, s, c, -s
-    lin.weight.copy_((lin.weight.double() @ rot).to(lin.weight.dtype))
-    return unet
-
-
-def load_diffusers_unet(path: str, image_size: int, in_channels: int, out_channels: int) -> UNet2DModel:
-    """The ``UNet2DModel`` of a diffusers folder: a model's ``save_pretrained`` folder (``config.json`` + weights)
-    or a pipeline folder with ``unet/`` (e.g. from ``python -m diffproc.export``), checked against the geometry the
-    process needs."""
-    root = os.path.expanduser(str(path))
-    sub = next((d for d in ("", "unet") if os.path.isfile(os.path.join(root, d, "config.json"))), None)
-    if sub is None:
-        what = "does not exist" if not os.path.exists(root) else "has no config.json (nor unet/config.json)"
-        raise ConfigError(f"init_from={path} {what}: pass a diffusers model folder, as written by "
-                          "UNet2DModel.save_pretrained (config.json + diffusion_pytorch_model.safetensors), or a "
-                          "pipeline folder with a unet/ subfolder (python -m diffproc.export).")
-    cfg = UNet2DModel.load_config(root, subfolder=sub or None)
-    if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ConfigError(f"init_from={path}: the folder holds a {cfg['_class_name']}, diffproc's backbone is a "
-                          "UNet2DModel")
-    bad = [f"{k}={cfg.get(k, 3)} (this model needs {want})"
-           for k, want in (("in_channels", in_channels), ("out_channels", out_channels)) if cfg.get(k, 3) != want]
-    size = cfg.get("sample_size")  # None: a fully convolutional UNet of any size
-    if size is not None and list([size] * 2 if isinstance(size, int) else size) != [image_size] * 2:
-        bad.append(f"sample_size={size} (this model needs {image_size})")
-    if bad:
-        raise ConfigError(f"init_from={path}: the UNet does not fit this model: {', '.join(bad)}. Set data.image_size "
-                          "/ data.channels (and the method options that set the channel counts) to the folder's, or "
-                          "export a UNet of this geometry.")
-    return UNet2DModel.from_pretrained(root, subfolder=sub or None).float()
 
 
 def images_of(batch: Any) -> Tensor:
@@ -277,7 +90,7 @@ class DiffusionModule(L.LightningModule):
             σ_data spectrum, from the first training images when a fit starts) are in the checkpoint.
         image_size, channels: image geometry (linked from the DataModule by the CLI), also given to the
             process (:meth:`~DiffusionProcess.set_geometry`).
-        unet: backbone config, see :func:`build_unet`.
+        unet: backbone config, see :func:`~diffproc.nets.unet.build_unet`.
         lr, weight_decay, betas: AdamW. ``warmup_steps``: linear LR warm-up; ``lr_schedule``
             ``constant`` or ``cosine`` (decays to 0 over the Trainer's total steps).
         ema_decay: EMA of the weights (0 disables); ``ema_warmup`` uses
@@ -291,13 +104,14 @@ class DiffusionModule(L.LightningModule):
             docs/results/gaussian_w2; on real images per process, docs/results/real_fmnist).
         predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
         seed: base seed of sampling in predict/test: sample ``i`` draws all its noise from ``(seed, i)``
-            (:class:`~diffproc.processes.base.PerSampleGenerator`), whatever the batch size or rank count.
+            (:class:`~diffproc.processes.rng.PerSampleGenerator`), whatever the batch size or rank count.
         init_from: weights to start from, one option for both sources:
             a diffusers model folder (``UNet2DModel.save_pretrained``, or a pipeline folder with ``unet/``
-            such as ``python -m diffproc.export`` writes): its UNet, architecture and weights, replaces the one
-            ``unet`` describes, and starts the EMA. Channels and sample size must fit the process. DDPM/DDIM take
-            diffusers' 0-based timesteps into account (:func:`diffusers_timestep_shift`). Keep it in the config
-            of later ``test``/``predict`` runs: it fixes the architecture that the checkpoint's weights load into.
+            such as ``python -m diffproc.interop.export`` writes): its UNet, architecture and weights, replaces the
+            one ``unet`` describes, and starts the EMA. Channels and sample size must fit the process. DDPM/DDIM take
+            diffusers' 0-based timesteps into account (:func:`~diffproc.nets.unet.diffusers_timestep_shift`). Keep it
+            in the config of later ``test``/``predict`` runs: it fixes the architecture that the checkpoint's weights
+            load into.
             Or a diffproc checkpoint file (``.ckpt``): its weights (raw and EMA, no optimiser state) initialise
             a fresh ``fit`` of the same configuration; ignored when the fit resumes with ``--ckpt_path``
             (GDDM's two-stage Poisson-net recipe uses it).
@@ -574,8 +388,6 @@ class DiffusionModule(L.LightningModule):
     def seconds_per_evaluation(self, num: int) -> float:
         """Wall time of one network evaluation on ``num`` images (the EMA weights, at the first time of
         the sampling grid), measured once: what sizing a sampling job against a time budget needs."""
-        import time
-
         net = self.sampling_net
         was_training = net.training
         net.eval()

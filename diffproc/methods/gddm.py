@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffproc.methods.base import ConfigError, DiffusionModule, as_process, build_unet
-from diffproc.processes.base import randn_like
+from diffproc.errors import ConfigError
+from diffproc.methods.base import DiffusionModule, as_process
+from diffproc.nets.unet import build_unet
 from diffproc.processes.gradient import GradientDomainProcess
+from diffproc.processes.rng import randn_like
 
 #: default Poisson network: about a tenth of the DDPM CelebA backbone
 DEFAULT_POISSON_NET: dict[str, Any] = {
@@ -97,7 +99,7 @@ class GDDM(DiffusionModule):
     Args:
         reconstruction: ``dct`` — exact Neumann Poisson solve (default, parameter-free); ``poisson_net`` —
             the paper's Poisson U-Net (with ``poisson_residual`` it corrects the DCT solve).
-        poisson_net: UNet config of the Poisson network (:func:`build_unet` keys); built when
+        poisson_net: UNet config of the Poisson network (:func:`~diffproc.nets.unet.build_unet` keys); built when
             ``reconstruction="poisson_net"`` or the process's ``dc_mode="poisson_net"``. Its last conv is
             zero-initialised.
         poisson_net_stage: ``separate`` (default) — this run trains the diffusion UNet only, the Poisson

@@ -8,57 +8,25 @@ to a process, so the DDPM baseline (or any method) runs the same comparison with
 Hijack time: ``t0 = strength · t_max`` in the process's own time units, ``t_max`` the first time of the
 full chain (T for DDPM/EPDM; rounded for integer grids); ``strength = 0`` returns the guide, ``strength = 1`` starts
 from the (almost pure-noise) top of the chain. [recon] default ``strength = 0.5`` (§1.8: t0 = T/2).
+
+The loop itself is pure and lives with the other loops: :func:`diffproc.samplers.hijack_grid` and
+:func:`diffproc.samplers.sdedit_loop`. What stays here is the module glue: :func:`sdedit` runs them with a
+:class:`~diffproc.methods.base.DiffusionModule`'s network and decoding, :func:`sdedit_predict_step` writes the PNGs.
+Room ``methods``: imports ``samplers`` and ``processes``, never ``callbacks``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import DiffusionProcess, Denoiser, PerSampleGenerator, batch_times, randn_like
-from diffproc.samplers import SampleResult, sample_loop
-
-
-def hijack_grid(process: DiffusionProcess, strength: Optional[float] = None, t0: Any = None,
-                num_steps: Optional[int] = None) -> list:
-    """Sampling grid truncated at the hijack time: ``[t0] + [t in process.timesteps(num_steps) if t < t0]``.
-
-    Give either ``strength`` ∈ [0, 1] (fraction of the top time of the full chain,
-    ``process.timesteps(None)[0]``; T for DDPM and EPDM) or ``t0`` (process units).
-    """
-    grid = list(process.timesteps(num_steps))
-    try:  # top of the full chain (a strided grid may start below it, e.g. DDIM's 91 of T = 100)
-        t_max = max(grid[0], process.timesteps(None)[0])
-    except (TypeError, ValueError):
-        t_max = grid[0]
-    if t0 is None:
-        if strength is None or not 0.0 <= float(strength) <= 1.0:
-            raise ValueError(f"SDEdit strength must lie in [0, 1] (fraction of the chain), got {strength}")
-        t0 = float(strength) * float(t_max)
-        if isinstance(t_max, int):
-            t0 = int(round(t0))
-    if t0 > t_max or t0 < 0:
-        raise ValueError(f"SDEdit hijack time t0={t0} is outside [0, {t_max}] of {type(process).__name__}")
-    return [t0] + [t for t in grid if t < t0]
-
-
-@torch.no_grad()
-def sdedit_loop(process: DiffusionProcess, denoiser: Denoiser, z_guide: Tensor, grid: Sequence,
-                solver: Optional[str] = None, generator: Optional[torch.Generator] = None) -> SampleResult:
-    """Noise the guide (process domain) to ``grid[0]`` with ``process.forward`` and run the reverse
-    steps along ``grid`` (a grid of one time makes no step and returns the noised guide)."""
-    t0 = grid[0]
-    noise = randn_like(z_guide, generator)
-    z_init = process.forward(z_guide, batch_times(t0, z_guide.shape[0], z_guide.device), noise)
-    if len(grid) < 2:
-        return SampleResult(sample=z_init, nfe=0, timesteps=list(grid), solver=solver or process.default_solver)
-    return sample_loop(process, denoiser, tuple(z_guide.shape), solver=solver, generator=generator,
-                       z_init=z_init, timesteps=grid, desc="SDEdit")
+from diffproc.processes.rng import PerSampleGenerator
+from diffproc.samplers import SampleResult, hijack_grid, sdedit_loop
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
@@ -165,8 +166,6 @@ class InceptionExtractor(FeatureExtractor):
 
     def __init__(self, feature_extractor_weights_path: str | os.PathLike | None = None, download: bool = True):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
         weights = resolve_inception_weights(feature_extractor_weights_path, download)
         self.weights_path = str(weights)
         self.weights_sha8 = weights_sha8(weights)

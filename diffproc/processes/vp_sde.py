@@ -29,9 +29,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times, rand
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times
 from diffproc.processes.gaussian import (Basis, GaussianProcess, Variance,
                                          gaussian_reverse_sde_step)
+from diffproc.processes.rng import rand
 
 
 class VPSDEProcess(GaussianProcess):

@@ -1,4 +1,5 @@
-"""diffusers pipelines for diffproc models: the folders ``python -m diffproc.export`` writes load with diffusers' API.
+"""diffusers pipelines for diffproc models: the folders that ``python -m diffproc.interop.export`` writes load with
+diffusers' API.
 
 * DDPM/DDIM export to diffusers' own ``DDPMPipeline`` / ``DDIMPipeline`` (a ``DDPMScheduler`` config equal to
   the process); loading those needs no diffproc.
@@ -8,9 +9,13 @@
   The pipeline rebuilds the process from that config and runs diffproc's own reverse steps
   (:func:`diffproc.samplers.sample_loop`) and decoding, so it samples exactly what ``cli.py predict`` does::
 
-      from diffproc.pipelines import DiffprocPipeline
+      from diffproc.interop.pipelines import DiffprocPipeline
       pipe = DiffprocPipeline.from_pretrained("export/sie")          # diffusers' from_pretrained, offline
       images = pipe(batch_size=16, seed=0).images                       # = cli.py predict's PNGs 0..15
+
+Room ``interop``: imports ``methods`` (GDDM's decoding), ``samplers`` and ``processes``; nothing in the package
+imports it. diffusers records this module's path (``diffproc.interop.pipelines``) in an exported folder's
+``model_index.json`` and imports it when the folder is loaded.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor, nn
 
-from diffproc.methods.base import ConfigError
+from diffproc.errors import ConfigError
 from diffproc.methods.gddm import known_dc, poisson_reconstruct
 from diffproc.nets.precond import Denoiser, Head, make_head
-from diffproc.processes.base import DiffusionProcess, PerSampleGenerator, build_process, seeded_generator
+from diffproc.processes.base import DiffusionProcess, build_process
+from diffproc.processes.rng import PerSampleGenerator, seeded_generator
 from diffproc.samplers import sample_loop
 
 #: components of a module that are exported as pipeline components, besides the (EMA) UNet

@@ -1,6 +1,6 @@
 """Export a diffproc checkpoint as a folder that diffusers loads offline.
 
-    python -m diffproc.export runs/quickstart/version_0/checkpoints/last.ckpt export/quickstart [--raw]
+    python -m diffproc.interop.export runs/quickstart/version_0/checkpoints/last.ckpt export/quickstart [--raw]
 
 The folder holds
 
@@ -8,13 +8,16 @@ The folder holds
 * DDPM/DDIM: ``scheduler/`` with a ``DDPMScheduler`` config equal to the process (schedule, T, variance type,
   prediction type, clipping) and ``model_index.json`` for ``DDPMPipeline``; ``DDIMPipeline.from_pretrained`` loads
   the same folder. diffusers calls the UNet with the 0-based timestep ``t - 1`` for diffproc's ``t``: that shift is
-  folded into the exported time embedding (:func:`~diffproc.methods.base.shift_time_input`), so both pipelines
+  folded into the exported time embedding (:func:`~diffproc.nets.unet.shift_time_input`), so both pipelines
   sample what diffproc samples from the same noise (DDIM grids agree when ``num_inference_steps`` divides T);
-* every other process: :class:`~diffproc.pipelines.DiffprocPipeline` (diffproc's process and reverse steps) with a
-  :class:`~diffproc.pipelines.DiffprocScheduler` config holding the process's own config (class path and
-  arguments), plus GDDM's decoding options and Poisson network when it has one;
+* every other process: :class:`~diffproc.interop.pipelines.DiffprocPipeline` (diffproc's process and reverse steps)
+  with a :class:`~diffproc.interop.pipelines.DiffprocScheduler` config holding the process's own config (class path
+  and arguments), plus GDDM's decoding options and Poisson network when it has one;
 * ``README.md``: a model card with the method, its config, the training steps and ``metrics.json`` when found
   (next to the run's checkpoints, or ``--metrics``).
+
+Room ``interop`` (models in and out of diffproc): imports ``methods``, ``nets``, ``samplers`` and ``processes``;
+nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ import torch
 import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from diffproc.methods.base import ConfigError, DiffusionModule, diffusers_timestep_shift, shift_time_input
+from diffproc.errors import ConfigError
+from diffproc.interop.pipelines import EXTRA_COMPONENTS, DiffprocPipeline, DiffprocScheduler, state_to_config
+from diffproc.methods.base import DiffusionModule
 from diffproc.methods.gddm import GDDM
-from diffproc.pipelines import EXTRA_COMPONENTS, DiffprocPipeline, DiffprocScheduler, state_to_config
+from diffproc.nets.unet import diffusers_timestep_shift, shift_time_input
 from diffproc.processes.base import build_process
 
 PREDICTION_TYPES = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
@@ -169,7 +174,7 @@ def export_module(module: DiffusionModule, out: str | os.PathLike, method: Optio
 
 def export_checkpoint(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, raw: bool = False,
                       method: Optional[str] = None, metrics: Optional[str] = None, overwrite: bool = False) -> Path:
-    """``python -m diffproc.export`` as a function."""
+    """``python -m diffproc.interop.export`` as a function."""
     module, ckpt = load_module(ckpt_path, method)
     metrics_path = Path(metrics) if metrics else run_dir_of(ckpt_path) / "metrics.json"
     if metrics and not metrics_path.is_file():
@@ -206,10 +211,10 @@ def _usage(pipe, out_name: str) -> str:
             "`uniform` grid is then diffusers' `leading` one). diffusers calls the UNet with the 0-based "
             "timestep t-1 for diffproc's t; that shift is folded into `unet/`'s time embedding, so the UNet follows "
             "diffusers' convention and works with its other schedulers too. Per-sample seeds as `cli.py predict`: "
-            "`generator=[torch.Generator().manual_seed(diffproc.processes.base.sample_seed(seed, i)) for i in range(n)]`.")
+            "`generator=[torch.Generator().manual_seed(diffproc.processes.rng.sample_seed(seed, i)) for i in range(n)]`.")
     return (
         "```python\n"
-        "from diffproc.pipelines import DiffprocPipeline   # needs `pip install diffproc`\n\n"
+        "from diffproc.interop.pipelines import DiffprocPipeline   # needs `pip install diffproc`\n\n"
         f"pipe = DiffprocPipeline.from_pretrained(\"{out_name}\")\n"
         "images = pipe(batch_size=16, seed=0).images       # = cli.py predict's PNGs 0..15 (same seed)\n"
         "```\n\n"
@@ -261,7 +266,7 @@ def model_card(module: DiffusionModule, method: str, pipe, has_raw: bool, info: 
 
 # --- command line -----------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m diffproc.export", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m diffproc.interop.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="a diffproc checkpoint (e.g. runs/<name>/version_N/checkpoints/last.ckpt)")
     ap.add_argument("out", help="output folder (diffusers format)")
     ap.add_argument("--raw", action="store_true", help="also write the raw (non-EMA) UNet to unet_raw/")
