@@ -135,7 +135,8 @@ def trajectory(model, num: int, seed: int, device) -> dict:
     g = torch.Generator(device=device).manual_seed(seed)
     setattr(p, name, recording)
     try:
-        res = sample_loop(p, model.model_fn(net), shape, model.num_steps, model.solver, g, device)
+        res = sample_loop(p, model.model_fn(net), shape, model.sampling.num_steps, model.sampling.solver, g, device,
+                          grid=model.sampling.time_grid, ddim_eta=model.sampling.ddim_eta)
     finally:
         delattr(p, name)
     x = model.decode(res.sample)

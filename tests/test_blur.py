@@ -369,7 +369,7 @@ def test_cli_fit_and_predict(tmp_path):
     tiny = ["--trainer.logger.init_args.save_dir", str(tmp_path), "--data.init_args.num_train", "64",
             "--data.init_args.image_size", "16", "--data.init_args.batch_size", "8",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--sample_grid.num_images", "4", "--model.init_args.num_steps", "4"]
+            "--sample_grid.num_images", "4", "--model.init_args.sampling.num_steps", "4"]
     _cli("fit", "--config", "configs/blur_shapes.yaml", "--trainer.max_steps", "3", *tiny)
     run = tmp_path / "blur_shapes" / "version_0"
     ckpt = run / "checkpoints" / "last.ckpt"

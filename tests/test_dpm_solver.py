@@ -272,7 +272,7 @@ def test_epdm_refuses_with_reason():
 
 @pytest.mark.parametrize("solver", MULTISTEP_SOLVERS)
 def test_module_sample_through_diffusion_module(solver):
-    """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.solver``): exact
+    """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.sampling.solver``): exact
     NFE, and the same images whatever the batch split (per-sample noise of the SDE variant)."""
     from diffproc.methods.base import ConfigError, DiffusionModule
 

@@ -463,7 +463,7 @@ def _fit(tmp, config="configs/epdm_shapes.yaml", extra=()):
     _cli(["fit", "--config", config, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
           "--trainer.logger.init_args.save_dir", str(tmp), "--data.init_args.num_train", "32",
           "--data.init_args.image_size", "8", "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1",
-          "--sample_grid.num_images", "2", "--model.init_args.num_steps", "3",
+          "--sample_grid.num_images", "2", "--model.init_args.sampling.num_steps", "3",
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--trainer.enable_progress_bar", "false", *extra], tmp)
     ckpts = list(Path(tmp).glob("*/version_0/checkpoints/last.ckpt"))
@@ -477,8 +477,8 @@ def _sdedit_predict(tmp, ckpt, config, out, extra=()):
     _cli(["predict", "--config", config, "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(tmp),
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--data", "diffproc.data.strokes.StrokesDataModule", "--data.image_size", "8", "--data.strokes_from",
-          "shapes", "--data.num", "3", "--data.batch_size", "2", "--data.strength", "0.4",
-          "--model.init_args.num_steps", "3", "--model.init_args.predict_dir", str(out),
+          "shapes", "--data.num", "3", "--data.batch_size", "2", "--model.init_args.sampling.strength", "0.4",
+          "--model.init_args.sampling.num_steps", "3", "--model.init_args.predict_dir", str(out),
           "--trainer.enable_progress_bar", "false", *extra], tmp)
 
 
@@ -502,7 +502,7 @@ def test_cli_unconditional_guide_dir_and_ddpm_baseline(tmp_path):
     _cli(["predict", "--config", "configs/epdm_shapes.yaml", "--ckpt_path", str(ckpt),
           "--trainer.logger.init_args.save_dir", str(tmp_path / "e"), "--data.init_args.image_size", "8",
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
-          "--model.init_args.predict_num_samples", "3", "--model.init_args.num_steps", "3",
+          "--model.init_args.predict_num_samples", "3", "--model.init_args.sampling.num_steps", "3",
           "--model.init_args.predict_dir", str(tmp_path / "unc"), "--trainer.enable_progress_bar", "false"], tmp_path)
     assert sorted(p.name for p in (tmp_path / "unc").glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
     paint = tmp_path / "paintings"
@@ -512,11 +512,11 @@ def test_cli_unconditional_guide_dir_and_ddpm_baseline(tmp_path):
           "--trainer.logger.init_args.save_dir", str(tmp_path / "e"),
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--data", "diffproc.data.strokes.StrokesDataModule", "--data.image_size", "8", "--data.guide_dir", str(paint),
-          "--model.init_args.predict_dir", str(tmp_path / "gd"), "--model.init_args.num_steps", "3",
+          "--model.init_args.predict_dir", str(tmp_path / "gd"), "--model.init_args.sampling.num_steps", "3",
           "--trainer.enable_progress_bar", "false"], tmp_path)
     assert (tmp_path / "gd" / "sky_result.png").is_file() and (tmp_path / "gd" / "sky_guide.png").is_file()
     # the DDPM baseline: same data and SDEdit command, only the process differs
-    ddpm = ("--model.init_args.process", "diffproc.processes.ddpm.DDPMProcess", "--model.init_args.solver", "ddim")
+    ddpm = ("--model.init_args.process", "diffproc.processes.ddpm.DDPMProcess", "--model.init_args.sampling.solver", "ddim")
     dckpt = _fit(tmp_path / "d", extra=ddpm)
     _sdedit_predict(tmp_path / "d", dckpt, "configs/epdm_shapes.yaml", tmp_path / "dd", extra=ddpm)
     assert (tmp_path / "dd" / "test_000002_result.png").is_file()

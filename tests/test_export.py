@@ -178,7 +178,7 @@ def test_generic_export_samples_like_cli_predict(tmp_path, name, cls, kw):
     # and cli.py predict itself: its 8-bit PNGs lie within half a level of the pipeline's images
     pred = tmp_path / "pred"
     cli_main(["predict", "--config", str(_predict_config(module, tmp_path / "cfg.yaml")), "--ckpt_path", str(ckpt),
-              "--model.init_args.seed", str(seed), "--model.init_args.predict_num_samples", str(n),
+              "--model.init_args.sampling.seed", str(seed), "--model.init_args.predict_num_samples", str(n),
               "--model.init_args.predict_batch_size", "2", "--model.init_args.predict_dir", str(pred)])
     png = torch.stack([torch.from_numpy(np.asarray(Image.open(pred / f"{i:06d}.png").convert("RGB"), dtype=np.float32))
                        .permute(2, 0, 1) / 255 for i in range(n)])

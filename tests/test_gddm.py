@@ -451,7 +451,7 @@ def _fit(config: str, tmp: Path, extra: list[str] = ()) -> Path:
           "--data.init_args.num_val", "8", "--data.init_args.image_size", "16",
           "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "2",
           "--trainer.val_check_interval", "3", "--sample_grid.num_images", "4",
-          "--model.init_args.num_steps", "3", "--gddm_diagnostics.num_steps", "2",
+          "--model.init_args.sampling.num_steps", "3", "--gddm_diagnostics.sampling.num_steps", "2",
           "--gddm_diagnostics.num", "2", "--trainer.enable_progress_bar", "false", *extra], tmp)
     runs = sorted(glob.glob(str(tmp / "*" / "version_*")))
     assert runs, "no run directory written"
@@ -533,7 +533,7 @@ def test_cli_separate_poisson_stage_and_test(tmp_path):
           "--trainer.logger.init_args.save_dir", str(tmp_path / "t"), "--data.init_args.image_size", "16",
           "--data.init_args.num_test", "8", "--data.init_args.batch_size", "8",
           "--model.init_args.reconstruction", "poisson_net", "--model.init_args.poisson_net", str(TINY),
-          "--gddm_diagnostics.num_steps", "2", "--gddm_diagnostics.num", "2",
+          "--gddm_diagnostics.sampling.num_steps", "2", "--gddm_diagnostics.num", "2",
           "--metrics.num_samples", "0", "--trainer.enable_progress_bar", "false"], tmp_path)
     runs = glob.glob(str(tmp_path / "t" / "*" / "version_*"))
     s = _scalars(Path(runs[0]))

@@ -432,7 +432,7 @@ def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
     ckpt = run0 / "checkpoints" / "last.ckpt"
     run_cli("test", *common, "--ckpt_path", str(ckpt), "--metrics.num_samples", "40",
             "--metrics.batch_size", "16", "--metrics.cache_dir", str(cache), "--metrics.progress", "false",
-            "--model.init_args.num_steps", "2", "--metrics.seeds", "0,40")
+            "--model.init_args.sampling.num_steps", "2", "--metrics.seeds", "0,40")
     files = list((tmp_path / "quickstart").glob("version_*/metrics.json"))
     assert len(files) == 1, files
     row = json.loads(files[0].read_text())

@@ -52,7 +52,7 @@ def test_predict_same_images_for_batch_sizes_and_ranks(tmp_path):
     """``cli.py predict`` writes the same PNGs for predict_batch_size 1, 7 and 64 and for 1 vs 2 DDP
     ranks (CPU gloo)."""
     base = ["--config", "configs/quickstart.yaml", *TINY, "--trainer.logger.init_args.save_dir", str(tmp_path),
-            "--model.init_args.solver", "ancestral"]
+            "--model.init_args.sampling.solver", "ancestral"]
     run_cli("fit", *base, "--trainer.max_steps", "2", timeout=600)
     ckpt = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     n, got = 9, {}

@@ -278,8 +278,8 @@ def fitted_run(tmp_path_factory):
               "--trainer.val_check_interval", "3", "--trainer.logger.init_args.save_dir", str(tmp),
               "--data.init_args.num_train", "32", "--data.init_args.image_size", "8",
               "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1",
-              "--sample_grid.num_images", "2", "--model.init_args.num_steps", "2",
-              "--model.init_args.solver", "heun", "--trainer.enable_progress_bar", "false",
+              "--sample_grid.num_images", "2", "--model.init_args.sampling.num_steps", "2",
+              "--model.init_args.sampling.solver", "heun", "--trainer.enable_progress_bar", "false",
               "--model.init_args.unet", '{"block_out_channels": [8, 16], "layers_per_block": 1}'], ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list(tmp.glob("*/version_*"))
