@@ -16,7 +16,7 @@ import torch
 
 from diffproc.processes.blur import F_TYPES, BlurProcess, blur_schedule, official_layout_quirk
 from diffproc.processes.ddpm import DDPMProcess, make_betas
-from diffproc.samplers import sample_loop
+from diffproc.samplers import SamplingSpec, sample_loop
 
 REPO = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -322,7 +322,8 @@ def test_range_handling():
         assert p.x0_range == (lo, 1.0)
 
     m = DiffusionModule(process=BlurProcess(num_timesteps=20), image_size=8, channels=3,
-                        unet={"block_out_channels": [8, 16]}, ema_decay=0.0, solver="official").double()
+                        unet={"block_out_channels": [8, 16]}, ema_decay=0.0,
+                        sampling=SamplingSpec(solver="official")).double()
     seen = {}
 
     class Spy(torch.nn.Module):

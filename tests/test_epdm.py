@@ -15,7 +15,7 @@ from diffproc.data.strokes import StrokesDataModule, kmeans_colors
 from diffproc.methods.sdedit import hijack_grid, sdedit, sdedit_loop
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import TRANSITIONS, EdgePreservingProcess
-from diffproc.samplers import sample_loop
+from diffproc.samplers import SamplingSpec, sample_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -310,19 +310,20 @@ def test_ddim_keeps_the_noise_of_an_exact_denoiser():
 def test_ddim_eta_one_is_the_ancestral_step(lambda_for_s):
     """DDIM(η=1) with ε̂ consistent with x̂0 is the posterior step (same noise draw): the DDIM family of
     the core and EPDM's per-pixel posterior agree, quirk flag included."""
-    p = EdgePreservingProcess(num_timesteps=200, lambda_for_s=lambda_for_s, eta=1.0)
+    p = EdgePreservingProcess(num_timesteps=200, lambda_for_s=lambda_for_s)
     x = rand_image(3, (2, 3, 8, 8))
     for t, s in ((200, 180), (120, 119), (60, 20), (5, 1)):
         a = p.reverse_step(_reference_model, x, t, s, solver="ancestral", generator=torch.Generator().manual_seed(t))
-        d = p.reverse_step(_reference_model, x, t, s, solver="ddim", generator=torch.Generator().manual_seed(t))
+        d = p.reverse_step(_reference_model, x, t, s, solver="ddim", generator=torch.Generator().manual_seed(t),
+                           ddim_eta=1.0)
         torch.testing.assert_close(a, d, rtol=0, atol=1e-10)
 
 
 def test_module_samples_with_ddim_and_eta():
-    m = tiny_epdm(solver="ddim", eta=0.5, num_steps=4)
-    res = m.sample(3, seed=0, progress=False)
+    m = tiny_epdm(solver="ddim", ddim_eta=0.5, num_steps=4)
+    res = m.sample(3, SamplingSpec(seed=0), progress=False)
     assert res.solver == "ddim" and res.nfe == 4 and res.images.shape == (3, 3, 8, 8)
-    again = m.sample(3, seed=0, progress=False, solver="ancestral")
+    again = m.sample(3, SamplingSpec(seed=0, solver="ancestral"), progress=False)
     assert again.nfe == 4 and not torch.equal(res.images, again.images)
 
 
@@ -386,11 +387,12 @@ def test_sdedit_with_module():
     torch.manual_seed(0)
     m = tiny_epdm(num_steps=5)
     guides = rand_image(3, (2, 3, 8, 8)).float()
-    res = sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1))
-    x, y = res.images, sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1)).images
+    res = sdedit(m, guides, SamplingSpec(strength=0.5), generator=torch.Generator().manual_seed(1))
+    x, y = res.images, sdedit(m, guides, SamplingSpec(strength=0.5), generator=torch.Generator().manual_seed(1)).images
     assert x.shape == guides.shape and torch.equal(x, y) and x.abs().max() <= 1
     assert res.nfe == 3  # grid [10, 7, 5, 1]: 5-step chain truncated at t0 = 10
-    assert torch.equal(sdedit(m, guides, strength=0.0).images, guides)
+    assert torch.equal(sdedit(m, guides, SamplingSpec(strength=0.0)).images, guides)
+    assert torch.equal(sdedit(m, guides).images, sdedit(m, guides, SamplingSpec(seed=0)).images)  # default: 0.5, seed 0
     with pytest.raises(ValueError, match="guides must be"):
         sdedit(m, guides[:, :, :4, :4])
 

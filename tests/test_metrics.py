@@ -279,18 +279,16 @@ from diffproc.callbacks.metrics import TestMetricsCallback
 
 class Dummy(L.LightningModule):
     """sample(): real train images blended with generator noise (deterministic per generator)."""
-    num_steps, solver = 7, "ddim"
-
     def __init__(self, fail=False):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.fail = fail
 
-    def sample(self, num, num_steps=None, solver=None, generator=None, progress=True, seed=None, indices=None):
+    def sample(self, num, spec=None, generator=None, progress=True, indices=None):
         from diffproc.processes.base import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
         assert not self.fail, "sampling started before the metric set-up failed"
-        g = PerSampleGenerator(seed, indices)
+        g = PerSampleGenerator(spec.seed or 0, indices)
         pool = self.trainer.datamodule.dataset("train").images[:64].float() / 127.5 - 1
         idx = (rand((num,), g) * 64).long()
         noise = rand((num, 3, 16, 16), g) * 2 - 1
@@ -486,24 +484,25 @@ def test_inception_extractor_plumbing_with_random_weights(tmp_path, monkeypatch)
 class _BlendModel(torch.nn.Module):
     """Stand-in for a trained DiffusionModule: sample i = train image blended with noise drawn from (seed, i)."""
 
-    solver, num_steps = "ddim", 2
-
     def __init__(self, dm):
         super().__init__()
         from types import SimpleNamespace
 
+        from diffproc.samplers import SamplingSpec
+
+        self.sampling = SamplingSpec(solver="ddim", num_steps=2)
         self.unet = torch.nn.Linear(1, 1)
         self.process = SimpleNamespace(solvers=("ddim",), default_solver="ddim", timesteps=lambda n: torch.arange(11))
         self.pool = dm.dataset("train").images[:64].float() / 127.5 - 1
 
-    def sample(self, num, num_steps=None, solver=None, progress=True, use_ema=True, seed=None, indices=None, **kw):
+    def sample(self, num, spec, progress=True, use_ema=True, indices=None, **kw):
         from diffproc.processes.base import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
 
-        g = PerSampleGenerator(seed, indices)
+        g = PerSampleGenerator(spec.seed, indices)
         idx = (rand((num,), g) * 64).long()
         x = (0.7 * self.pool[idx] + 0.3 * (rand((num, 3, 16, 16), g) * 2 - 1)).clamp(-1, 1)
-        return SampleResult(sample=x, nfe=num_steps, images=x)
+        return SampleResult(sample=x, nfe=spec.num_steps, images=x)
 
 
 def test_compare_seed_blocks_rows_and_table(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from diffproc.methods.base import DiffusionModule
 from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.base import PerSampleGenerator, randn, sample_seed
+from diffproc.samplers import SamplingSpec
 
 
 def test_per_sample_generator_rows_do_not_depend_on_the_batch():
@@ -33,13 +34,14 @@ def test_module_sample_is_batch_independent(solver):
     """Every step's noise (ancestral) and the prior come from (seed, index): splitting 9 samples into
     batches of 1 + 7 + 1 gives the same images as one batch of 9."""
     torch.manual_seed(0)
-    m = DiffusionModule(process=DDPMProcess(num_timesteps=50, eta=0.5), image_size=8, channels=3, ema_decay=0,
-                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6)
-    whole = m.sample(9, seed=11, progress=False).images
-    parts = torch.cat([m.sample(len(ix), seed=11, indices=ix, progress=False).images
+    m = DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3, ema_decay=0,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1},
+                        sampling=SamplingSpec(solver=solver, num_steps=6, ddim_eta=0.5))
+    whole = m.sample(9, SamplingSpec(seed=11), progress=False).images
+    parts = torch.cat([m.sample(len(ix), SamplingSpec(seed=11), indices=ix, progress=False).images
                        for ix in ([0], list(range(1, 8)), [8])])
     torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
-    other = m.sample(9, seed=12, progress=False).images
+    other = m.sample(9, SamplingSpec(seed=12), progress=False).images
     assert (other - whole).abs().max() > 0.1
 
 
@@ -125,13 +127,16 @@ def test_sample_grid_is_sized_to_the_cpu_budget(monkeypatch):
     from diffproc.callbacks.sample_grid import SampleGrid
 
     tiny = dict(image_size=8, channels=3, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1})
-    m = DiffusionModule(process=DDPMProcess(num_timesteps=100), solver="ddim", num_steps=50, **tiny)
+    m = DiffusionModule(process=DDPMProcess(num_timesteps=100), sampling=SamplingSpec(solver="ddim", num_steps=50),
+                        **tiny)
     monkeypatch.setattr(type(m), "seconds_per_evaluation", lambda self, n: 0.01 * n)  # 10 ms per image and NFE
-    assert SampleGrid(num_images=16, cpu_budget_seconds=100).size(m) == (16, None, None)  # 8 s: as configured
-    assert SampleGrid(num_images=64, cpu_budget_seconds=10).size(m) == (20, None, None)  # 64 x 50 x 10 ms = 32 s
-    assert SampleGrid(num_images=64, cpu_budget_seconds=1).size(m) == (4, 25, None)  # 4 images x 25 steps = 1 s
-    assert SampleGrid(num_images=64, cpu_budget_seconds=0).size(m) == (64, None, None)  # 0 = no budget
+    spec = m.sampling
+    assert SampleGrid(num_images=16, cpu_budget_seconds=100).size(m) == (16, spec)  # 8 s: as configured
+    assert SampleGrid(num_images=64, cpu_budget_seconds=10).size(m) == (20, spec)  # 64 x 50 x 10 ms = 32 s
+    num, small = SampleGrid(num_images=64, cpu_budget_seconds=1).size(m)  # 4 images x 25 steps = 1 s
+    assert (num, small.num_steps, small.solver) == (4, 25, "ddim")
+    assert SampleGrid(num_images=64, cpu_budget_seconds=0).size(m) == (64, spec)  # 0 = no budget
     b = DiffusionModule(process=BlurProcess(num_timesteps=100), **tiny)  # solver "official": 99 steps, full chain only
     monkeypatch.setattr(type(b), "seconds_per_evaluation", lambda self, n: 0.01 * n)
-    num, steps, solver = SampleGrid(num_images=16, cpu_budget_seconds=1).size(b)
-    assert (num, solver) == (4, "ancestral") and steps == 25 and b.planned_nfe(steps, solver) == 25
+    num, small = SampleGrid(num_images=16, cpu_budget_seconds=1).size(b)
+    assert (num, small.solver) == (4, "ancestral") and small.num_steps == 25 and b.planned_nfe(small) == 25

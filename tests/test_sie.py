@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffproc.processes.interpolation import InterpolationProcess, betas_for_alpha_bar
-from diffproc.samplers import NFE_PER_STEP, ODE_SOLVERS, CountingModelFn, sample_loop
+from diffproc.samplers import NFE_PER_STEP, ODE_SOLVERS, CountingModelFn, SamplingSpec, sample_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 MU, S = 0.3, 0.5
@@ -253,8 +253,8 @@ def test_sie_module_sample_and_loss():
 
     torch.manual_seed(0)
     m = DiffusionModule(process=InterpolationProcess(), image_size=8, channels=1,
-                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver="rk4", num_steps=2,
-                        ema_decay=0.0)
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1},
+                        sampling=SamplingSpec(solver="rk4", num_steps=2), ema_decay=0.0)
     assert m.unet.config.out_channels == 2
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     loss = m.compute_loss(x, m.unet, generator=torch.Generator().manual_seed(0))

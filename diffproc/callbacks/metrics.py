@@ -167,8 +167,9 @@ class _MetricsBase(L.Callback):
         starts = list(range(0, num_samples, self.batch_size))[rank::world]
         from tqdm.auto import tqdm
 
-        spec = self.spec = pl_module.sampling_spec(self.sampling, f"--{self.cli_group}.sampling")
-        if self.progress:
+        resolve = getattr(pl_module, "sampling_spec", None)  # a stand-in model may take the override as it is
+        spec = self.spec = resolve(self.sampling, f"--{self.cli_group}.sampling") if resolve else self.sampling
+        if self.progress and hasattr(pl_module, "planned_nfe"):
             rank_zero_info(f"{desc}: {num_samples} images x {pl_module.planned_nfe(spec)} "
                            f"network evaluations ({spec.solver}), batches of {self.batch_size} "
                            f"over {world} rank(s)")
