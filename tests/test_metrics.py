@@ -284,6 +284,10 @@ class Dummy(L.LightningModule):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.fail = fail
 
+    def sampling_spec(self, spec=None, where="sampling"):
+        from diffproc.samplers import SamplingSpec
+        return (spec or SamplingSpec()).over(SamplingSpec(solver="ddim", num_steps=7, seed=0))
+
     def sample(self, num, spec=None, generator=None, progress=True, indices=None):
         from diffproc.processes.base import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
