@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.base import DiffusionProcess, ModelFn, PerSampleGenerator, batch_times, randn_like
+from diffproc.processes.base import (DiffusionProcess, ModelFn, PerSampleGenerator, batch_times, randn_like,
+                                     seeded_generator)
 from diffproc.samplers import SampleResult, SamplingSpec, sample_loop, time_grid
 
 
@@ -71,8 +72,9 @@ def sdedit(module, guides: Tensor, spec: Optional[SamplingSpec] = None, t0: Any 
     ``guides``: images in [-1, 1], NCHW, at the model's resolution. ``spec``: sampling spec over the module's
     default: its ``strength`` is the hijack point (see :func:`hijack_grid`; default 0.5), ``num_steps`` the
     sampling steps of the full chain before truncation, ``solver``/``time_grid``... as in sampling. ``t0``: an
-    explicit hijack time in the process's units instead of ``strength`` (Python only). Noise: ``generator``, else
-    guide ``i`` draws it from ``(seed, i)`` when ``spec`` sets a seed, else the global RNG. Returns the
+    explicit hijack time in the process's units instead of ``strength`` (Python only). Noise: as in
+    :meth:`~diffproc.methods.base.DiffusionModule.sample`, guide ``i`` draws it from ``(seed, i)`` (the spec's seed),
+    unless a ``generator`` is given instead. Returns the
     :class:`~diffproc.samplers.SampleResult` with ``images`` in [-1, 1] (clamped) and the NFE spent.
     """
     if guides.ndim != 4 or guides.shape[1] != module.channels or guides.shape[-1] != module.image_size \
@@ -81,8 +83,9 @@ def sdedit(module, guides: Tensor, spec: Optional[SamplingSpec] = None, t0: Any 
                          f"to match the model, got {tuple(guides.shape)}")
     process = module.process
     run = module.sampling_spec(spec, sdedit=True)
-    if generator is None and spec is not None and SamplingSpec.of(spec).seed is not None:
-        generator = PerSampleGenerator(run.seed, list(range(len(guides))), module.device)
+    explicit_seed = spec is not None and SamplingSpec.of(spec).seed is not None
+    generator = seeded_generator(len(guides), run.seed if generator is None or explicit_seed else None, None,
+                                 generator, module.device)
     grid = hijack_grid(process, None if t0 is not None else run.strength, t0, run.num_steps, run.time_grid)
     net = module.sampling_net if use_ema else module.unet
     was_training = net.training
