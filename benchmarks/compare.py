@@ -233,6 +233,8 @@ def plan(process, nfe_targets: list[int], solvers: list[str] | None = None) -> l
 def sample_all(model, solver: str, steps: int, num: int, batch: int, seed: int, device: torch.device, offset: int = 0):
     """Images in [-1, 1], seconds (synchronised) and NFE actually spent per image: the samples
     ``offset .. offset + num - 1`` of ``seed`` (sample i draws its noise from (seed, i); EMA weights)."""
+    from diffproc.samplers import SamplingSpec
+
     out, nfe, secs = [], None, 0.0
     for b in range(math.ceil(num / batch)):
         lo = offset + b * batch
@@ -240,7 +242,7 @@ def sample_all(model, solver: str, steps: int, num: int, batch: int, seed: int, 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = model.sample(n, num_steps=steps, solver=solver, progress=False, use_ema=True, seed=seed,
+        res = model.sample(n, SamplingSpec(solver=solver, num_steps=steps, seed=seed), progress=False, use_ema=True,
                            indices=range(lo, lo + n))
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -277,6 +279,8 @@ def score(batches, extractor, ref, device) -> dict:
 def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[list[dict], dict]:
     """Rows of every (method, solver, NFE); the default-solver samples at the largest NFE per method."""
     from benchmarks.nfe_sweep import load
+    from dataclasses import replace
+
     from diffproc.callbacks.metrics import resolve_extractor_name
     from diffproc.metrics.features import build_extractor
     from diffproc.metrics.reference import load_or_compute_reference
@@ -293,7 +297,7 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
         step = checkpoint_step(ckpt)
         model, dm = load(str(rd / "config.yaml"), str(ckpt), [])
         model = model.to(device).eval()
-        model.time_grid = args.time_grid
+        model.sampling = replace(model.sampling, time_grid=args.time_grid)
         if extractor is None:
             ex_name = resolve_extractor_name(args.extractor, dm)
             extractor = build_extractor(ex_name, args.feature_extractor_weights_path).to(device).eval()
@@ -306,7 +310,7 @@ def evaluate(args: argparse.Namespace, names: list[str], cache: dict) -> tuple[l
             log(f"reference statistics: {ref_id}")
             if args.floor:
                 rows.append(floor_row(args, dm, extractor, ref, ref_id, cached, device))
-        preferred = getattr(model, "solver", None) or model.process.default_solver  # the config's solver
+        preferred = model.sampling.solver  # the config's solver
         combos = plan(model.process, args.nfe, [preferred] if args.solvers == ["config"] else args.solvers)
         evaluated = [c for c in combos if c["skip"] is None]
         default = preferred if any(c["solver"] == preferred for c in evaluated) else (

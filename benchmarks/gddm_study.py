@@ -131,7 +131,8 @@ def trajectory(model, num: int, seed: int, device) -> dict:
 
     shape = (num, p.domain_channels(model.channels), model.image_size, model.image_size)
     g = torch.Generator(device=device).manual_seed(seed)
-    res = sample_loop(p, recording, shape, model.num_steps, model.solver, g, device)
+    res = sample_loop(p, recording, shape, model.sampling.num_steps, model.sampling.solver, g, device,
+                      grid=model.sampling.time_grid, ddim_eta=model.sampling.ddim_eta)
     x = model.decode(res.sample)
     out = {"trajectory": rec, "final_max_abs": float(x.abs().max()), "final_frac_out": float((x.abs() > 1).double().mean()),
            "final_mode_rms_unclipped": dct_mode_rms(x)}
@@ -160,7 +161,7 @@ def evaluate(args, extractor, ref, ref_id, real, label: str, run_dir: Path, step
     seed = args.seed if args.seed is not None else int(model.hparams.get("seed", 0) or 0)
     train_seed = label.split("/")[-1]
     t0 = time.perf_counter()
-    images, _, nfe = sample_all(model, model.solver, model.num_steps, args.num_samples, args.eval_batch_size,
+    images, _, nfe = sample_all(model, model.sampling.solver, model.sampling.num_steps, args.num_samples, args.eval_batch_size,
                                 seed, True, device)
     secs = time.perf_counter() - t0
     suite = MetricSuite(extractor, metrics=["fid", "kid", "precision", "recall"])
@@ -171,8 +172,8 @@ def evaluate(args, extractor, ref, ref_id, real, label: str, run_dir: Path, step
     bands = compare_bands(real, {"gen": images}, remove_dc=True)["gen"]
     diag = trajectory(model, args.diag_num, seed, device)
     row = {"label": label, "method": label.split("/")[0], "train_seed": train_seed, "step": checkpoint_step(ckpt),
-           "variant": variant, "overrides": args.variants[variant] if is_gddm else [], "solver": model.solver,
-           "num_steps": model.num_steps, "nfe": nfe, "num_samples": args.num_samples, "sample_seed": seed,
+           "variant": variant, "overrides": args.variants[variant] if is_gddm else [], "solver": model.sampling.solver,
+           "num_steps": model.sampling.num_steps, "nfe": nfe, "num_samples": args.num_samples, "sample_seed": seed,
            "reference": ref_id, "seconds": secs, **m, "band_power_ratio": bands["power_ratio"],
            "mode_rms_gen": dct_mode_rms(images), "mode_rms_real": dct_mode_rms(real),
            "colour_gen": colour_stats(images), "colour_real": colour_stats(real), **diag}

@@ -33,7 +33,7 @@ from diffproc.cli import DiffprocCLI  # noqa: E402
 from diffproc.metrics.features import build_extractor  # noqa: E402
 from diffproc.metrics.reference import load_or_compute_reference  # noqa: E402
 from diffproc.metrics.suite import MetricSuite  # noqa: E402
-from diffproc.samplers import NFE_PER_STEP  # noqa: E402
+from diffproc.samplers import NFE_PER_STEP, SamplingSpec  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -82,8 +82,8 @@ def sample_all(model, solver: str, steps: int, num: int, batch: int, seed: int, 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        res = model.sample(n, num_steps=steps, solver=solver, progress=False, use_ema=use_ema,
-                           seed=seed, indices=range(b * batch, b * batch + n))  # per-sample noise from (seed, i)
+        res = model.sample(n, SamplingSpec(solver=solver, num_steps=steps, seed=seed), progress=False,
+                           use_ema=use_ema, indices=range(b * batch, b * batch + n))  # per-sample noise from (seed, i)
         x = res.images
         if device.type == "cuda":
             torch.cuda.synchronize()

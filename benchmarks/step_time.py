@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffproc.cli import DiffprocCLI
 from diffproc.data.shapes import generate_shapes
+from diffproc.samplers import SamplingSpec
 
 DEFAULT_CONFIGS = ["configs/ddpm_shapes.yaml", "configs/gddm_shapes.yaml", "configs/lddm_shapes.yaml",
                    "configs/epdm_shapes.yaml", "configs/blur_shapes.yaml", "configs/sie_shapes.yaml"]
@@ -129,7 +130,7 @@ def main() -> None:
             sync(args.device)
             t0 = time.perf_counter()
             with torch.autocast(args.device, dtype=dtype, enabled=dtype is not None):
-                res = model.sample(nb, num_steps=args.sample_steps, generator=g, progress=False)
+                res = model.sample(nb, SamplingSpec(num_steps=args.sample_steps), generator=g, progress=False)
             sync(args.device)
             nfe[name] = res.nfe
             sample_t[name].append((time.perf_counter() - t0) / res.nfe)

@@ -53,6 +53,7 @@ import torch
 
 from diffproc.cli import DiffprocCLI
 from diffproc.data.shapes import generate_shapes
+from diffproc.samplers import SamplingSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import sync, train_flops, train_step_fn  # noqa: E402  (shared with step_time.py)
@@ -93,7 +94,7 @@ def sample_fn(model, n: int, steps: int, device: str, precision: str):
     def run(seed: int = 0):
         g = torch.Generator(device=device).manual_seed(seed)
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            return model.sample(n, num_steps=steps, generator=g, progress=False)
+            return model.sample(n, SamplingSpec(num_steps=steps), generator=g, progress=False)
 
     return run
 

@@ -132,7 +132,7 @@ class DiffprocCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would overwrite the config with the checkpoint's hyperparameters; here the
-        config and command line stay authoritative (``--model.init_args.num_steps 10`` must win
+        config and command line stay authoritative (``--model.init_args.sampling.num_steps 10`` must win
         for an NFE sweep) and ``ckpt_path`` restores weights and training state only."""
 
     # --- checkpoint path: one clear error, and "last" = newest run of this name -----------------

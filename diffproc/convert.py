@@ -31,6 +31,14 @@ What changed in 0.2 (and what this rewrites):
 * ``diffproc.pipelines`` moved to ``diffproc.interop.pipelines``: diffusers names the module of
   ``DiffprocScheduler`` in an exported folder's ``model_index.json`` and imports it to load the folder, so a folder
   exported before the move names the former module (and its model card the former import) until it is converted.
+* one sampling spec (``diffproc.samplers.SamplingSpec``; also applied to configs and checkpoints of the 0.2 layout
+  that had the options separately): the module's ``solver`` / ``num_steps`` / ``time_grid`` / ``seed`` ->
+  ``sampling.<same>``; the process's ``eta`` (DDIM's stochasticity) -> the module's ``sampling.ddim_eta``; the
+  ``solver`` / ``num_steps`` / ``seed`` of ``sample_grid``, ``metrics``, ``fid``, ``gddm_diagnostics`` ->
+  ``<section>.sampling.<same>``; the strokes DataModule's SDEdit options ``strength`` / ``sdedit_num_steps`` /
+  ``sdedit_solver`` / ``sdedit_seed`` -> the module's ``sampling.strength`` / ``num_steps`` / ``solver`` / ``seed``
+  (they drove the predict run the config is for; ``sdedit_seed`` also seeded the k-means: ``kmeans_seed``), and its
+  ``t0`` is refused (say it as ``strength = t0 / t_max``).
 
 A checkpoint's tensors are not changed (GDDM's σ_data buffers only renamed): its hyperparameters (and the data
 module's) are rewritten, so it loads and resumes bit for bit under 0.2. YAML comments are not kept.
@@ -91,10 +99,17 @@ SIE = "diffproc.processes.interpolation.InterpolationProcess"
 #: GDDM σ_data buffers -> the ModeEDM head's
 STATE_KEYS = {"sigma_data_spectrum": "precond.spectrum", "sigma_data_count": "precond.count",
               "sigma_data_colour_basis": "precond.colour_basis"}
-#: top-level config sections whose options were renamed
-CALLBACK_SECTIONS = ("sample_grid", "metrics", "fid")
 #: modules that moved, as an exported diffusers folder names them (``model_index.json``, model card)
 MOVED_MODULES = {"diffproc.pipelines": "diffproc.interop.pipelines"}
+#: top-level config sections whose options were renamed, or moved into their ``sampling`` override
+CALLBACK_SECTIONS = ("sample_grid", "metrics", "fid", "gddm_diagnostics")
+#: the fields of ``diffproc.samplers.SamplingSpec`` (the converter imports no torch-heavy module)
+SPEC_FIELDS = ("solver", "num_steps", "time_grid", "ddim_eta", "seed", "strength")
+#: options that were the module's, a callback's or the process's own and are now the sampling spec's
+SPEC_MOVES = ("solver", "num_steps", "time_grid", "seed")
+#: the strokes DataModule's SDEdit options -> fields of the module's sampling spec
+STROKES_SPEC = {"strength": "strength", "sdedit_num_steps": "num_steps", "sdedit_solver": "solver",
+                "sdedit_seed": "seed"}
 
 
 def rename(args: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -178,6 +193,63 @@ def move_to_precond(args: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def _merge_spec(spec: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """``spec[key] = value`` unless a different value is there already."""
+    if value is None:
+        return
+    if spec.get(key) is not None and spec[key] != value:
+        raise ValueError(f"{where}sampling.{key}={spec[key]!r} and the former option ({value!r}) disagree; fix the "
+                         "file by hand")
+    spec[key] = value
+
+
+def move_to_spec(args: dict[str, Any], where: str = "", full: bool = False) -> dict[str, Any]:
+    """``args`` (a module's or a callback's options) with ``solver`` / ``num_steps`` / ``time_grid`` / ``seed`` moved
+    into ``sampling`` and, for a module, its process's ``eta`` as ``sampling.ddim_eta``. ``full``: write every field
+    of the spec (what a module's hyperparameters hold); otherwise only the ones that are set."""
+    out = dict(args)
+    had = "sampling" in out or any(k in out for k in SPEC_MOVES)
+    spec = dict(out.pop("sampling", None) or {})
+    for key in SPEC_MOVES:
+        if key in out:
+            _merge_spec(spec, key, out.pop(key), where)
+    process = out.get("process")
+    if isinstance(process, dict) and isinstance(process.get("init_args"), dict) and "eta" in process["init_args"]:
+        init = dict(process["init_args"])
+        _merge_spec(spec, "ddim_eta", init.pop("eta"), where)
+        out["process"] = {**process, "init_args": init}
+        had = True
+    if full:
+        spec = {k: spec.get(k) for k in SPEC_FIELDS}
+    if had or full:
+        out["sampling"] = spec
+    return out
+
+
+def move_strokes_options(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The strokes DataModule's SDEdit options (a ``data`` section) -> the model's sampling spec."""
+    data = cfg.get("data")
+    args = data.get("init_args") if isinstance(data, dict) else None
+    if not isinstance(args, dict) or not any(k in args for k in (*STROKES_SPEC, "t0")):
+        return cfg
+    args = dict(args)
+    if args.pop("t0", None) is not None:
+        raise ValueError("data: t0 (an explicit SDEdit hijack time) is gone: the hijack point is the sampling spec's "
+                         "strength = t0 / t_max (t_max: T for DDPM/EPDM); set model.init_args.sampling.strength")
+    moved = {STROKES_SPEC[k]: args.pop(k) for k in list(args) if k in STROKES_SPEC}
+    if moved.get("seed") is not None and "kmeans_seed" not in args:
+        args["kmeans_seed"] = moved["seed"]
+    cfg = {**cfg, "data": {**data, "init_args": args}}
+    model = cfg.get("model")
+    if isinstance(model, dict) and isinstance(model.get("init_args"), dict):
+        spec = dict(model["init_args"].get("sampling") or {})
+        spec.update({k: v for k, v in moved.items() if v is not None})  # the predict run's own options win
+        cfg["model"] = {**model, "init_args": {**model["init_args"], "sampling": spec}}
+    elif any(v is not None for v in moved.values()):
+        cfg["model"] = {"init_args": {"sampling": {k: v for k, v in moved.items() if v is not None}}}
+    return cfg
+
+
 def fix_class_paths(obj: Any) -> Any:
     """Every ``diffproc.callbacks.fault.X`` string in a nested config -> the module that holds ``X`` now."""
     if isinstance(obj, dict):
@@ -199,16 +271,16 @@ def convert_config(cfg: dict[str, Any]) -> dict[str, Any]:
     model = cfg.get("model")
     if isinstance(model, dict) and "class_path" in model:
         path, args, diagnostics = convert_model(model["class_path"], model.get("init_args") or {})
-        cfg["model"] = {**model, "class_path": path, "init_args": move_to_precond(args)}
+        cfg["model"] = {**model, "class_path": path, "init_args": move_to_precond(move_to_spec(args, "model: "))}
         if diagnostics:
             cfg["gddm_diagnostics"] = {**(cfg.get("gddm_diagnostics") or {}), **diagnostics}
     for section in CALLBACK_SECTIONS:
         if isinstance(cfg.get(section), dict):
-            cfg[section] = rename(cfg[section], f"{section}: ")
+            cfg[section] = move_to_spec(rename(cfg[section], f"{section}: "), f"{section}: ")
     data = cfg.get("data")
     if isinstance(data, dict) and isinstance(data.get("init_args"), dict):
         cfg["data"] = {**data, "init_args": rename(data["init_args"], "data: ")}
-    return cfg
+    return move_strokes_options(cfg)
 
 
 def convert_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -219,6 +291,8 @@ def convert_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
         meta = {k: v for k, v in hp.items() if k.startswith("_")}
         args = {k: v for k, v in hp.items() if not k.startswith("_")}
         path, args, _ = convert_model(str(meta.get("_class_path", "")), args)
+        if "process" in args:
+            args = move_to_spec(args, "hyper_parameters: ", full=True)
         args = move_to_precond(args)
         out["hyper_parameters"] = {**({"_class_path": path} if "_class_path" in meta else {}), **args,
                                    **{k: v for k, v in meta.items() if k != "_class_path"}}
@@ -226,7 +300,8 @@ def convert_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any]:
         out["state_dict"] = {STATE_KEYS.get(k, k): v for k, v in ckpt["state_dict"].items()}
     data_hp = ckpt.get("datamodule_hyper_parameters")
     if isinstance(data_hp, dict):
-        out["datamodule_hyper_parameters"] = rename(data_hp, "data: ")
+        data_hp = rename(data_hp, "data: ")
+        out["datamodule_hyper_parameters"] = {k: v for k, v in data_hp.items() if k not in (*STROKES_SPEC, "t0")}
     return out
 
 

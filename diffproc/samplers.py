@@ -32,11 +32,16 @@ SDEdit (:func:`hijack_grid`, :func:`sdedit_loop`): the same loop started from a 
 
 Room ``samplers``: imports ``processes`` (their public API) only; ``methods`` and ``interop`` use it, a process
 never does.
+
+The sampling spec (:class:`SamplingSpec`: solver, num_steps, time_grid, ddim_eta, seed, SDEdit strength) is defined
+here once: the module holds the default (``model.init_args.sampling``), every callback, the predict step and the
+diffusers pipeline take an override whose unset (``None``) fields inherit it (:meth:`SamplingSpec.over`), and
+:meth:`SamplingSpec.resolve` completes and checks it against a process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -62,6 +67,8 @@ TIME_GRIDS: tuple[str, ...] = ("process", "uniform_t", "quadratic", "logsnr")
 LOGSNR_FLOOR: float = -10.0
 #: multistep solvers lower their order on the last steps of grids shorter than this (diffusers' rule)
 LOWER_ORDER_FINAL_BELOW: int = 15
+#: SDEdit's hijack point when no spec sets ``strength`` ([recon]: t0 = T/2, EPDM §1.8)
+DEFAULT_STRENGTH: float = 0.5
 
 
 class CountingDenoiser:
@@ -180,6 +187,98 @@ def sampling_grid(process: DiffusionProcess, num_steps: int | None, solver: str 
     return out
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample, said once: the module's ``sampling`` is the default; a callback's, the pipeline call's or a
+    Python caller's spec overrides it field by field (``None`` = inherit; :meth:`over`), and :meth:`resolve` fills
+    what is still unset from the process and checks the result.
+
+    Args:
+        solver: reverse solver, one of the process's ``solvers`` (``None``: the process's ``default_solver``).
+        num_steps: reverse steps of the full chain (``None``: the process's full chain). With an SDEdit
+            ``strength``, the grid of that many steps is truncated at the hijack time.
+        time_grid: time grid the solver walks (:data:`TIME_GRIDS`): ``process`` (the process's own spacing,
+            default), ``uniform_t``, ``quadratic`` or ``logsnr``.
+        ddim_eta: stochasticity of the ``ddim`` solver (Song et al. 2021, Eq. 16): 0 = deterministic DDIM
+            (default), 1 = the ancestral (posterior) step. Other solvers ignore it.
+        seed: base seed: sample ``i`` draws all its noise from ``(seed, i)`` whatever the batch size or rank count
+            (default 0).
+        strength: SDEdit hijack point as a fraction of the chain, in [0, 1] (``t0 = strength · t_max``; default
+            0.5); used only by stroke-guided generation (guide batches in ``predict``).
+    """
+
+    solver: Optional[str] = None
+    num_steps: Optional[int] = None
+    time_grid: Optional[str] = None
+    ddim_eta: Optional[float] = None
+    seed: Optional[int] = None
+    strength: Optional[float] = None
+
+    @classmethod
+    def of(cls, value: "SamplingSpec | dict | None") -> "SamplingSpec":
+        """``value`` as a spec: a spec, a dict of its fields (hyperparameters, scheduler configs) or ``None``."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in fields(cls)})
+            if unknown:
+                raise ValueError(f"unknown sampling option(s) {unknown}; a sampling spec has "
+                                 f"{[f.name for f in fields(cls)]}")
+            return cls(**value)
+        raise TypeError(f"a sampling spec must be a SamplingSpec or a dict, got {type(value).__name__}")
+
+    def over(self, base: "SamplingSpec | dict | None") -> "SamplingSpec":
+        """This spec on top of ``base``: the fields set here win, the others come from ``base``."""
+        base = SamplingSpec.of(base)
+        return SamplingSpec(**{f.name: getattr(base, f.name) if getattr(self, f.name) is None
+                               else getattr(self, f.name) for f in fields(self)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain fields (what hyperparameters and scheduler configs store)."""
+        return asdict(self)
+
+    def resolve(self, process: DiffusionProcess, where: str = "sampling", sdedit: bool = False) -> "SamplingSpec":
+        """The complete spec for ``process``: unset fields take the process's ``default_solver``, ``time_grid``
+        ``process``, ``ddim_eta`` 0 and ``seed`` 0 (``num_steps`` ``None`` stays the full chain; ``strength`` gets
+        :data:`DEFAULT_STRENGTH` only with ``sdedit``). Raises ``ValueError`` naming ``where.<field>`` and what to
+        change when the process cannot run it (the grid check is :func:`sampling_grid`'s)."""
+        solver = self.solver or process.default_solver
+        if solver not in process.solvers:
+            raise ValueError(f"{where}.solver: {process.unknown_solver_message(solver)}")
+        if self.num_steps is not None and int(self.num_steps) < 1:
+            raise ValueError(f"{where}.num_steps must be >= 1 (or null for the process's full chain), "
+                             f"got {self.num_steps}")
+        grid = self.time_grid or "process"
+        if grid not in TIME_GRIDS:
+            raise ValueError(f"{where}.time_grid must be one of {list(TIME_GRIDS)}, got {grid!r}")
+        ddim_eta = 0.0 if self.ddim_eta is None else float(self.ddim_eta)
+        if not ddim_eta >= 0.0:
+            raise ValueError(f"{where}.ddim_eta must be >= 0 (0 = deterministic DDIM, 1 = the ancestral step), "
+                             f"got {self.ddim_eta}")
+        strength = self.strength
+        if strength is None and sdedit:
+            strength = DEFAULT_STRENGTH
+        if strength is not None and not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"{where}.strength (SDEdit hijack point, a fraction of the chain) must lie in [0, 1], "
+                             f"got {strength}")
+        num_steps = None if self.num_steps is None else int(self.num_steps)
+        try:
+            sampling_grid(process, num_steps, solver, grid)
+        except ValueError as err:
+            field_name = "time_grid" if "grid" in str(err).split(";")[0] and "num_steps=" not in str(err) else "num_steps"
+            raise ValueError(f"{where}.{field_name}: {err}") from None
+        return SamplingSpec(solver=solver, num_steps=num_steps, time_grid=grid, ddim_eta=ddim_eta,
+                            seed=0 if self.seed is None else int(self.seed),
+                            strength=None if strength is None else float(strength))
+
+    def nfe(self, process: DiffusionProcess) -> int:
+        """Network evaluations per image of this (resolved) spec on ``process``, without SDEdit truncation."""
+        grid = sampling_grid(process, self.num_steps, self.solver, self.time_grid or "process")
+        return (len(grid) - 1) * NFE_PER_STEP.get(self.solver or process.default_solver, 1)
+
+
 def multistep_order_cap(j: int, num_steps: int) -> int | None:
     """The highest order a multistep solver may use on step ``j`` (0-based) of ``num_steps``: on grids shorter than
     :data:`LOWER_ORDER_FINAL_BELOW` the last step is first order and the one before at most second (diffusers'
@@ -192,11 +291,12 @@ def sample_loop(process: DiffusionProcess, denoiser: Denoiser, shape: Sequence[i
                 generator: torch.Generator | None = None, device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32, z_init: Tensor | None = None,
                 timesteps: Sequence | None = None, progress: bool = False,
-                desc: str = "sampling", grid: str = "process") -> SampleResult:
+                desc: str = "sampling", grid: str = "process", ddim_eta: float = 0.0) -> SampleResult:
     """Run ``process.reverse_step`` (or a multistep / ODE solver) along the ``grid`` time grid of ``num_steps``
     steps (:func:`sampling_grid`) or an explicit descending grid ``timesteps``.
 
-    ``z_init`` replaces the prior draw (e.g. SDEdit starts from a noised guide at ``timesteps[0]``).
+    ``z_init`` replaces the prior draw (e.g. SDEdit starts from a noised guide at ``timesteps[0]``). ``ddim_eta``:
+    the ``ddim`` solver's stochasticity (:class:`SamplingSpec`), passed to every reverse step.
     Returns the state at the last time of the grid, in the process domain.
     """
     solver = solver or process.default_solver
@@ -215,7 +315,7 @@ def sample_loop(process: DiffusionProcess, denoiser: Denoiser, shape: Sequence[i
             z = dpmpp_step(process, counted, z, t, t_next, solver, state, generator=generator,
                            max_order=multistep_order_cap(j, len(pairs)))
         else:
-            z = process.reverse_step(counted, z, t, t_next, solver=solver, generator=generator)
+            z = process.reverse_step(counted, z, t, t_next, solver=solver, generator=generator, ddim_eta=ddim_eta)
     return SampleResult(sample=z, nfe=counted.calls, timesteps=ts, solver=solver)
 
 
@@ -287,13 +387,14 @@ def ode_sample(process: DiffusionProcess, denoiser: Denoiser, shape: Sequence[in
 
 # --- SDEdit: a reverse loop started from a noised guide ----------------------------------------------
 def hijack_grid(process: DiffusionProcess, strength: Optional[float] = None, t0: Any = None,
-                num_steps: Optional[int] = None) -> list:
-    """Sampling grid truncated at the hijack time: ``[t0] + [t in process.timesteps(num_steps) if t < t0]``.
+                num_steps: Optional[int] = None, kind: str = "process") -> list:
+    """Sampling grid truncated at the hijack time: ``[t0] + [t in grid if t < t0]``, ``grid`` the time grid of kind
+    ``kind`` with ``num_steps`` steps (:func:`~diffproc.samplers.time_grid`; ``process``: ``process.timesteps``).
 
     Give either ``strength`` ∈ [0, 1] (fraction of the top time of the full chain,
     ``process.timesteps(None)[0]``; T for DDPM and EPDM) or ``t0`` (process units).
     """
-    grid = list(process.timesteps(num_steps))
+    grid = list(time_grid(process, num_steps, kind))
     try:  # top of the full chain (a strided grid may start below it, e.g. DDIM's 91 of T = 100)
         t_max = max(grid[0], process.timesteps(None)[0])
     except (TypeError, ValueError):
@@ -311,7 +412,8 @@ def hijack_grid(process: DiffusionProcess, strength: Optional[float] = None, t0:
 
 @torch.no_grad()
 def sdedit_loop(process: DiffusionProcess, denoiser: Denoiser, z_guide: Tensor, grid: Sequence,
-                solver: Optional[str] = None, generator: Optional[torch.Generator] = None) -> SampleResult:
+                solver: Optional[str] = None, generator: Optional[torch.Generator] = None,
+                ddim_eta: float = 0.0) -> SampleResult:
     """Noise the guide (process domain) to ``grid[0]`` with ``process.forward`` and run the reverse
     steps along ``grid`` (a grid of one time makes no step and returns the noised guide)."""
     t0 = grid[0]
@@ -320,4 +422,4 @@ def sdedit_loop(process: DiffusionProcess, denoiser: Denoiser, z_guide: Tensor, 
     if len(grid) < 2:
         return SampleResult(sample=z_init, nfe=0, timesteps=list(grid), solver=solver or process.default_solver)
     return sample_loop(process, denoiser, tuple(z_guide.shape), solver=solver, generator=generator,
-                       z_init=z_init, timesteps=grid, desc="SDEdit")
+                       z_init=z_init, timesteps=grid, desc="SDEdit", ddim_eta=ddim_eta)

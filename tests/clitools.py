@@ -17,7 +17,7 @@ TINY = [
     "--data.init_args.num_val", "8", "--data.init_args.num_test", "8", "--data.init_args.batch_size", "8",
     "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false", "--sample_grid.num_images", "4",
-    "--model.init_args.num_steps", "3",
+    "--model.init_args.sampling.num_steps", "3",
 ]
 
 

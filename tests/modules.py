@@ -1,5 +1,6 @@
 """Building modules in tests: a process given to a :class:`DiffusionModule` (or :class:`GDDM` for the gradient-domain
-process), with one keyword list split between the two by the process's constructor signature."""
+process), with one keyword list split between the two by the process's constructor signature (the fields of
+:class:`~diffproc.samplers.SamplingSpec` go to the module's ``sampling``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from diffproc.methods.gddm import GDDM
 from diffproc.nets.precond import ModeEDM
 from diffproc.processes.base import DiffusionProcess
 from diffproc.processes.gradient import GradientDomainProcess
+from diffproc.samplers import SamplingSpec
+
+SPEC_FIELDS = ("solver", "num_steps", "time_grid", "ddim_eta", "seed", "strength")
 
 #: the measured GDDM setting of configs/gddm_shapes.yaml: the process's part (its defaults are the seed's) and the
 #: image-view head's (``ModeEDM`` with x0 parameterisation and EDM weighting)
@@ -20,9 +24,13 @@ MODE_EDM_MEASURED = {"parameterisation": "x0", "weighting": "edm"}
 
 def build(process_cls: type[DiffusionProcess], module_cls: Optional[type[DiffusionModule]] = None,
           **kw: Any) -> DiffusionModule:
-    """``module_cls(process=process_cls(<its arguments in kw>), <the rest of kw>)``."""
+    """``module_cls(process=process_cls(<its arguments in kw>), sampling=SamplingSpec(<its fields in kw>),
+    <the rest of kw>)``."""
     names = set(inspect.signature(process_cls.__init__).parameters) - {"self"}
     process = process_cls(**{k: kw.pop(k) for k in list(kw) if k in names})
+    spec = {k: kw.pop(k) for k in SPEC_FIELDS if k in kw}
+    if spec:
+        kw["sampling"] = SamplingSpec(**spec)
     if module_cls is None:
         module_cls = GDDM if issubclass(process_cls, GradientDomainProcess) else DiffusionModule
     return module_cls(process=process, **kw)

@@ -16,8 +16,8 @@ import torch
 
 from diffproc.processes.blur import F_TYPES, BlurProcess, blur_schedule, official_layout_quirk
 from diffproc.processes.ddpm import DDPMProcess, make_betas
-from diffproc.samplers import sample_loop
 from diffproc.nets.precond import denoiser_for
+from diffproc.samplers import SamplingSpec, sample_loop
 
 REPO = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -323,7 +323,8 @@ def test_range_handling():
         assert p.x0_range == (lo, 1.0)
 
     m = DiffusionModule(process=BlurProcess(num_timesteps=20), image_size=8, channels=3,
-                        unet={"block_out_channels": [8, 16]}, ema_decay=0.0, solver="official").double()
+                        unet={"block_out_channels": [8, 16]}, ema_decay=0.0,
+                        sampling=SamplingSpec(solver="official")).double()
     seen = {}
 
     class Spy(torch.nn.Module):
@@ -370,7 +371,7 @@ def test_cli_fit_and_predict(tmp_path):
     tiny = ["--trainer.logger.init_args.save_dir", str(tmp_path), "--data.init_args.num_train", "64",
             "--data.init_args.image_size", "16", "--data.init_args.batch_size", "8",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-            "--sample_grid.num_images", "4", "--model.init_args.num_steps", "4"]
+            "--sample_grid.num_images", "4", "--model.init_args.sampling.num_steps", "4"]
     _cli("fit", "--config", "configs/blur_shapes.yaml", "--trainer.max_steps", "3", *tiny)
     run = tmp_path / "blur_shapes" / "version_0"
     ckpt = run / "checkpoints" / "last.ckpt"

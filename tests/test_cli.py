@@ -45,8 +45,8 @@ def test_fit_resume_predict(tmp_path):
     p = run_cli("predict", "--config", "configs/quickstart.yaml", *TINY,
                 "--trainer.logger.init_args.save_dir", str(tmp_path), "--ckpt_path", str(last),
                 "--model.init_args.predict_num_samples", "2", "--model.init_args.predict_dir", str(out3),
-                "--model.init_args.solver", "dpmpp_3m", "--model.init_args.time_grid", "logsnr",
-                "--model.init_args.num_steps", "4")
+                "--model.init_args.sampling.solver", "dpmpp_3m", "--model.init_args.sampling.time_grid", "logsnr",
+                "--model.init_args.sampling.num_steps", "4")
     assert sorted(q.name for q in out3.glob("0*.png")) == ["000000.png", "000001.png"]
     assert (out3 / "000000.png").read_bytes() != (out / "000000.png").read_bytes()
 

@@ -36,7 +36,9 @@ def test_a_01_checkpoint_resumes_bitwise_under_02(tmp_path, name):
             fa = {STATE_KEYS.get(k, k): v for k, v in fa.items()}
         assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa), key
     hp = b["hyper_parameters"]
-    assert "process" in hp and "sampler" not in hp and "sampling_steps" not in hp
+    assert "process" in hp and "sampler" not in hp and "sampling_steps" not in hp and "solver" not in hp
+    assert set(hp["sampling"]) == {"solver", "num_steps", "time_grid", "ddim_eta", "seed", "strength"}
+    assert "eta" not in hp["process"]["init_args"]
     rebuilt = load_module(ckpt)[0].process.config  # the export path builds the process from the hparams
     assert rebuilt["class_path"] == hp["process"]["class_path"]
     assert hp["process"]["init_args"].items() <= rebuilt["init_args"].items()
@@ -64,8 +66,11 @@ def test_01_configs_convert():
     assert model["class_path"] == "diffproc.methods.base.DiffusionModule"
     assert model["init_args"]["process"]["class_path"] == "diffproc.processes.ddpm.DDPMProcess"
     assert model["init_args"]["process"]["init_args"]["num_timesteps"] == 100
-    assert model["init_args"]["solver"] == "ddim" and model["init_args"]["num_steps"] == 5
-    assert "sampler" not in model["init_args"] and new["sample_grid"]["solver"] == "ancestral"
+    spec = model["init_args"]["sampling"]
+    assert spec["solver"] == "ddim" and spec["num_steps"] == 5 and spec["ddim_eta"] == 0.0
+    assert not {"sampler", "solver", "num_steps", "seed"} & set(model["init_args"])
+    assert "eta" not in model["init_args"]["process"]["init_args"]
+    assert new["sample_grid"]["sampling"]["solver"] == "ancestral" and "solver" not in new["sample_grid"]
     assert convert_config(new) == new  # a 0.2 config stays as it is
 
     gddm = convert_config(yaml.safe_load((DATA / "gddm_tiny.yaml").read_text()))
@@ -91,7 +96,8 @@ def test_01_method_arguments_convert():
         convert_model("diffproc.methods.ddpm.DDPM", {"sampler": "ddim", "solver": "ancestral"})
     data = convert_config({"data": {"class_path": "diffproc.data.strokes.StrokesDataModule",
                                     "init_args": {"sdedit_steps": 20, "sdedit_sampler": "ddim"}}})
-    assert data["data"]["init_args"] == {"sdedit_num_steps": 20, "sdedit_solver": "ddim"}
+    assert data["data"]["init_args"] == {} and data["model"]["init_args"]["sampling"] == {"num_steps": 20,
+                                                                                         "solver": "ddim"}
 
 
 def test_a_folder_exported_before_pipelines_moved_converts_and_loads(tmp_path):
@@ -117,3 +123,52 @@ def test_a_folder_exported_before_pipelines_moved_converts_and_loads(tmp_path):
     assert (new / "README.md").read_text() == (out / "README.md").read_text()
     got = DiffprocPipeline.from_pretrained(new)(batch_size=2, seed=3, output_type="pt").images
     assert torch.equal(got, DiffprocPipeline.from_pretrained(out)(batch_size=2, seed=3, output_type="pt").images)
+
+
+def test_separate_sampling_options_convert_to_the_spec(tmp_path):
+    """The layout before the sampling spec (module-level solver/num_steps/time_grid/seed, the process's eta, the
+    callbacks' solver/num_steps/seed, the strokes DataModule's SDEdit options) converts, configs and checkpoints;
+    the result builds and a converted config is left as it is."""
+    old = {"model": {"class_path": "diffproc.methods.base.DiffusionModule", "init_args": {
+               "process": {"class_path": "diffproc.processes.ddpm.DDPMProcess",
+                           "init_args": {"num_timesteps": 50, "eta": 0.3}},
+               "solver": "ddim", "num_steps": 10, "time_grid": "logsnr", "seed": 4, "lr": 1e-3}},
+           "sample_grid": {"every_n_steps": 5, "num_steps": 20, "solver": "ancestral", "seed": 1},
+           "metrics": {"num_samples": 10, "seed": 2, "seeds": [0, 100], "num_steps": 5},
+           "fid": {"solver": "ddim"},
+           "gddm_diagnostics": {"num": 2, "num_steps": 3},
+           "data": {"class_path": "diffproc.data.strokes.StrokesDataModule",
+                    "init_args": {"strokes_from": "shapes", "strength": 0.4, "sdedit_num_steps": 8, "sdedit_seed": 7}}}
+    new = convert_config(old)
+    args = new["model"]["init_args"]
+    assert args["sampling"] == {"solver": "ddim", "num_steps": 8, "time_grid": "logsnr", "seed": 7, "ddim_eta": 0.3,
+                                "strength": 0.4}  # the strokes options drove the predict run: they win
+    assert args["process"]["init_args"] == {"num_timesteps": 50} and args["lr"] == 1e-3
+    assert new["sample_grid"] == {"every_n_steps": 5, "sampling": {"num_steps": 20, "solver": "ancestral", "seed": 1}}
+    assert new["metrics"] == {"num_samples": 10, "seeds": [0, 100], "sampling": {"seed": 2, "num_steps": 5}}
+    assert new["fid"] == {"sampling": {"solver": "ddim"}}
+    assert new["gddm_diagnostics"] == {"num": 2, "sampling": {"num_steps": 3}}
+    assert new["data"]["init_args"] == {"strokes_from": "shapes", "kmeans_seed": 7}
+    assert convert_config(new) == new
+    with pytest.raises(ValueError, match="t0"):
+        convert_config({"data": {"init_args": {"t0": 30}}})
+    with pytest.raises(ValueError, match="disagree"):
+        convert_config({"model": {"class_path": "x.Y", "init_args": {"solver": "ddim",
+                                                                     "sampling": {"solver": "ancestral"}}}})
+
+    # a checkpoint of that layout: hyperparameters move, tensors stay; the module builds from it
+    from diffproc.methods.base import DiffusionModule
+
+    m = DiffusionModule(process={"class_path": "diffproc.processes.ddpm.DDPMProcess", "init_args": {"num_timesteps": 50}},
+                        image_size=8, channels=3, ema_decay=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1})
+    hp = {k: v for k, v in dict(m.hparams).items() if k != "sampling"}
+    hp.update(solver="ddim", num_steps=10, time_grid="logsnr", seed=4, _class_path="diffproc.methods.base.DiffusionModule")
+    hp["process"] = {**hp["process"], "init_args": {**hp["process"]["init_args"], "eta": 0.3}}
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": hp}, tmp_path / "old.ckpt")
+    ckpt = load(convert_file(tmp_path / "old.ckpt", tmp_path / "new.ckpt"))
+    assert ckpt["hyper_parameters"]["sampling"] == {"solver": "ddim", "num_steps": 10, "time_grid": "logsnr",
+                                                    "ddim_eta": 0.3, "seed": 4, "strength": None}
+    assert not {"solver", "num_steps", "time_grid", "seed"} & set(ckpt["hyper_parameters"])
+    module = load_module(tmp_path / "new.ckpt")[0]
+    assert module.sampling.ddim_eta == 0.3 and module.sampling.time_grid == "logsnr" and module.sampling.seed == 4
+    assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in m.state_dict().items())

@@ -25,10 +25,10 @@ def oracle_eps(process):
     return fn
 
 
-def run(process, steps=None, solver="ancestral", n=20000, seed=0):
+def run(process, steps=None, solver="ancestral", n=20000, seed=0, ddim_eta=0.0):
     g = torch.Generator().manual_seed(seed)
     out = sample_loop(process, denoiser_for(process, oracle_eps(process)), (n, 1, 1, 1), steps, solver, g,
-                      dtype=torch.float64).sample
+                      dtype=torch.float64, ddim_eta=ddim_eta).sample
     return out.mean().item(), out.var().item()
 
 
@@ -119,8 +119,8 @@ def test_ddim_oracle_converges_monotonically():
 
 
 def test_ddim_eta1_full_grid_equals_ancestral_and_eta0_deterministic():
-    p1 = DDPMProcess(clip_x0=False, eta=1.0)
-    m, v = run(p1, 1000, "ddim", n=20000)
+    p1 = DDPMProcess(clip_x0=False)
+    m, v = run(p1, 1000, "ddim", n=20000, ddim_eta=1.0)
     assert v / S**2 == pytest.approx(0.985, abs=0.04)
     # same start, same noise stream -> eta=1 DDIM step equals the ancestral fixedsmall step exactly
     pa = DDPMProcess(clip_x0=False)
@@ -128,7 +128,7 @@ def test_ddim_eta1_full_grid_equals_ancestral_and_eta0_deterministic():
     for t in (1000, 500, 2):
         ga, gd = torch.Generator().manual_seed(t), torch.Generator().manual_seed(t)
         xa = pa.reverse_step(denoiser_for(pa, oracle_eps(pa)), x, t, t - 1, "ancestral", ga)
-        xd = p1.reverse_step(denoiser_for(p1, oracle_eps(p1)), x, t, t - 1, "ddim", gd)
+        xd = p1.reverse_step(denoiser_for(p1, oracle_eps(p1)), x, t, t - 1, "ddim", gd, ddim_eta=1.0)
         assert torch.allclose(xa, xd, atol=1e-12)
     # eta = 0: deterministic regardless of the generator
     p0 = DDPMProcess(clip_x0=False)

@@ -22,8 +22,8 @@ from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.processes.rng import PerSampleGenerator, randn
 from diffproc.processes.vp_sde import VPSDEProcess
-from diffproc.samplers import NFE_PER_STEP, _median_log_snr, sample_loop, time_grid
 from diffproc.nets.precond import denoiser_for
+from diffproc.samplers import NFE_PER_STEP, SamplingSpec, _median_log_snr, sample_loop, time_grid
 
 F64 = torch.float64
 
@@ -274,21 +274,23 @@ def test_epdm_refuses_with_reason():
 
 @pytest.mark.parametrize("solver", MULTISTEP_SOLVERS)
 def test_module_sample_through_diffusion_module(solver):
-    """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.solver``): exact
+    """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.sampling.solver``): exact
     NFE, and the same images whatever the batch split (per-sample noise of the SDE variant)."""
     from diffproc.errors import ConfigError
     from diffproc.methods.base import DiffusionModule
 
     torch.manual_seed(0)
     m = DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3, ema_decay=0,
-                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver=solver, num_steps=6,
-                        time_grid="logsnr")
-    whole = m.sample(5, seed=11, progress=False)
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1},
+                        sampling=SamplingSpec(solver=solver, num_steps=6, time_grid="logsnr"))
+    whole = m.sample(5, SamplingSpec(seed=11), progress=False)
     assert whole.nfe == 6 == m.planned_nfe() and whole.solver == solver
     assert whole.timesteps == time_grid(m.process, 6, "logsnr") != m.process.timesteps(6)
     with pytest.raises(ConfigError, match="time_grid"):
-        DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3, time_grid="log-snr")
-    parts = torch.cat([m.sample(len(ix), seed=11, indices=ix, progress=False).images for ix in ([0, 1], [2, 3, 4])])
+        DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3,
+                        sampling=SamplingSpec(time_grid="log-snr"))
+    parts = torch.cat([m.sample(len(ix), SamplingSpec(seed=11), indices=ix, progress=False).images
+                       for ix in ([0, 1], [2, 3, 4])])
     torch.testing.assert_close(parts, whole.images, rtol=0, atol=1e-5)
 
 
@@ -298,4 +300,5 @@ def test_epdm_module_refuses_at_config_time():
 
     with pytest.raises(ConfigError, match="depends on the clean image x0"):
         DiffusionModule(process=EdgePreservingProcess(), image_size=8, channels=1, ema_decay=0,
-                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver="dpmpp_2m")
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1},
+                        sampling=SamplingSpec(solver="dpmpp_2m"))

@@ -16,7 +16,7 @@ from diffproc.methods.sdedit import sdedit
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import TRANSITIONS, EdgePreservingProcess
 from diffproc.nets.precond import SigmaEpsHead, denoiser_for
-from diffproc.samplers import hijack_grid, sample_loop, sdedit_loop
+from diffproc.samplers import SamplingSpec, hijack_grid, sample_loop, sdedit_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
@@ -312,19 +312,21 @@ def test_ddim_keeps_the_noise_of_an_exact_denoiser():
 def test_ddim_eta_one_is_the_ancestral_step(lambda_for_s):
     """DDIM(η=1) with ε̂ consistent with x̂0 is the posterior step (same noise draw): the DDIM family of
     the core and EPDM's per-pixel posterior agree, quirk flag included."""
-    p = EdgePreservingProcess(num_timesteps=200, lambda_for_s=lambda_for_s, eta=1.0)
+    p = EdgePreservingProcess(num_timesteps=200, lambda_for_s=lambda_for_s)
     x = rand_image(3, (2, 3, 8, 8))
     for t, s in ((200, 180), (120, 119), (60, 20), (5, 1)):
-        a = p.reverse_step(denoiser_for(p, _reference_model), x, t, s, solver="ancestral", generator=torch.Generator().manual_seed(t))
-        d = p.reverse_step(denoiser_for(p, _reference_model), x, t, s, solver="ddim", generator=torch.Generator().manual_seed(t))
+        a = p.reverse_step(denoiser_for(p, _reference_model), x, t, s, solver="ancestral",
+                           generator=torch.Generator().manual_seed(t))
+        d = p.reverse_step(denoiser_for(p, _reference_model), x, t, s, solver="ddim",
+                           generator=torch.Generator().manual_seed(t), ddim_eta=1.0)
         torch.testing.assert_close(a, d, rtol=0, atol=1e-10)
 
 
 def test_module_samples_with_ddim_and_eta():
-    m = tiny_epdm(solver="ddim", eta=0.5, num_steps=4)
-    res = m.sample(3, seed=0, progress=False)
+    m = tiny_epdm(solver="ddim", ddim_eta=0.5, num_steps=4)
+    res = m.sample(3, SamplingSpec(seed=0), progress=False)
     assert res.solver == "ddim" and res.nfe == 4 and res.images.shape == (3, 3, 8, 8)
-    again = m.sample(3, seed=0, progress=False, solver="ancestral")
+    again = m.sample(3, SamplingSpec(seed=0, solver="ancestral"), progress=False)
     assert again.nfe == 4 and not torch.equal(res.images, again.images)
 
 
@@ -388,11 +390,12 @@ def test_sdedit_with_module():
     torch.manual_seed(0)
     m = tiny_epdm(num_steps=5)
     guides = rand_image(3, (2, 3, 8, 8)).float()
-    res = sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1))
-    x, y = res.images, sdedit(m, guides, strength=0.5, generator=torch.Generator().manual_seed(1)).images
+    res = sdedit(m, guides, SamplingSpec(strength=0.5), generator=torch.Generator().manual_seed(1))
+    x, y = res.images, sdedit(m, guides, SamplingSpec(strength=0.5), generator=torch.Generator().manual_seed(1)).images
     assert x.shape == guides.shape and torch.equal(x, y) and x.abs().max() <= 1
     assert res.nfe == 3  # grid [10, 7, 5, 1]: 5-step chain truncated at t0 = 10
-    assert torch.equal(sdedit(m, guides, strength=0.0).images, guides)
+    assert torch.equal(sdedit(m, guides, SamplingSpec(strength=0.0)).images, guides)
+    assert torch.equal(sdedit(m, guides).images, sdedit(m, guides, SamplingSpec(seed=0)).images)  # default: 0.5, seed 0
     with pytest.raises(ValueError, match="guides must be"):
         sdedit(m, guides[:, :, :4, :4])
 
@@ -465,7 +468,7 @@ def _fit(tmp, config="configs/epdm_shapes.yaml", extra=()):
     _cli(["fit", "--config", config, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
           "--trainer.logger.init_args.save_dir", str(tmp), "--data.init_args.num_train", "32",
           "--data.init_args.image_size", "8", "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1",
-          "--sample_grid.num_images", "2", "--model.init_args.num_steps", "3",
+          "--sample_grid.num_images", "2", "--model.init_args.sampling.num_steps", "3",
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--trainer.enable_progress_bar", "false", *extra], tmp)
     ckpts = list(Path(tmp).glob("*/version_0/checkpoints/last.ckpt"))
@@ -479,8 +482,8 @@ def _sdedit_predict(tmp, ckpt, config, out, extra=()):
     _cli(["predict", "--config", config, "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(tmp),
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--data", "diffproc.data.strokes.StrokesDataModule", "--data.image_size", "8", "--data.strokes_from",
-          "shapes", "--data.num", "3", "--data.batch_size", "2", "--data.strength", "0.4",
-          "--model.init_args.num_steps", "3", "--model.init_args.predict_dir", str(out),
+          "shapes", "--data.num", "3", "--data.batch_size", "2", "--model.init_args.sampling.strength", "0.4",
+          "--model.init_args.sampling.num_steps", "3", "--model.init_args.predict_dir", str(out),
           "--trainer.enable_progress_bar", "false", *extra], tmp)
 
 
@@ -504,7 +507,7 @@ def test_cli_unconditional_guide_dir_and_ddpm_baseline(tmp_path):
     _cli(["predict", "--config", "configs/epdm_shapes.yaml", "--ckpt_path", str(ckpt),
           "--trainer.logger.init_args.save_dir", str(tmp_path / "e"), "--data.init_args.image_size", "8",
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
-          "--model.init_args.predict_num_samples", "3", "--model.init_args.num_steps", "3",
+          "--model.init_args.predict_num_samples", "3", "--model.init_args.sampling.num_steps", "3",
           "--model.init_args.predict_dir", str(tmp_path / "unc"), "--trainer.enable_progress_bar", "false"], tmp_path)
     assert sorted(p.name for p in (tmp_path / "unc").glob("0*.png")) == ["000000.png", "000001.png", "000002.png"]
     paint = tmp_path / "paintings"
@@ -514,11 +517,11 @@ def test_cli_unconditional_guide_dir_and_ddpm_baseline(tmp_path):
           "--trainer.logger.init_args.save_dir", str(tmp_path / "e"),
           "--model.init_args.unet", "{block_out_channels: [8, 16], layers_per_block: 1}",
           "--data", "diffproc.data.strokes.StrokesDataModule", "--data.image_size", "8", "--data.guide_dir", str(paint),
-          "--model.init_args.predict_dir", str(tmp_path / "gd"), "--model.init_args.num_steps", "3",
+          "--model.init_args.predict_dir", str(tmp_path / "gd"), "--model.init_args.sampling.num_steps", "3",
           "--trainer.enable_progress_bar", "false"], tmp_path)
     assert (tmp_path / "gd" / "sky_result.png").is_file() and (tmp_path / "gd" / "sky_guide.png").is_file()
     # the DDPM baseline: same data and SDEdit command, only the process differs
-    ddpm = ("--model.init_args.process", "diffproc.processes.ddpm.DDPMProcess", "--model.init_args.solver", "ddim")
+    ddpm = ("--model.init_args.process", "diffproc.processes.ddpm.DDPMProcess", "--model.init_args.sampling.solver", "ddim")
     dckpt = _fit(tmp_path / "d", extra=ddpm)
     _sdedit_predict(tmp_path / "d", dckpt, "configs/epdm_shapes.yaml", tmp_path / "dd", extra=ddpm)
     assert (tmp_path / "dd" / "test_000002_result.png").is_file()

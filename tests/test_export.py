@@ -34,6 +34,7 @@ from diffproc.processes.edge import EdgePreservingProcess
 from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.nets.precond import EpsHead, VHead
 from diffproc.processes.rng import sample_seed
+from diffproc.samplers import SamplingSpec
 from modules import build
 from modules import gddm as gddm_module
 
@@ -130,7 +131,7 @@ def test_ddpm_export_samples_like_diffproc_in_ddpm_and_ddim_pipelines(tmp_path, 
         pipe.set_progress_bar_config(disable=True)
         got = pipe(batch_size=3, generator=torch.Generator().manual_seed(1), num_inference_steps=steps,
                    output_type="pt").images
-        ref = module.sample(3, num_steps=steps, solver=solver, generator=torch.Generator().manual_seed(1),
+        ref = module.sample(3, SamplingSpec(num_steps=steps, solver=solver), generator=torch.Generator().manual_seed(1),
                             progress=False).images
         diffs[f"{pipe_cls.__name__}/{steps}"] = _max_diff(got, ref)
     # per-sample generators = diffproc's per-sample seeds (what cli.py predict uses)
@@ -139,7 +140,7 @@ def test_ddpm_export_samples_like_diffproc_in_ddpm_and_ddim_pipelines(tmp_path, 
     gens = [torch.Generator().manual_seed(sample_seed(5, i)) for i in range(3)]
     diffs["DDPMPipeline/seeds"] = _max_diff(pipe(batch_size=3, generator=gens, num_inference_steps=T,
                                                  output_type="pt").images,
-                                            module.sample(3, num_steps=T, solver="ancestral", seed=5,
+                                            module.sample(3, SamplingSpec(num_steps=T, solver="ancestral", seed=5),
                                                           progress=False).images)
     print("max abs diff (DDPM export)", kw, diffs)
     assert max(diffs.values()) <= TOL, diffs
@@ -176,11 +177,11 @@ def test_generic_export_samples_like_cli_predict(tmp_path, name, cls, kw):
     n, seed = 3, 11
     got = pipe(batch_size=n, seed=seed, output_type="pt").images
     # what cli.py predict computes for these indices (module.predict_step -> sample(seed, indices)), in floats
-    diff = _max_diff(got, module.sample(n, seed=seed, progress=False).images)
+    diff = _max_diff(got, module.sample(n, SamplingSpec(seed=seed), progress=False).images)
     # and cli.py predict itself: its 8-bit PNGs lie within half a level of the pipeline's images
     pred = tmp_path / "pred"
     cli_main(["predict", "--config", str(_predict_config(module, tmp_path / "cfg.yaml")), "--ckpt_path", str(ckpt),
-              "--model.init_args.seed", str(seed), "--model.init_args.predict_num_samples", str(n),
+              "--model.init_args.sampling.seed", str(seed), "--model.init_args.predict_num_samples", str(n),
               "--model.init_args.predict_batch_size", "2", "--model.init_args.predict_dir", str(pred)])
     png = torch.stack([torch.from_numpy(np.asarray(Image.open(pred / f"{i:06d}.png").convert("RGB"), dtype=np.float32))
                        .permute(2, 0, 1) / 255 for i in range(n)])
@@ -191,7 +192,7 @@ def test_generic_export_samples_like_cli_predict(tmp_path, name, cls, kw):
     # diffusers' own per-sample generator list gives the same images as the seed
     gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(n)]
     assert _max_diff(pipe(batch_size=n, generator=gens, output_type="pt").images, module.sample(
-        n, seed=seed, progress=False).images) <= TOL
+        n, SamplingSpec(seed=seed), progress=False).images) <= TOL
 
 
 def test_export_command_model_card_and_raw_weights(tmp_path):
@@ -247,11 +248,11 @@ def test_exported_folders_load_offline_in_a_fresh_process(tmp_path):
                            str(tmp_path / "res.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     res = torch.load(tmp_path / "res.pt")
-    ref = {"DDPMPipeline": ddpm.sample(2, num_steps=T, solver="ancestral", generator=torch.Generator().manual_seed(3),
+    ref = {"DDPMPipeline": ddpm.sample(2, SamplingSpec(num_steps=T, solver="ancestral"), generator=torch.Generator().manual_seed(3),
                                        progress=False).images,
-           "DDIMPipeline": ddpm.sample(2, num_steps=5, solver="ddim", generator=torch.Generator().manual_seed(3),
+           "DDIMPipeline": ddpm.sample(2, SamplingSpec(num_steps=5, solver="ddim"), generator=torch.Generator().manual_seed(3),
                                        progress=False).images,
-           "DiffprocPipeline": gddm.sample(2, seed=3, progress=False).images}
+           "DiffprocPipeline": gddm.sample(2, SamplingSpec(seed=3), progress=False).images}
     diffs = {k: _max_diff(res[k], ref[k]) for k in ref}
     print("max abs diff (fresh process)", diffs)
     assert max(diffs.values()) <= TOL, diffs

@@ -28,7 +28,7 @@ from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.gradient_stats import (image_snr_crossing, integrability, mode_snr_crossing, signal_energy,
                                                snr_crossing, sparsity)
-from diffproc.samplers import sample_loop
+from diffproc.samplers import SamplingSpec, sample_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"block_out_channels": [16, 32], "layers_per_block": 1}
@@ -304,7 +304,7 @@ def test_bad_options_raise_config_errors():
         gddm(poisson_net_stage="poisson_only", image_size=8, channels=3, unet=TINY)
     m = gddm(dc_mode="oracle", image_size=8, channels=3, unet=TINY, ema_decay=0)
     with pytest.raises(ConfigError, match="oracle"):
-        m.sample(1, num_steps=2, progress=False)
+        m.sample(1, SamplingSpec(num_steps=2), progress=False)
 
 
 # --- method: Poisson network -------------------------------------------------------------------------
@@ -415,10 +415,10 @@ def test_module_loss_sample_diagnostics(kw):
     loss.backward()
     if m.process.dc_mode == "dataset_mean":  # running mean of the training images
         assert torch.allclose(m.dc_mean, x.double().mean(dim=(0, 2, 3)), atol=1e-6)
-    res = m.sample(2, num_steps=3, generator=torch.Generator().manual_seed(0), progress=False)
+    res = m.sample(2, SamplingSpec(num_steps=3), generator=torch.Generator().manual_seed(0), progress=False)
     imgs = res.images
     assert imgs.shape == (2, 3, 16, 16) and imgs.abs().max() <= 1 and res.nfe == 3
-    d = diagnostics(m, num=2, num_steps=2, x_real=x)
+    d = diagnostics(m, num=2, spec=SamplingSpec(num_steps=2), x_real=x)
     assert d["gen_ls_residual"] > 0 and d["real_domain_frac"] > d["real_image_frac"]
     assert all(math.isfinite(v) for v in d.values())
     if m.poisson_net is not None:
@@ -435,7 +435,7 @@ def test_gddm_diagnostics_callback(tmp_path):
     m = gddm(image_size=8, channels=3, unet=tiny, poisson_net=tiny, reconstruction="poisson_net",
              poisson_net_stage="joint", ema_decay=0.9, warmup_steps=1, num_steps=2)
     dm = ShapesDataModule(image_size=8, batch_size=4, num_train=8, num_val=4, num_test=4, random_flip=False)
-    cb = GDDMDiagnostics(every_n_val=1, num=2, num_steps=2)  # 2 batches per epoch: validation at step 2
+    cb = GDDMDiagnostics(every_n_val=1, num=2, sampling=SamplingSpec(num_steps=2))  # 2 batches per epoch: validation at step 2
     trainer = L.Trainer(max_steps=2, limit_val_batches=1, limit_test_batches=1, num_sanity_val_steps=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=tmp_path,
@@ -470,7 +470,7 @@ def _fit(config: str, tmp: Path, extra: list[str] = ()) -> Path:
           "--data.init_args.num_val", "8", "--data.init_args.image_size", "16",
           "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "2",
           "--trainer.val_check_interval", "3", "--sample_grid.num_images", "4",
-          "--model.init_args.num_steps", "3", "--gddm_diagnostics.num_steps", "2",
+          "--model.init_args.sampling.num_steps", "3", "--gddm_diagnostics.sampling.num_steps", "2",
           "--gddm_diagnostics.num", "2", "--trainer.enable_progress_bar", "false", *extra], tmp)
     runs = sorted(glob.glob(str(tmp / "*" / "version_*")))
     assert runs, "no run directory written"
@@ -553,7 +553,7 @@ def test_cli_separate_poisson_stage_and_test(tmp_path):
           "--trainer.logger.init_args.save_dir", str(tmp_path / "t"), "--data.init_args.image_size", "16",
           "--data.init_args.num_test", "8", "--data.init_args.batch_size", "8",
           "--model.init_args.reconstruction", "poisson_net", "--model.init_args.poisson_net", str(TINY),
-          "--gddm_diagnostics.num_steps", "2", "--gddm_diagnostics.num", "2",
+          "--gddm_diagnostics.sampling.num_steps", "2", "--gddm_diagnostics.num", "2",
           "--metrics.num_samples", "0", "--trainer.enable_progress_bar", "false"], tmp_path)
     runs = glob.glob(str(tmp_path / "t" / "*" / "version_*"))
     s = _scalars(Path(runs[0]))
@@ -752,8 +752,8 @@ def test_sigma_data_spectrum_estimate_checkpoint_and_fit(tmp_path):
     from diffproc.ops import dct2
 
     m = gddm(image_size=8, channels=3, unet=TINY, ema_decay=0, sigma_data_mode="spectrum", sigma_data_images=64)
-    with pytest.raises(ValueError, match="no spectrum yet"):
-        m.sample(2, num_steps=2, progress=False)
+    with pytest.raises(ConfigError, match="no spectrum yet"):
+        m.sample(2, SamplingSpec(num_steps=2), progress=False)
     dm = ShapesDataModule(image_size=8, batch_size=16, num_train=128, num_val=16, num_test=16)
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)
@@ -767,7 +767,7 @@ def test_sigma_data_spectrum_estimate_checkpoint_and_fit(tmp_path):
     trainer.save_checkpoint(path)
     m2 = GDDM.load_from_checkpoint(path)
     assert torch.equal(m2.precond.spectrum, m.precond.spectrum) and float(m2.precond.count) == 64
-    assert m2.sample(2, num_steps=2, progress=False).images.shape == (2, 3, 8, 8)
+    assert m2.sample(2, SamplingSpec(num_steps=2), progress=False).images.shape == (2, 3, 8, 8)
     assert not any(k.startswith("precond.") for k in gddm(image_size=8, channels=3, unet=TINY, ema_decay=0).state_dict())
 
 

@@ -340,17 +340,15 @@ def test_tag_hash_and_resolution(converted, work, monkeypatch):
 class NoiseModel(L.LightningModule):
     """``sample()``: uniform-noise images from the per-sample generators (a stand-in for a trained model)."""
 
-    num_steps, solver = 1, "ddim"
-
     def __init__(self):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(1))
 
-    def sample(self, num, num_steps=None, solver=None, generator=None, progress=True, seed=None, indices=None):
+    def sample(self, num, spec=None, generator=None, progress=True, indices=None):
         from diffproc.processes.rng import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
 
-        x = rand((num, 3, 16, 16), PerSampleGenerator(seed, indices)) * 2 - 1
+        x = rand((num, 3, 16, 16), PerSampleGenerator(spec.seed or 0, indices)) * 2 - 1
         return SampleResult(sample=x, nfe=1, images=x)
 
     def test_step(self, batch, batch_idx):

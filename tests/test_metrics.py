@@ -279,18 +279,20 @@ from diffproc.callbacks.metrics import TestMetricsCallback
 
 class Dummy(L.LightningModule):
     """sample(): real train images blended with generator noise (deterministic per generator)."""
-    num_steps, solver = 7, "ddim"
-
     def __init__(self, fail=False):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.fail = fail
 
-    def sample(self, num, num_steps=None, solver=None, generator=None, progress=True, seed=None, indices=None):
+    def sampling_spec(self, spec=None, where="sampling"):
+        from diffproc.samplers import SamplingSpec
+        return (spec or SamplingSpec()).over(SamplingSpec(solver="ddim", num_steps=7, seed=0))
+
+    def sample(self, num, spec=None, generator=None, progress=True, indices=None):
         from diffproc.processes.rng import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
         assert not self.fail, "sampling started before the metric set-up failed"
-        g = PerSampleGenerator(seed, indices)
+        g = PerSampleGenerator(spec.seed or 0, indices)
         pool = self.trainer.datamodule.dataset("train").images[:64].float() / 127.5 - 1
         idx = (rand((num,), g) * 64).long()
         noise = rand((num, 3, 16, 16), g) * 2 - 1
@@ -432,7 +434,7 @@ def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
     ckpt = run0 / "checkpoints" / "last.ckpt"
     run_cli("test", *common, "--ckpt_path", str(ckpt), "--metrics.num_samples", "40",
             "--metrics.batch_size", "16", "--metrics.cache_dir", str(cache), "--metrics.progress", "false",
-            "--model.init_args.num_steps", "2", "--metrics.seeds", "0,40")
+            "--model.init_args.sampling.num_steps", "2", "--metrics.seeds", "0,40")
     files = list((tmp_path / "quickstart").glob("version_*/metrics.json"))
     assert len(files) == 1, files
     row = json.loads(files[0].read_text())
@@ -486,24 +488,25 @@ def test_inception_extractor_plumbing_with_random_weights(tmp_path, monkeypatch)
 class _BlendModel(torch.nn.Module):
     """Stand-in for a trained DiffusionModule: sample i = train image blended with noise drawn from (seed, i)."""
 
-    solver, num_steps = "ddim", 2
-
     def __init__(self, dm):
         super().__init__()
         from types import SimpleNamespace
 
+        from diffproc.samplers import SamplingSpec
+
+        self.sampling = SamplingSpec(solver="ddim", num_steps=2)
         self.unet = torch.nn.Linear(1, 1)
         self.process = SimpleNamespace(solvers=("ddim",), default_solver="ddim", timesteps=lambda n: torch.arange(11))
         self.pool = dm.dataset("train").images[:64].float() / 127.5 - 1
 
-    def sample(self, num, num_steps=None, solver=None, progress=True, use_ema=True, seed=None, indices=None, **kw):
+    def sample(self, num, spec, progress=True, use_ema=True, indices=None, **kw):
         from diffproc.processes.rng import PerSampleGenerator, rand
         from diffproc.samplers import SampleResult
 
-        g = PerSampleGenerator(seed, indices)
+        g = PerSampleGenerator(spec.seed, indices)
         idx = (rand((num,), g) * 64).long()
         x = (0.7 * self.pool[idx] + 0.3 * (rand((num, 3, 16, 16), g) * 2 - 1)).clamp(-1, 1)
-        return SampleResult(sample=x, nfe=num_steps, images=x)
+        return SampleResult(sample=x, nfe=spec.num_steps, images=x)
 
 
 def test_compare_seed_blocks_rows_and_table(tmp_path, monkeypatch):

@@ -38,7 +38,7 @@ BASE = [
     "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
     "--checkpoint.every_n_train_steps", "4", "--checkpoint.save_top_k", "-1",
-    "--sample_grid.every_n_steps", "0", "--sample_grid.num_images", "2", "--model.init_args.num_steps", "2",
+    "--sample_grid.every_n_steps", "0", "--sample_grid.num_images", "2", "--model.init_args.sampling.num_steps", "2",
     "--model.init_args.warmup_steps", "5",  # the warm-up ends inside the run; constant lr after it
 ]
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]

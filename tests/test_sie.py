@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from diffproc.processes.interpolation import InterpolationProcess, betas_for_alpha_bar
-from diffproc.samplers import NFE_PER_STEP, ODE_SOLVERS, CountingDenoiser, sample_loop
 from diffproc.nets.precond import EpsHead, SigmaEpsHead, denoiser_for, make_head
+from diffproc.samplers import NFE_PER_STEP, ODE_SOLVERS, CountingDenoiser, SamplingSpec, sample_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 MU, S = 0.3, 0.5
@@ -257,8 +257,8 @@ def test_sie_module_sample_and_loss():
 
     torch.manual_seed(0)
     m = DiffusionModule(process=InterpolationProcess(), image_size=8, channels=1,
-                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, solver="rk4", num_steps=2,
-                        ema_decay=0.0)
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1},
+                        sampling=SamplingSpec(solver="rk4", num_steps=2), ema_decay=0.0)
     assert m.unet.config.out_channels == 2
     x = torch.rand(2, 1, 8, 8) * 2 - 1
     loss = m.compute_loss(x, m.unet, generator=torch.Generator().manual_seed(0))
@@ -282,8 +282,8 @@ def fitted_run(tmp_path_factory):
               "--trainer.val_check_interval", "3", "--trainer.logger.init_args.save_dir", str(tmp),
               "--data.init_args.num_train", "32", "--data.init_args.image_size", "8",
               "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1",
-              "--sample_grid.num_images", "2", "--model.init_args.num_steps", "2",
-              "--model.init_args.solver", "heun", "--trainer.enable_progress_bar", "false",
+              "--sample_grid.num_images", "2", "--model.init_args.sampling.num_steps", "2",
+              "--model.init_args.sampling.solver", "heun", "--trainer.enable_progress_bar", "false",
               "--model.init_args.unet", '{"block_out_channels": [8, 16], "layers_per_block": 1}'], ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = list(tmp.glob("*/version_*"))

@@ -92,7 +92,7 @@ def test_sigterm_during_validation(tmp_path):
 def test_signal_during_end_of_fit_grid_keeps_the_final_state(tmp_path, sig):
     log = tmp_path / "log.txt"
     proc = _start(_fit_args(tmp_path, "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false",
-                            "--sample_grid.num_images", "64", "--model.init_args.num_steps", "1000",
+                            "--sample_grid.num_images", "64", "--model.init_args.sampling.num_steps", "1000",
                             "--sample_grid.cpu_budget_seconds", "0"), log)
     rc, secs, out = _signal_when(proc, log, "sample grid (step 3)", sig, settle=2.0)
     assert rc != 0 and secs < EXIT_WITHIN_S, (rc, secs, out[-2000:])
@@ -117,7 +117,7 @@ def test_sigterm_during_test_time_sampling(tmp_path):
     proc = _start(["test", "--config", "configs/quickstart.yaml", "--ckpt_path", str(ckpt),
                    "--data.init_args.num_train", "256", "--data.init_args.num_test", "8",
                    "--trainer.logger.init_args.save_dir", str(tmp_path), "--metrics.num_samples", "2000",
-                   "--metrics.batch_size", "250", "--model.init_args.num_steps", "1000",
+                   "--metrics.batch_size", "250", "--model.init_args.sampling.num_steps", "1000",
                    "--metrics.cache_dir", str(tmp_path / "cache")], log)
     rc, secs, out = _signal_when(proc, log, "test metrics: sampling", signal.SIGTERM, settle=2.0)
     assert rc == 143 and secs < EXIT_WITHIN_S, (rc, secs, out[-2000:])

@@ -46,7 +46,7 @@ def _step(path: Path) -> int:
 TRAIN_ARGS = [
     "--trainer.accelerator", "cpu", "--data.init_args.image_size", "16", "--data.init_args.num_train", "64",
     "--data.init_args.batch_size", "8", "--trainer.limit_val_batches", "1", "--sample_grid.num_images", "4",
-    "--model.init_args.num_steps", "3", "--trainer.enable_model_summary", "false",
+    "--model.init_args.sampling.num_steps", "3", "--trainer.enable_model_summary", "false",
     "--trainer.max_steps", str(MAX_STEPS), "--checkpoint.every_n_train_steps", "5",
     "--sample_grid.every_n_steps", "0", "--trainer.val_check_interval", "1000"]
 

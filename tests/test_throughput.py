@@ -32,6 +32,7 @@ from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import EdgePreservingProcess
 from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.interpolation import InterpolationProcess
+from diffproc.samplers import SamplingSpec
 from modules import GDDM_MEASURED, build
 
 UNET = {"block_out_channels": [8, 16], "layers_per_block": 1, "norm_num_groups": 4}
@@ -101,8 +102,8 @@ def _assert_matches_eager(options: dict, cls=DDPMProcess, **kw) -> None:
     assert g1.keys() == g0.keys()
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=GRAD_ATOL, msg=k)
-    s0 = ref.sample(4, seed=3, progress=False).images
-    s1 = opt.sample(4, seed=3, progress=False).images
+    s0 = ref.sample(4, SamplingSpec(seed=3), progress=False).images
+    s1 = opt.sample(4, SamplingSpec(seed=3), progress=False).images
     torch.testing.assert_close(s1, s0, rtol=0, atol=SAMPLE_ATOL)
     (loss0, w0), (loss1, w1) = _train(ref, x), _train(opt, x)
     torch.testing.assert_close(torch.tensor(loss1), torch.tensor(loss0), rtol=TRAJ_RTOL, atol=0)
@@ -275,7 +276,7 @@ def test_compiled_checkpoints_load_and_resume_across_options(tmp_path):
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])
     assert list(ckpt["state_dict"]) == list(_make().state_dict())
     m = _resume(path)
-    m.sample(2, seed=0, progress=False)
+    m.sample(2, SamplingSpec(seed=0), progress=False)
     eager_path, _ = _fit_save(tmp_path, "eager")
     m = _resume(eager_path, **every)
-    assert torch.isfinite(m.sample(2, seed=0, progress=False).images).all()
+    assert torch.isfinite(m.sample(2, SamplingSpec(seed=0), progress=False).images).all()

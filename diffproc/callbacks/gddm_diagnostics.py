@@ -5,7 +5,7 @@
 * every validation / test batch: the sparsity of the real images in the domain vs the image,
   ``val/sparsity_*`` / ``test/sparsity_*`` (:func:`~diffproc.processes.gradient_stats.sparsity`);
 * every ``every_n_val`` validation runs, and once per test run: :func:`diagnostics` of ``num`` generated
-  fields (``num_steps`` sampling steps, EMA weights) and, with a Poisson net, of the first real images of the
+  fields (the ``sampling`` override over the model's spec, 20 steps by default; EMA weights) and, with a Poisson net, of the first real images of the
   run, as ``val/diag_*`` / ``test/diag_*``.
 
 ``cli.py`` registers it for every run (``--gddm_diagnostics.*``, on by default); with a plain
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Optional
 
 import lightning as L
@@ -24,16 +25,20 @@ from torch import Tensor
 from diffproc.methods.base import images_of
 from diffproc.methods.gddm import GDDM
 from diffproc.processes.gradient_stats import integrability, sparsity
+from diffproc.samplers import SamplingSpec
+
+#: the diagnostics' own default override: few steps (they are cheap, not a quality measure)
+DIAGNOSTICS_SAMPLING = SamplingSpec(num_steps=20)
 
 
 @torch.no_grad()
-def diagnostics(model: GDDM, num: int = 8, num_steps: Optional[int] = 20, solver: Optional[str] = None,
+def diagnostics(model: GDDM, num: int = 8, spec: Optional[SamplingSpec] = DIAGNOSTICS_SAMPLING,
                 generator: Optional[torch.Generator] = None, x_real: Optional[Tensor] = None,
                 sparsity_delta: float = 0.02) -> dict[str, float]:
     """Cheap GDDM diagnostics of ``model`` as a flat dict of floats.
 
-    Generated (``num`` samples, ``num_steps`` steps of ``solver`` — None: the model's —, EMA weights; noise
-    from ``generator``, default seeded with the model's ``seed``): ``gen_curl_energy`` = ‖curl ĝ‖/‖ĝ‖ and
+    Generated (``num`` samples with the sampling spec ``spec`` over the model's — 20 steps by default —, EMA
+    weights; noise from ``generator``, default one stream seeded with the spec's ``seed``): ``gen_curl_energy`` = ‖curl ĝ‖/‖ĝ‖ and
     ``gen_ls_residual`` = ‖D poisson(ĝ) − ĝ‖/‖ĝ‖ (Laplacian: mean part only), ``gen_seconds``; with a Poisson
     net also ``gen_net_vs_dct_rms`` and the per-batch times ``dct_seconds``/``poisson_net_seconds``.
     Real images ``x_real`` (optional, the first ``num`` are used): ``real_domain_frac``/``real_image_frac``/
@@ -56,8 +61,9 @@ def diagnostics(model: GDDM, num: int = 8, num_steps: Optional[int] = 20, solver
         return float((a.double() - b.double()).pow(2).mean().sqrt())
 
     if p.dc_mode != "oracle":
-        g = generator or torch.Generator(device=model.device).manual_seed(model.hparams.seed)
-        res, sec = timed(lambda: model.sample(num, num_steps, solver, g, progress=False))
+        run = model.sampling_spec(spec)
+        g = generator or torch.Generator(device=model.device).manual_seed(run.seed)
+        res, sec = timed(lambda: model.sample(num, replace(run, seed=None), g, progress=False))
         z = res.sample
         out.update({f"gen_{k}": v for k, v in integrability(p, z).items()})
         out["gen_seconds"] = sec
@@ -82,19 +88,21 @@ class GDDMDiagnostics(L.Callback):
         every_n_val: generated-field diagnostics every N validation runs (the 1st, N+1th, …; not during the
             sanity check); 0 = never. ``test`` runs them once, whatever N.
         num: generated images, and real images of the run's first batch, of those diagnostics.
-        num_steps: sampling steps of those diagnostics (few: they are cheap, not a quality measure).
-        solver: solver of those diagnostics (None: the model's ``solver``).
-        seed: seed of their noise (None: the model's ``seed``); the same on every rank and at every run.
+        sampling: override of the model's sampling spec for those diagnostics
+            (:class:`~diffproc.samplers.SamplingSpec`; unset fields inherit ``model.init_args.sampling``). Default
+            ``num_steps: 20`` (few: they are cheap, not a quality measure; ``--gddm_diagnostics.sampling.num_steps
+            null`` takes the model's). Their noise is one stream seeded with the spec's ``seed``, the same on every
+            rank and at every run.
         sparsity_delta: threshold δ of the sparsity fraction (un-normalised image units, spec §2.9).
     """
 
-    def __init__(self, every_n_val: int = 1, num: int = 8, num_steps: int = 20, solver: Optional[str] = None,
-                 seed: Optional[int] = None, sparsity_delta: float = 0.02) -> None:
-        if every_n_val < 0 or num < 1 or num_steps < 1:
-            raise ValueError(f"GDDMDiagnostics: every_n_val must be >= 0 and num, num_steps >= 1 "
-                             f"(got every_n_val={every_n_val}, num={num}, num_steps={num_steps})")
-        self.every_n_val, self.num, self.num_steps = int(every_n_val), int(num), int(num_steps)
-        self.solver, self.seed, self.sparsity_delta = solver, seed, float(sparsity_delta)
+    def __init__(self, every_n_val: int = 1, num: int = 8, sampling: Optional[SamplingSpec] = DIAGNOSTICS_SAMPLING,
+                 sparsity_delta: float = 0.02) -> None:
+        if every_n_val < 0 or num < 1:
+            raise ValueError(f"GDDMDiagnostics: every_n_val must be >= 0 and num >= 1 "
+                             f"(got every_n_val={every_n_val}, num={num})")
+        self.every_n_val, self.num = int(every_n_val), int(num)
+        self.sampling, self.sparsity_delta = SamplingSpec.of(sampling), float(sparsity_delta)
         self.val_runs = 0  # validation runs seen (in the checkpoint: the cadence survives a resume)
         self._real: Optional[Tensor] = None
 
@@ -118,11 +126,13 @@ class GDDMDiagnostics(L.Callback):
         self._batch(pl_module, batch, batch_idx, dataloader_idx, "test")
 
     # --- per run: generated-field diagnostics ----------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(pl_module, GDDM) and pl_module.process.dc_mode != "oracle" and (
+                stage == "test" or (stage == "fit" and self.every_n_val > 0)):
+            pl_module.check_sampling(self.sampling, "--gddm_diagnostics.sampling")
+
     def log_diagnostics(self, pl_module: GDDM, stage: str) -> dict[str, float]:
-        g = None
-        if self.seed is not None:
-            g = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        d = diagnostics(pl_module, self.num, self.num_steps, self.solver, g, self._real, self.sparsity_delta)
+        d = diagnostics(pl_module, self.num, self.sampling, None, self._real, self.sparsity_delta)
         d = {k: v for k, v in d.items() if not k.startswith("real_") or "rms" in k}  # sparsity: per batch above
         pl_module.log_dict({f"{stage}/diag_{k}": v for k, v in d.items()}, sync_dist=True)  # same seed on every rank
         self._real = None

@@ -2,14 +2,15 @@
 Lightning's weight averaging deep-copies the module, and checkpoints would carry Inception).
 
 - :class:`TestMetricsCallback`: ``cli.py test`` generates ``num_samples`` images (EMA weights, the
-  model's solver/steps), computes FID/KID/IS/precision/recall/sFID against cached reference stats,
+  model's sampling spec under the callback's ``sampling`` override), computes FID/KID/IS/precision/recall/sFID against cached reference stats,
   logs ``test/<metric>`` and writes ``metrics.json`` + ``samples.png`` in the run's log dir.
 - :class:`FIDCallback`: during ``fit``, every N steps/epochs, a few thousand samples on all ranks,
   logged as ``gen/<metric>``.
 
 Sampling is split disjointly across ranks: batch ``b`` covers global sample indices
 ``[b*batch_size, (b+1)*batch_size)`` and runs on rank ``b % world_size``; sample ``i`` draws all its
-noise from ``(seed, i)`` (:class:`~diffproc.processes.rng.PerSampleGenerator`). So the samples (and,
+noise from ``(seed, i)`` (:class:`~diffproc.processes.rng.PerSampleGenerator`; ``seed`` is the sampling spec's:
+``--metrics.sampling.seed``, else ``model.init_args.sampling.seed``). So the samples (and,
 since the metric states are synced and sorted by index, the numbers) depend neither on the batch size
 nor on the number of ranks.
 
@@ -41,6 +42,7 @@ from diffproc.callbacks.sample_grid import check_sampling
 from diffproc.metrics.features import build_extractor
 from diffproc.metrics.reference import ReferenceStats, load_or_compute_reference
 from diffproc.metrics.suite import METRICS, MetricSuite
+from diffproc.samplers import SamplingSpec
 
 HEADLINE_NUM_SAMPLES = 50_000
 SHAPES_NUM_SAMPLES = 2_000
@@ -97,10 +99,13 @@ def format_blocks(agg: dict, num_blocks: int) -> str:
 class _MetricsBase(L.Callback):
     """Shared: extractor + reference set-up (fail fast), disjoint generation, synced compute."""
 
+    #: the CLI group of the callback (error messages name ``--<group>.sampling.<field>``)
+    cli_group = "metrics"
+
     def __init__(self, num_samples: Optional[int], extractor: str, feature_extractor_weights_path: Optional[str],
-                 reference: str, metrics: Optional[list[str]], seed: int, batch_size: int,
+                 reference: str, metrics: Optional[list[str]], batch_size: int,
                  num_reference: Optional[int], num_reference_features: int, cache_dir: Optional[str],
-                 num_steps: Optional[int], solver: Optional[str], progress: bool) -> None:
+                 sampling: Optional[SamplingSpec], progress: bool) -> None:
         if metrics is not None:
             bad = [m for m in metrics if m not in METRICS]
             if bad:
@@ -112,13 +117,12 @@ class _MetricsBase(L.Callback):
         self.feature_extractor_weights_path = feature_extractor_weights_path
         self.reference = reference
         self.metrics = metrics
-        self.seed = int(seed)
+        self.sampling = SamplingSpec.of(sampling)
+        self.spec: Optional[SamplingSpec] = None  # the complete spec of the last generation
         self.batch_size = int(batch_size)
         self.num_reference = num_reference
         self.num_reference_features = int(num_reference_features)
         self.cache_dir = cache_dir
-        self.num_steps = num_steps
-        self.solver = solver
         self.progress = progress
         self.suite: Optional[MetricSuite] = None
         self.reference_id = ""
@@ -163,9 +167,11 @@ class _MetricsBase(L.Callback):
         suite.reset()
         world, rank = trainer.world_size, trainer.global_rank
         starts = list(range(0, num_samples, self.batch_size))[rank::world]
+        resolve = getattr(pl_module, "sampling_spec", None)  # a stand-in model may take the override as it is
+        spec = self.spec = resolve(self.sampling, f"--{self.cli_group}.sampling") if resolve else self.sampling
         if self.progress and hasattr(pl_module, "planned_nfe"):
-            rank_zero_info(f"{desc}: {num_samples} images x {pl_module.planned_nfe(self.num_steps, self.solver)} "
-                           f"network evaluations ({self.solver or pl_module.solver}), batches of {self.batch_size} "
+            rank_zero_info(f"{desc}: {num_samples} images x {pl_module.planned_nfe(spec)} "
+                           f"network evaluations ({spec.solver}), batches of {self.batch_size} "
                            f"over {world} rank(s)")
         bar = tqdm(total=sum(min(self.batch_size, num_samples - s) for s in starts), unit="img",
                    desc=f"{desc} (rank {rank}/{world})", disable=not (self.progress and trainer.is_global_zero))
@@ -173,8 +179,7 @@ class _MetricsBase(L.Callback):
         self.last_nfe = None
         for s in starts:
             n = min(self.batch_size, num_samples - s)
-            res = pl_module.sample(n, num_steps=self.num_steps, solver=self.solver, progress=False,
-                                   seed=self.seed, indices=range(offset + s, offset + s + n))
+            res = pl_module.sample(n, spec, progress=False, indices=range(offset + s, offset + s + n))
             x, self.last_nfe = res.images, res.nfe
             suite.update(x, torch.arange(offset + s, offset + s + n, device=x.device))
             if first is None:
@@ -195,10 +200,12 @@ class _MetricsBase(L.Callback):
             "metric_params": self.suite.protocol(),
             "dataset": getattr(trainer.datamodule, "name", None),
             "image_size": getattr(trainer.datamodule, "image_size", None),
-            "solver": self.solver or getattr(pl_module, "solver", None),
-            "steps": self.num_steps or getattr(pl_module, "num_steps", None),
+            "solver": self.spec.solver,
+            "steps": self.spec.num_steps,
+            "time_grid": self.spec.time_grid,
+            "ddim_eta": self.spec.ddim_eta,
             "nfe": self.last_nfe,
-            "seed": self.seed,
+            "seed": self.spec.seed,
             "seeds": list(self.block_seeds),
             "sample_seeding": "per sample: sample i draws all its noise from torch.Generator(sample_seed(seed, i)) "
                               "(diffproc.processes.base); independent of batch size and world size. Seed block s "
@@ -226,28 +233,30 @@ class TestMetricsCallback(_MetricsBase):
         reference: split whose real images give the reference stats (``train`` = the published
             protocol), or a precomputed ``.npz`` (``mu``/``sigma`` only -> ``fid`` and ``is``).
         metrics: subset of ``fid, kid, is, precision, recall, sfid`` (default: all the extractor has).
-        seed: base seed; sample ``i`` draws all its noise from ``(seed, i)`` (any batch size, any rank count).
+        sampling: override of the model's sampling spec (:class:`~diffproc.samplers.SamplingSpec`; unset fields
+            inherit ``model.init_args.sampling``): ``--metrics.sampling.num_steps 100``, ``--metrics.sampling.seed 1``
+            (sample ``i`` draws all its noise from ``(seed, i)``: any batch size, any rank count).
         seeds: seed blocks (EDM's convention, e.g. ``[0, 50000, 100000]``): block ``s`` generates
             ``num_samples`` images, the samples ``i = s .. s + num_samples - 1`` of ``seed``; every metric
             is computed per block and reported per block and as mean, std (ddof=1) and min. Default: one
-            block ``[0]``. Blocks must not overlap.
+            block ``[0]``. Blocks must not overlap. Not part of the sampling spec: it is a list of runs (sample
+            offsets under the one spec seed), each evaluated on its own.
         batch_size: samples per ``sample()`` call (per rank).
         num_reference: real images for the reference stats (default: the whole split).
         num_reference_features: real features kept for KID / precision / recall.
         cache_dir: reference stats cache (default ``$DIFFPROC_CACHE/ref_stats`` or
             ``~/.cache/diffproc/ref_stats``).
-        num_steps, solver: override the model's (``--model.init_args.num_steps`` works too).
         output: file name written in the run's log dir.
     """
 
     def __init__(self, num_samples: Optional[int] = None, extractor: str = "auto",
                  feature_extractor_weights_path: Optional[str] = None, reference: str = "train",
-                 metrics: Optional[list[str]] = None, seed: int = 0, seeds: Union[list[int], str, None] = None,
+                 metrics: Optional[list[str]] = None, sampling: Optional[SamplingSpec] = None,
+                 seeds: Union[list[int], str, None] = None,
                  batch_size: int = 250, num_reference: Optional[int] = None, num_reference_features: int = 10_000,
-                 cache_dir: Optional[str] = None, num_steps: Optional[int] = None,
-                 solver: Optional[str] = None, progress: bool = True, output: str = "metrics.json") -> None:
-        super().__init__(num_samples, extractor, feature_extractor_weights_path, reference, metrics, seed, batch_size,
-                         num_reference, num_reference_features, cache_dir, num_steps, solver, progress)
+                 cache_dir: Optional[str] = None, progress: bool = True, output: str = "metrics.json") -> None:
+        super().__init__(num_samples, extractor, feature_extractor_weights_path, reference, metrics, batch_size,
+                         num_reference, num_reference_features, cache_dir, sampling, progress)
         self.output = output
         self.results: dict = {}
         if seeds is not None:
@@ -256,7 +265,7 @@ class TestMetricsCallback(_MetricsBase):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "test" or self.num_samples == 0:
             return
-        check_sampling(pl_module, self.num_steps, self.solver, "metrics")
+        check_sampling(pl_module, self.sampling, self.cli_group)
         self._build(trainer)  # before any sampling: missing weights / bad reference fail here
         starts = sorted(self.block_seeds)
         for a, b in zip(starts[:-1], starts[1:]):
@@ -316,17 +325,22 @@ class FIDCallback(_MetricsBase):
     The same seeds are used at every evaluation, so the curve is not sampling noise. Small-n FID is
     biased upwards: compare it only with itself (k-diffusion#51). Off by default: set
     ``every_n_train_steps`` or ``every_n_epochs`` to enable it (``--fid.every_n_train_steps 5000``).
+    ``sampling`` overrides the model's sampling spec field by field (``--fid.sampling.num_steps 20``); the other
+    options are :class:`TestMetricsCallback`'s.
     """
+
+    cli_group = "fid"
+
 
     def __init__(self, every_n_train_steps: Optional[int] = None, every_n_epochs: Optional[int] = None,
                  num_samples: int = 2000, extractor: str = "auto", feature_extractor_weights_path: Optional[str] = None,
-                 reference: str = "train", metrics: Optional[list[str]] = None, seed: int = 0, batch_size: int = 250,
+                 reference: str = "train", metrics: Optional[list[str]] = None,
+                 sampling: Optional[SamplingSpec] = None, batch_size: int = 250,
                  num_reference: Optional[int] = None, num_reference_features: int = 10_000,
-                 cache_dir: Optional[str] = None, num_steps: Optional[int] = None,
-                 solver: Optional[str] = None, progress: bool = False) -> None:
+                 cache_dir: Optional[str] = None, progress: bool = False) -> None:
         super().__init__(num_samples, extractor, feature_extractor_weights_path, reference,
-                         metrics if metrics is not None else ["fid"], seed, batch_size, num_reference,
-                         num_reference_features, cache_dir, num_steps, solver, progress)
+                         metrics if metrics is not None else ["fid"], batch_size, num_reference,
+                         num_reference_features, cache_dir, sampling, progress)
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self._last_step = -1
@@ -334,7 +348,7 @@ class FIDCallback(_MetricsBase):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and self.num_samples and (self.every_n_train_steps or self.every_n_epochs):
-            check_sampling(pl_module, self.num_steps, self.solver, "fid")
+            check_sampling(pl_module, self.sampling, self.cli_group)
             self._build(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:

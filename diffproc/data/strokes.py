@@ -100,6 +100,9 @@ class GuideFolderDataset(Dataset):
 class StrokesDataModule(ImageDataModule):
     """Guide images for ``cli.py predict`` (SDEdit). Set exactly one of ``guide_dir`` / ``strokes_from``.
 
+    How SDEdit samples (hijack ``strength``, ``num_steps``, ``solver``, ``time_grid``, ``ddim_eta``, noise ``seed``)
+    is the model's sampling spec, not a data option: ``--model.init_args.sampling.strength 0.4``.
+
     Args:
         guide_dir: folder of guide paintings (searched recursively; names = file stems).
         strokes_from: dataset to turn into strokes: a short name (``shapes``, ``celeba``, ``afhq``,
@@ -110,11 +113,7 @@ class StrokesDataModule(ImageDataModule):
             ``num`` of the split; ``null`` = all; paper: 1000).
         k, kmeans_iters: colours per stroke painting ([recon] 6) and Lloyd iterations.
         quantize_guides: also k-means the ``guide_dir`` images (default: use them as painted).
-        strength: SDEdit hijack point as a fraction of the chain ([recon] 0.5). t0: explicit hijack
-            time in the process's units (overrides ``strength``).
-        sdedit_num_steps, sdedit_solver: steps of the full chain (before truncation at the hijack time)
-            and solver for SDEdit (``null`` = the model's ``num_steps``/``solver``).
-        sdedit_seed: SDEdit noise seed (``null`` = the model's ``seed``) and base seed of the k-means.
+        kmeans_seed: base seed of the per-image k-means (image ``i``: ``kmeans_seed + i``).
         root, image_size, batch_size, num_workers, ...: as :class:`ImageDataModule` (``batch_size``
             is the predict batch size; ``image_size`` must match the checkpoint).
     """
@@ -127,30 +126,20 @@ class StrokesDataModule(ImageDataModule):
                  guide_dir: Optional[str] = None, strokes_from: Optional[str] = None,
                  strokes_init_args: Optional[dict] = None,
                  split: Literal["train", "val", "test"] = "test", num: Optional[int] = 1000,
-                 k: int = 6, kmeans_iters: int = 20, quantize_guides: bool = False,
-                 strength: float = 0.5, t0: Optional[float] = None, sdedit_num_steps: Optional[int] = None,
-                 sdedit_solver: Optional[str] = None, sdedit_seed: Optional[int] = None) -> None:
+                 k: int = 6, kmeans_iters: int = 20, quantize_guides: bool = False, kmeans_seed: int = 0) -> None:
         super().__init__(root, image_size, batch_size, eval_batch_size, num_workers, random_flip,
                          pin_memory, persistent_workers)
         if (guide_dir is None) == (strokes_from is None):
             raise ValueError("StrokesDataModule needs exactly one guide source: set data.init_args.guide_dir "
                              "(a folder of paintings) or data.init_args.strokes_from (e.g. shapes, celeba, afhq).")
-        if not 0.0 <= float(strength) <= 1.0:
-            raise ValueError(f"strength must lie in [0, 1], got {strength}")
         if int(k) < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.guide_dir, self.strokes_from = guide_dir, strokes_from
         self.strokes_init_args = dict(strokes_init_args or {})
         self.split, self.num, self.k, self.kmeans_iters = split, num, int(k), int(kmeans_iters)
         self.quantize_guides = bool(quantize_guides)
-        self.strength, self.t0 = strength, t0
-        self.sdedit_num_steps, self.sdedit_solver, self.sdedit_seed = sdedit_num_steps, sdedit_solver, sdedit_seed
+        self.kmeans_seed = int(kmeans_seed)
         self._guides: Optional[Dataset] = None
-
-    def sdedit_options(self) -> dict[str, Any]:
-        """Read by :func:`~diffproc.methods.sdedit.sdedit_predict_step`."""
-        return {"strength": self.strength, "t0": self.t0, "num_steps": self.sdedit_num_steps,
-                "solver": self.sdedit_solver, "seed": self.sdedit_seed}
 
     def source_datamodule(self) -> ImageDataModule:
         """The ``strokes_from`` DataModule, built at this module's root and image size."""
@@ -168,7 +157,7 @@ class StrokesDataModule(ImageDataModule):
 
     def guides(self) -> Dataset:
         if self._guides is None:
-            seed = 0 if self.sdedit_seed is None else int(self.sdedit_seed)
+            seed = self.kmeans_seed
             if self.guide_dir is not None:
                 folder = default_root(self.guide_dir)
                 files = list_images(folder) if folder.is_dir() else []

@@ -144,10 +144,8 @@ def build_pipeline(module: DiffusionModule, method: str):
     if isinstance(module, GDDM):
         gddm = {"reconstruction": module.reconstruction, "poisson_residual": bool(module.hparams.poisson_residual)}
     scheduler = DiffprocScheduler(process=module.process.config, image_size=module.image_size,
-                                  channels=module.channels, solver=module.solver, num_steps=module.num_steps,
-                                  seed=int(module.hparams.get("seed", 0)), gddm=gddm,
-                                  module_state=state_to_config(state), time_grid=module.time_grid,
-                                  precond=module.precond.config)
+                                  channels=module.channels, sampling=module.sampling.to_dict(), gddm=gddm,
+                                  module_state=state_to_config(state), precond=module.precond.config)
     nets = {n: _export_unet(net, 0) for n, net in extra.items() if net is not None}
     return DiffprocPipeline(unet=unet, scheduler=scheduler, **nets)
 
@@ -219,8 +217,10 @@ def _usage(pipe, out_name: str) -> str:
         "images = pipe(batch_size=16, seed=0).images       # = cli.py predict's PNGs 0..15 (same seed)\n"
         "```\n\n"
         "The pipeline runs diffproc's own process (reverse steps and decoding), rebuilt from `scheduler/` "
-        f"(process `{pipe.scheduler.config.process['class_path']}`). Options: `num_inference_steps`, `solver`, `generator` "
-        "(one or one per sample), `seed`/`indices`, `output_type` (`pil`, `np`, `pt`).")
+        f"(process `{pipe.scheduler.config.process['class_path']}`). Options: diffproc's sampling spec "
+        "(`num_inference_steps` = its `num_steps`, `solver`, `time_grid`, `ddim_eta`, `seed`; unset ones are the model's, "
+        "`scheduler/scheduler_config.json` `sampling`), `generator` (one or one per sample), `indices`, `output_type` "
+        "(`pil`, `np`, `pt`).")
 
 
 def model_card(module: DiffusionModule, method: str, pipe, has_raw: bool, info: dict) -> str:
@@ -235,7 +235,8 @@ def model_card(module: DiffusionModule, method: str, pipe, has_raw: bool, info: 
         f"- pipeline: `{type(pipe).__name__}`; weights in `unet/`: {weights}"
         + ("; raw weights in `unet_raw/`" if has_raw else ""),
         f"- image size {module.image_size}x{module.image_size}, {module.channels} channels; "
-        f"default solver `{module.solver}`, num_steps {module.num_steps or 'full'}",
+        f"default sampling: solver `{module.sampling.solver}`, num_steps {module.sampling.num_steps or 'full'}, "
+        f"time_grid `{module.sampling.time_grid}`, ddim_eta {module.sampling.ddim_eta}, seed {module.sampling.seed}",
         f"- training steps: {info.get('global_step', 'unknown')} (epoch {info.get('epoch', 'unknown')})",
     ]
     if info.get("checkpoint"):
@@ -243,8 +244,9 @@ def model_card(module: DiffusionModule, method: str, pipe, has_raw: bool, info: 
     if isinstance(pipe, DDPMPipeline):
         p = module.process
         notes = []
-        if p.eta:
-            notes.append(f"DDIM eta = {p.eta}: pass `eta={p.eta}` to DDIMPipeline")
+        if module.sampling.ddim_eta:
+            notes.append(f"DDIM eta = {module.sampling.ddim_eta} (diffproc's sampling.ddim_eta): pass "
+                         f"`eta={module.sampling.ddim_eta}` to DDIMPipeline")
         if p.spacing != "uniform":
             notes.append(f"spacing `{p.spacing}` has no diffusers equivalent: DDIMPipeline uses the uniform grid")
         lines += [f"- note: {n}" for n in notes]

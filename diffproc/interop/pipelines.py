@@ -16,6 +16,10 @@ diffusers' API.
 Room ``interop``: imports ``methods`` (GDDM's decoding), ``samplers`` and ``processes``; nothing in the package
 imports it. diffusers records this module's path (``diffproc.interop.pipelines``) in an exported folder's
 ``model_index.json`` and imports it when the folder is loaded.
+
+The call takes the fields of diffproc's sampling spec (:class:`~diffproc.samplers.SamplingSpec`) under diffusers'
+names where diffusers has one (``num_inference_steps`` = ``num_steps``; ``solver``, ``time_grid``, ``ddim_eta``,
+``seed``); unset ones inherit the module's default spec, which the scheduler config holds (``sampling``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from diffproc.methods.gddm import known_dc, poisson_reconstruct
 from diffproc.nets.precond import Denoiser, Head, make_head
 from diffproc.processes.base import DiffusionProcess, build_process
 from diffproc.processes.rng import PerSampleGenerator, seeded_generator
-from diffproc.samplers import sample_loop
+from diffproc.samplers import SamplingSpec, sample_loop, sampling_grid
 
 #: components of a module that are exported as pipeline components, besides the (EMA) UNet
 EXTRA_COMPONENTS = ("poisson_net",)
@@ -58,12 +62,12 @@ def state_from_config(cfg: Optional[dict]) -> dict[str, Tensor]:
 
 class DiffprocScheduler(SchedulerMixin, ConfigMixin):
     """The process behind a :class:`DiffprocPipeline`: its config (``process``: ``{class_path, init_args}``, as
-    :attr:`~diffproc.processes.base.DiffusionProcess.config` writes it), the image geometry, the sampling defaults
-    (``solver``, ``num_steps``, ``seed``, ``time_grid``), the preconditioning head (``precond``: ``{class_path,
-    init_args}``) and, for GDDM, its decoding options (``gddm``: ``reconstruction``, ``poisson_residual``) and small
-    state outside its networks (``module_state``: dataset mean, the head's σ_data spectrum).
-    :attr:`process` and :attr:`head` are rebuilt once; the process defines the time grid (:meth:`set_timesteps`), the
-    reverse steps (:meth:`step`) and, with :meth:`decode`, the images.
+    :attr:`~diffproc.processes.base.DiffusionProcess.config` writes it), the image geometry, the module's default
+    sampling spec (``sampling``: the fields of :class:`~diffproc.samplers.SamplingSpec`), the preconditioning head
+    (``precond``: ``{class_path, init_args}``) and, for GDDM, its decoding options (``gddm``: ``reconstruction``,
+    ``poisson_residual``) and small state outside its networks (``module_state``: dataset mean, the head's σ_data
+    spectrum). :attr:`process` and :attr:`head` are rebuilt once; the process defines the time grid
+    (:meth:`set_timesteps`), the reverse steps (:meth:`step`) and, with :meth:`decode`, the images.
     """
 
     config_name = "scheduler_config.json"
@@ -71,9 +75,8 @@ class DiffprocScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, process: Optional[dict] = None, image_size: int = 32, channels: int = 3,
-                 solver: Optional[str] = None, num_steps: Optional[int] = None, seed: int = 0,
-                 gddm: Optional[dict] = None, module_state: Optional[dict] = None, time_grid: str = "process",
-                 precond: Optional[dict] = None) -> None:
+                 sampling: Optional[dict] = None, gddm: Optional[dict] = None,
+                 module_state: Optional[dict] = None, precond: Optional[dict] = None) -> None:
         self._process: Optional[DiffusionProcess] = None
         self._head: Optional[Head] = None
         self.timesteps: list = []
@@ -115,16 +118,24 @@ class DiffprocScheduler(SchedulerMixin, ConfigMixin):
         return poisson_reconstruct(self.process, z, dc, poisson_net, cfg.gddm["reconstruction"],
                                    cfg.gddm["poisson_residual"])
 
+    def spec(self, override: Optional[SamplingSpec] = None) -> SamplingSpec:
+        """The complete sampling spec of a call: ``override`` over the config's default (``sampling``), resolved
+        against the process (``ValueError`` naming the argument when it cannot run)."""
+        return SamplingSpec.of(override).over(self.config.get("sampling")).resolve(self.process, "pipeline call")
+
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Any = None) -> None:
-        """The descending grid ``[t_N, ..., t_0]`` of the process for that many steps (config default if None)."""
-        self.timesteps = list(self.process.timesteps(num_inference_steps or self.config.num_steps))
+        """The descending grid ``[t_N, ..., t_0]`` the default solver walks with that many steps (config default
+        if None)."""
+        spec = self.spec(SamplingSpec(num_steps=num_inference_steps))
+        self.timesteps = sampling_grid(self.process, spec.num_steps, spec.solver, spec.time_grid)
 
     def step(self, denoiser: Denoiser, sample: Tensor, t, t_next, solver: Optional[str] = None,
-             generator=None) -> Tensor:
+             generator=None, ddim_eta: Optional[float] = None) -> Tensor:
         """One reverse step ``t -> t_next`` of the process (``denoiser(z, t) -> (û0, ε̂)`` as in diffproc:
         :meth:`DiffprocPipeline.denoiser`)."""
-        return self.process.reverse_step(denoiser, sample, t, t_next, solver=solver or self.config.solver,
-                                         generator=generator)
+        spec = self.spec(SamplingSpec(solver=solver, ddim_eta=ddim_eta))
+        return self.process.reverse_step(denoiser, sample, t, t_next, solver=spec.solver, generator=generator,
+                                         ddim_eta=spec.ddim_eta)
 
 
 class _GeneratorList(PerSampleGenerator):
@@ -145,8 +156,9 @@ class DiffprocPipeline(DiffusionPipeline):
     * ``seed`` (+ optional ``indices``): sample ``i`` draws all its noise from ``(seed, indices[i])``, as
       ``cli.py predict`` and ``cli.py test`` do (``indices`` default ``0..batch_size-1``);
     * or ``generator``: one ``torch.Generator`` for the batch, or a list with one per sample (diffusers' way);
-      with neither, the global RNG;
-    * ``num_inference_steps`` / ``solver`` (defaults: the model's ``num_steps`` / ``solver``);
+      with neither, the seed of the module's default spec;
+    * the sampling spec's other fields: ``num_inference_steps`` (diffproc's ``num_steps``), ``solver``,
+      ``time_grid``, ``ddim_eta``; unset ones are the module's default spec (scheduler config ``sampling``);
     * ``output_type`` ``pil`` | ``np`` (B, H, W, C) | ``pt`` (B, C, H, W), values in [0, 1].
     """
 
@@ -181,26 +193,28 @@ class DiffprocPipeline(DiffusionPipeline):
                  generator: Union[torch.Generator, list[torch.Generator], None] = None,
                  num_inference_steps: Optional[int] = None, solver: Optional[str] = None,
                  seed: Optional[int] = None, indices: Optional[Sequence[int]] = None,
-                 output_type: str = "pil", return_dict: bool = True, progress: bool = False):
+                 output_type: str = "pil", return_dict: bool = True, progress: bool = False,
+                 time_grid: Optional[str] = None, ddim_eta: Optional[float] = None):
         cfg = self.scheduler.config
         device = self.unet.device
-        if seed is not None:
-            generator = seeded_generator(batch_size, seed, indices, generator, device)
+        spec = self.scheduler.spec(SamplingSpec(solver=solver, num_steps=num_inference_steps, time_grid=time_grid,
+                                                ddim_eta=ddim_eta, seed=seed))
+        if seed is not None or generator is None:
+            generator = seeded_generator(batch_size, spec.seed, indices, generator, device)
         elif isinstance(generator, (list, tuple)):
             if len(generator) != batch_size:
                 raise ValueError(f"{len(generator)} generators for batch_size={batch_size}")
             generator = _GeneratorList(generator)
         process = self.scheduler.process
         shape = (batch_size, process.domain_channels(cfg.channels), cfg.image_size, cfg.image_size)
-        solver = solver or cfg.solver or process.default_solver
         nets = [n for n in (self.unet, getattr(self, "poisson_net", None)) if n is not None]
         was_training = [n.training for n in nets]
         for n in nets:
             n.eval()
         try:
-            res = sample_loop(process, self.denoiser, shape, num_inference_steps or cfg.num_steps,
-                              solver, generator, device, progress=progress, desc=f"sampling ({solver})",
-                              grid=cfg.get("time_grid", "process"))
+            res = sample_loop(process, self.denoiser, shape, spec.num_steps, spec.solver, generator, device,
+                              progress=progress, desc=f"sampling ({spec.solver})", grid=spec.time_grid,
+                              ddim_eta=spec.ddim_eta)
             image = self.decode(res.sample)
         finally:
             for n, was in zip(nets, was_training):

@@ -39,7 +39,7 @@ from diffproc.nets.speed import (COMPILE_MODES, CUDAGRAPH_MODES, CompileMode, _o
 from diffproc.nets.unet import build_unet, diffusers_timestep_shift, load_diffusers_unet, shift_time_input
 from diffproc.processes.base import DiffusionProcess, build_process
 from diffproc.processes.rng import seeded_generator, train_batch_seed
-from diffproc.samplers import NFE_PER_STEP, TIME_GRIDS, SampleResult, sample_loop, sampling_grid
+from diffproc.samplers import SampleResult, SamplingSpec, sample_loop
 
 
 
@@ -71,10 +71,6 @@ def check_options(hp: Any) -> None:
     for name in ("compile_train", "compile_sample"):
         if hp[name] not in COMPILE_MODES:
             raise ConfigError(f"{name} must be one of {list(COMPILE_MODES)}, got {hp[name]!r}")
-    if hp.num_steps is not None and int(hp.num_steps) < 1:
-        raise ConfigError(f"num_steps must be >= 1 (or null for the process's full chain), got {hp.num_steps}")
-    if hp.time_grid not in TIME_GRIDS:
-        raise ConfigError(f"model.init_args.time_grid must be one of {list(TIME_GRIDS)}, got {hp.time_grid!r}")
 
 
 class DiffusionModule(L.LightningModule):
@@ -97,14 +93,18 @@ class DiffusionModule(L.LightningModule):
             ``min(decay, (1+n)/(10+n))`` so that short runs get a useful average;
             ``ema_start_step``/``ema_every_n_steps`` as in the papers' code. Sampling, validation
             and checkpoints use/carry the EMA weights.
-        solver, num_steps: default solver (one of the process's ``solvers``) and number of reverse steps
-            for :meth:`sample`. time_grid: the time grid they walk (:data:`~diffproc.samplers.TIME_GRIDS`):
-            ``process`` (the process's own spacing), ``uniform_t``, ``quadratic`` or ``logsnr`` (uniform in the
-            log-SNR of the median coordinate; the best grid for the DPM-Solver++ family on Gaussian data,
-            docs/results/gaussian_w2; on real images per process, docs/results/real_fmnist).
+        sampling: the default sampling spec (:class:`~diffproc.samplers.SamplingSpec`:
+            ``solver``, ``num_steps``, ``time_grid``, ``ddim_eta``, ``seed``, SDEdit ``strength``;
+            ``--model.init_args.sampling.num_steps 50``) of :meth:`sample`, ``predict`` (unconditional and SDEdit)
+            and, for every field they leave unset, of the callbacks that sample (``--sample_grid.sampling.*``,
+            ``--metrics.sampling.*``, ``--fid.sampling.*``, ``--gddm_diagnostics.sampling.*``) and of an exported
+            pipeline. Checked against the process here. ``time_grid`` ``logsnr`` (uniform in the log-SNR of the
+            median coordinate) is the best grid for the DPM-Solver++ family on Gaussian data
+            (docs/results/gaussian_w2; on real images per process, docs/results/real_fmnist). ``seed``: sample ``i``
+            draws all its noise from ``(seed, i)`` (:class:`~diffproc.processes.base.PerSampleGenerator`), whatever
+            the batch size or rank count. The config wins over a checkpoint's hyperparameters, so
+            ``cli.py predict|test --model.init_args.sampling.num_steps 10`` is an override for that run.
         predict_num_samples, predict_batch_size, predict_dir: ``cli.py predict`` writes that many PNGs.
-        seed: base seed of sampling in predict/test: sample ``i`` draws all its noise from ``(seed, i)``
-            (:class:`~diffproc.processes.rng.PerSampleGenerator`), whatever the batch size or rank count.
         init_from: weights to start from, one option for both sources:
             a diffusers model folder (``UNet2DModel.save_pretrained``, or a pipeline folder with ``unet/``
             such as ``python -m diffproc.interop.export`` writes): its UNet, architecture and weights, replaces the
@@ -129,20 +129,22 @@ class DiffusionModule(L.LightningModule):
         them and the reverse; all are off by default (``docs/results/throughput_cpu.md`` has the measured ratios).
     """
 
-    def __init__(self, process: DiffusionProcess, precond: Optional[Head] = None, image_size: int = 32, channels: int = 3,
-                 unet: Optional[dict] = None, lr: float = 2e-4, weight_decay: float = 0.0,
+    def __init__(self, process: DiffusionProcess, precond: Optional[Head] = None, image_size: int = 32,
+                 channels: int = 3, unet: Optional[dict] = None, lr: float = 2e-4, weight_decay: float = 0.0,
                  betas: Sequence[float] = (0.9, 0.999), warmup_steps: int = 1000,
                  lr_schedule: str = "constant", ema_decay: float = 0.9999, ema_warmup: bool = True,
-                 ema_start_step: int = 0, ema_every_n_steps: int = 1, solver: Optional[str] = None,
-                 num_steps: Optional[int] = None, predict_num_samples: int = 64,
-                 predict_batch_size: int = 64, predict_dir: Optional[str] = None, seed: int = 0,
+                 ema_start_step: int = 0, ema_every_n_steps: int = 1,
+                 sampling: SamplingSpec = SamplingSpec(), predict_num_samples: int = 64,
+                 predict_batch_size: int = 64, predict_dir: Optional[str] = None,
                  init_from: Optional[str] = None, compile_train: CompileMode = "none",
                  compile_sample: CompileMode = "none", channels_last: bool = False,
-                 fused_optimizer: bool = False, time_grid: str = "process") -> None:
+                 fused_optimizer: bool = False) -> None:
         super().__init__()
         process = as_process(process)
-        self.save_hyperparameters(ignore=["process", "precond"])
+        sampling = SamplingSpec.of(sampling)
+        self.save_hyperparameters(ignore=["process", "precond", "sampling"])
         self.hparams["process"] = process.config
+        self.hparams["sampling"] = sampling.to_dict()  # plain values: checkpoints load with weights_only=True
         check_options(self.hparams)
         self.compile_train, self.compile_sample = compile_train, compile_sample
         self.channels_last, self.fused_optimizer = bool(channels_last), bool(fused_optimizer)
@@ -153,10 +155,8 @@ class DiffusionModule(L.LightningModule):
         except ValueError as err:
             raise ConfigError(f"model.init_args.precond: {err}") from None
         self.hparams["precond"] = self.precond.config
-        self.solver = solver or process.default_solver
-        self.num_steps = num_steps
-        self.time_grid = time_grid
-        self.check_sampling(num_steps, self.solver, "model.init_args.solver/num_steps")
+        #: the default sampling spec, complete (:meth:`SamplingSpec.resolve`); overrides go on top of it
+        self.sampling: SamplingSpec = self.check_sampling(sampling, "model.init_args.sampling", base=SamplingSpec())
         in_ch = self.precond.input_channels(process, self.channels)
         out_ch = self.precond.output_channels(process, self.channels)
         self.unet = build_unet(unet, self.image_size, in_ch, out_ch)
@@ -327,17 +327,22 @@ class DiffusionModule(L.LightningModule):
         """Final domain state -> images in [-1, 1] (GDDM overrides with its Poisson network)."""
         return self.process.from_domain(z)
 
-    @torch.no_grad()
-    def sample(self, num: int, num_steps: Optional[int] = None, solver: Optional[str] = None,
-               generator: Optional[torch.Generator] = None, progress: bool = True,
-               use_ema: bool = True, seed: Optional[int] = None,
-               indices: Optional[Sequence[int]] = None, desc: Optional[str] = None) -> SampleResult:
-        """Generate ``num`` images with ``num_steps`` reverse steps of ``solver`` (EMA weights unless
-        ``use_ema=False``).
+    def sampling_spec(self, spec: Optional[SamplingSpec] = None, where: str = "sampling",
+                      sdedit: bool = False) -> SamplingSpec:
+        """The complete spec of a run: ``spec`` (an override; ``None`` fields inherit) over the module's default
+        :attr:`sampling`, resolved against the process (``ValueError`` naming ``where`` when it cannot run)."""
+        return SamplingSpec.of(spec).over(self.sampling).resolve(self.process, where, sdedit=sdedit)
 
-        Randomness: with ``seed``, sample ``j`` draws all its noise from ``(seed, indices[j])``
-        (``indices`` defaults to ``0..num-1``), so an image does not depend on the batch it is drawn in;
-        otherwise ``generator`` (one stream for the whole batch) or the global RNG.
+    @torch.no_grad()
+    def sample(self, num: int, spec: Optional[SamplingSpec] = None, generator: Optional[torch.Generator] = None,
+               progress: bool = True, use_ema: bool = True, indices: Optional[Sequence[int]] = None,
+               desc: Optional[str] = None) -> SampleResult:
+        """Generate ``num`` images with the sampling spec ``spec`` over the module's default :attr:`sampling`
+        (EMA weights unless ``use_ema=False``).
+
+        Randomness: sample ``j`` draws all its noise from ``(seed, indices[j])`` (``indices`` defaults to
+        ``0..num-1``; ``seed`` from the spec), so an image does not depend on the batch it is drawn in; a
+        ``generator`` given instead (one stream for the whole batch) replaces the seed, unless ``spec`` sets one.
 
         Returns one :class:`~diffproc.samplers.SampleResult`: ``images`` in [-1, 1], the final domain
         state ``sample``, the ``nfe`` actually spent, the time grid and the solver.
@@ -346,6 +351,9 @@ class DiffusionModule(L.LightningModule):
         network evaluation with ``SIGTERMException``, in whatever phase it runs (end-of-fit grid,
         test metrics, predict).
         """
+        run = self.sampling_spec(spec)
+        explicit_seed = spec is not None and SamplingSpec.of(spec).seed is not None
+        seed = run.seed if generator is None or explicit_seed else None
         generator = seeded_generator(num, seed, indices, generator, self.device)
         net = self.sampling_net if use_ema else self.unet
         was_training = net.training
@@ -354,35 +362,33 @@ class DiffusionModule(L.LightningModule):
             shape = (num, self.process.domain_channels(self.channels), self.image_size, self.image_size)
             fn = self.denoiser(net)
 
-            def guarded(z: Tensor, t: Tensor) -> Tensor:
+            def guarded(z: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
                 if self._trainer is not None and self.trainer.received_sigterm:
                     raise SIGTERMException()
                 return fn(z, t)
 
-            res = sample_loop(self.process, guarded, shape, num_steps or self.num_steps,
-                              solver or self.solver, generator, self.device, progress=progress,
-                              desc=desc or f"sampling ({solver or self.solver})", grid=self.time_grid)
+            res = sample_loop(self.process, guarded, shape, run.num_steps, run.solver, generator, self.device,
+                              progress=progress, desc=desc or f"sampling ({run.solver})", grid=run.time_grid,
+                              ddim_eta=run.ddim_eta)
         finally:
             net.train(was_training)
         res.images = self.decode(res.sample).clamp(-1, 1)
         return res
 
-    def planned_nfe(self, num_steps: Optional[int] = None, solver: Optional[str] = None) -> int:
-        """Network evaluations :meth:`sample` will spend per image with these settings."""
-        solver = solver or self.solver
-        grid = sampling_grid(self.process, num_steps or self.num_steps, solver, self.time_grid)
-        return (len(grid) - 1) * NFE_PER_STEP.get(solver, 1)
+    def planned_nfe(self, spec: Optional[SamplingSpec] = None) -> int:
+        """Network evaluations :meth:`sample` will spend per image with ``spec`` over the module's default."""
+        return self.sampling_spec(spec).nfe(self.process)
 
-    def check_sampling(self, num_steps: Optional[int], solver: Optional[str] = None, where: str = "num_steps") -> None:
-        """Refuse, with :class:`ConfigError`, a ``(num_steps, solver)`` request this process cannot run as asked
-        (``where`` names the option in the message); callbacks that sample call it when they are set up."""
-        solver = solver or self.solver
-        if solver not in self.process.solvers:
-            raise ConfigError(f"{where}: {self.process.unknown_solver_message(solver)}")
+    def check_sampling(self, spec: Optional[SamplingSpec], where: str = "sampling",
+                       base: Optional[SamplingSpec] = None) -> SamplingSpec:
+        """Refuse, with :class:`ConfigError`, a spec (an override over ``base``, default the module's
+        :attr:`sampling`) that this process cannot run as asked; ``where`` names the option group in the message
+        (``--sample_grid.sampling``). Callbacks that sample call it when they are set up. Returns the complete
+        spec."""
         try:
-            sampling_grid(self.process, num_steps, solver, self.time_grid)
+            return SamplingSpec.of(spec).over(self.sampling if base is None else base).resolve(self.process, where)
         except ValueError as err:
-            raise ConfigError(f"{where}: {err}") from None
+            raise ConfigError(str(err)) from None
 
     @torch.no_grad()
     def seconds_per_evaluation(self, num: int) -> float:
@@ -394,7 +400,7 @@ class DiffusionModule(L.LightningModule):
         try:
             z = torch.randn(num, self.process.domain_channels(self.channels), self.image_size, self.image_size,
                             device=self.device)
-            t = torch.full((num,), float(self.process.timesteps(self.num_steps)[0]), device=self.device)
+            t = torch.full((num,), float(self.process.timesteps(self.sampling.num_steps)[0]), device=self.device)
             fn = self.denoiser(net)
             if self.compile_sample != "none":  # compile outside the timed call
                 fn(z, t)
@@ -462,7 +468,7 @@ class DiffusionModule(L.LightningModule):
             sdedit_predict_step(self, batch, batch_idx)
             return None
         idx = batch.long()
-        x = self.sample(len(idx), seed=self.hparams.seed, indices=idx.tolist(), progress=True).images
+        x = self.sample(len(idx), indices=idx.tolist(), progress=True).images
         out = self.predict_output_dir()
         os.makedirs(out, exist_ok=True)
         for i, img in zip(idx.tolist(), x):

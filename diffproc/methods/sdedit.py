@@ -25,33 +25,39 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
-from diffproc.processes.rng import PerSampleGenerator
-from diffproc.samplers import SampleResult, hijack_grid, sdedit_loop
+from diffproc.processes.rng import PerSampleGenerator, seeded_generator
+from diffproc.samplers import SampleResult, SamplingSpec, hijack_grid, sdedit_loop
 
 
 @torch.no_grad()
-def sdedit(module, guides: Tensor, strength: Optional[float] = 0.5, t0: Any = None,
-           num_steps: Optional[int] = None, solver: Optional[str] = None,
+def sdedit(module, guides: Tensor, spec: Optional[SamplingSpec] = None, t0: Any = None,
            generator: Optional[torch.Generator] = None, use_ema: bool = True) -> SampleResult:
     """Stroke-guided generation with a :class:`~diffproc.methods.base.DiffusionModule`.
 
-    ``guides``: images in [-1, 1], NCHW, at the model's resolution. ``strength``/``t0``: hijack point
-    (see :func:`hijack_grid`). ``num_steps``: sampling steps of the full chain before truncation
-    (default: the module's ``num_steps``). Returns the :class:`~diffproc.samplers.SampleResult` with
-    ``images`` in [-1, 1] (clamped) and the NFE spent.
+    ``guides``: images in [-1, 1], NCHW, at the model's resolution. ``spec``: sampling spec over the module's
+    default: its ``strength`` is the hijack point (see :func:`hijack_grid`; default 0.5), ``num_steps`` the
+    sampling steps of the full chain before truncation, ``solver``/``time_grid``... as in sampling. ``t0``: an
+    explicit hijack time in the process's units instead of ``strength`` (Python only). Noise: as in
+    :meth:`~diffproc.methods.base.DiffusionModule.sample`, guide ``i`` draws it from ``(seed, i)`` (the spec's seed),
+    unless a ``generator`` is given instead. Returns the
+    :class:`~diffproc.samplers.SampleResult` with ``images`` in [-1, 1] (clamped) and the NFE spent.
     """
     if guides.ndim != 4 or guides.shape[1] != module.channels or guides.shape[-1] != module.image_size \
             or guides.shape[-2] != module.image_size:
         raise ValueError(f"SDEdit guides must be (N, {module.channels}, {module.image_size}, {module.image_size}) "
                          f"to match the model, got {tuple(guides.shape)}")
     process = module.process
-    grid = hijack_grid(process, strength, t0, num_steps if num_steps is not None else module.num_steps)
+    run = module.sampling_spec(spec, sdedit=True)
+    explicit_seed = spec is not None and SamplingSpec.of(spec).seed is not None
+    generator = seeded_generator(len(guides), run.seed if generator is None or explicit_seed else None, None,
+                                 generator, module.device)
+    grid = hijack_grid(process, None if t0 is not None else run.strength, t0, run.num_steps, run.time_grid)
     net = module.sampling_net if use_ema else module.unet
     was_training = net.training
     net.eval()
     try:
         z_g = process.to_domain(guides.to(module.device, torch.float32))
-        res = sdedit_loop(process, module.denoiser(net), z_g, grid, solver or module.solver, generator)
+        res = sdedit_loop(process, module.denoiser(net), z_g, grid, run.solver, generator, run.ddim_eta)
     finally:
         net.train(was_training)
     res.images = module.decode(res.sample).clamp(-1, 1)
@@ -80,24 +86,20 @@ def sdedit_predict_step(module, batch: Any, batch_idx: int) -> Tensor:
     (and ``<name>_real.png`` when the guide was made from a real image) plus a side-by-side grid
     ``sdedit_grid_<batch>_rank<r>.png`` (rows: [real,] guide, result) in the predict directory.
 
-    Options come from the DataModule's ``sdedit_options()`` when it has one (strength, t0, num_steps,
-    solver, seed), else strength 0.5 and the module's solver/num_steps/seed. Guide batches that carry an
-    ``index`` (the strokes datasets do) give guide ``i`` its noise from ``(seed, i)``: the results do not
-    depend on the batch size or the number of ranks.
+    Options are the module's sampling spec (``model.init_args.sampling``: ``strength``, default 0.5, ``num_steps``,
+    ``solver``, ``time_grid``, ``ddim_eta``, ``seed``; on the command line of ``cli.py predict`` they override the
+    checkpoint's). Guide batches that carry an ``index`` (the strokes datasets do) give guide ``i`` its noise from
+    ``(seed, i)``: the results do not depend on the batch size or the number of ranks.
     """
     images, names, real = _unpack(batch, batch_idx)
-    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
-    opts = dict(dm.sdedit_options()) if hasattr(dm, "sdedit_options") else {}
-    seed = opts.get("seed")
-    seed = module.hparams.seed if seed is None else seed
+    seed = module.sampling.seed
     index = batch.get("index") if isinstance(batch, dict) else None
     if index is not None:
         g = PerSampleGenerator(int(seed), [int(i) for i in index], module.device)
     else:
         g = torch.Generator(device=module.device).manual_seed(int(seed) * 1_000_003 + 7919 * batch_idx
                                                               + 104729 * module.global_rank)
-    x = sdedit(module, images, strength=opts.get("strength", 0.5), t0=opts.get("t0"),
-               num_steps=opts.get("num_steps"), solver=opts.get("solver"), generator=g).images
+    x = sdedit(module, images, generator=g).images
     out = module.predict_output_dir()
     os.makedirs(out, exist_ok=True)
     guides = images.to(x.device, x.dtype)

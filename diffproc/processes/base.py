@@ -149,8 +149,9 @@ class DiffusionProcess(ABC):
 
     @abstractmethod
     def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """One step of the reverse process from time ``t`` to ``t_next`` (< t)."""
+                     generator: torch.Generator | None = None, ddim_eta: float = 0.0) -> Tensor:
+        """One step of the reverse process from time ``t`` to ``t_next`` (< t); ``ddim_eta``: the ``ddim`` solver's
+        stochasticity (ignored by the other solvers)."""
 
 
 

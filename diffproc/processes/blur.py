@@ -126,7 +126,7 @@ class BlurProcess(GaussianProcess):
         data_range: ``zero_one`` (official code: images mapped x ↦ (x+1)/2 in :meth:`to_domain`) or
             ``minus_one_one`` (the package convention; 4x higher SNR for the same β).
         official_layout_quirk: reproduce the official channel-layout bug (§0 finding 2). Off by default.
-        variance, eta, clip_x0, loss_reduction: see :class:`GaussianProcess` (paper: mean; its network is an
+        variance, clip_x0, loss_reduction: see :class:`GaussianProcess` (paper: mean; its network is an
             eps head). spacing: sub-sequence for strided ``ancestral``/``ddim``. default_solver: ``official``.
     """
 
@@ -140,7 +140,7 @@ class BlurProcess(GaussianProcess):
                  kernel: Literal["sampled", "heat"] = "sampled", invert_spectrum: bool = False,
                  spectrum_floor: float = 0.03, data_range: DataRange = "zero_one",
                  official_layout_quirk: bool = False,
-                 variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
+                 variance: Variance = "fixedsmall", spacing: Spacing = "uniform",
                  clip_x0: bool = True, loss_reduction: Literal["mean", "sum"] = "mean",
                  default_solver: str = "official") -> None:
         for name, value, allowed in (("basis", basis, ("dct", "toeplitz_eig")), ("kernel", kernel, ("sampled", "heat")),
@@ -151,7 +151,7 @@ class BlurProcess(GaussianProcess):
         if sig <= 0 or sig_min < 0 or sig_max < 0:
             raise ValueError(f"need sig > 0 and sig_min, sig_max >= 0; got sig={sig}, sig_min={sig_min}, "
                              f"sig_max={sig_max}")
-        super().__init__(basis=None, variance=variance, eta=eta, clip_x0=clip_x0,
+        super().__init__(basis=None, variance=variance, clip_x0=clip_x0,
                          loss_reduction=loss_reduction)
         self.default_solver = default_solver
         self.image_size: tuple[int, int] | None = None  # set_geometry
@@ -279,10 +279,10 @@ class BlurProcess(GaussianProcess):
         return self.from_basis(s * self.to_basis(z))
 
     def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, ddim_eta: float = 0.0) -> Tensor:
         solver = solver or self.default_solver
         if solver != "official":
-            return super().reverse_step(denoiser, z_t, t, t_next, solver, generator)
+            return super().reverse_step(denoiser, z_t, t, t_next, solver, generator, ddim_eta)
         i, j = int(t), int(t_next)
         if j != i - 1:
             raise ValueError(f"the 'official' blur sampler runs every step (got t={i} -> {j}); sample with "

@@ -63,15 +63,15 @@ class DDPMProcess(GaussianProcess):
         schedule: ``linear`` β from ``beta_start`` to ``beta_end`` (1e-4..0.02) or ``cosine``.
         spacing: sub-sequence for fewer sampling steps: ``uniform`` or ``quad`` (DDIM's; the same
             values every process uses, plus ``linspace`` for continuous-time processes).
-        variance, eta, clip_x0, loss_reduction, basis: see :class:`GaussianProcess`.
+        variance, clip_x0, loss_reduction, basis: see :class:`GaussianProcess`.
     """
 
     def __init__(self, num_timesteps: int = 1000, schedule: Schedule = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02,
-                 variance: Variance = "fixedsmall", eta: float = 0.0, spacing: Spacing = "uniform",
+                 variance: Variance = "fixedsmall", spacing: Spacing = "uniform",
                  clip_x0: bool = True, loss_reduction: Literal["mean", "sum"] = "mean",
                  basis: Basis | None = None, default_solver: str = "ancestral") -> None:
-        super().__init__(basis=basis, variance=variance, eta=eta,
+        super().__init__(basis=basis, variance=variance,
                          clip_x0=clip_x0, loss_reduction=loss_reduction)
         if default_solver not in self.solvers:
             raise ValueError(f"default_solver must be one of {self.solvers}, got {default_solver!r}")

@@ -66,7 +66,6 @@ class EdgePreservingProcess(DDPMProcess):
         loss_reduction: ``sum`` over C·H·W then batch mean (official) | ``mean``.
         clip_x0: clip x̂0 to [-1, 1] before the edge map and posterior (the code does not).
         edge_eps: guard of the edge-map normalisation (constant image -> G = 0).
-        eta: DDIM stochasticity for ``solver="ddim"`` (0 = deterministic; 1 = the ancestral step).
         default_solver: ``ancestral`` (paper) or ``ddim``.
     """
 
@@ -91,9 +90,9 @@ class EdgePreservingProcess(DDPMProcess):
                  edge_padding: Literal["zeros", "replicate"] = "zeros",
                  lambda_for_s: Literal["t", "s"] = "t", final: Literal["state", "x0"] = "state",
                  loss_reduction: Literal["sum", "mean"] = "sum", clip_x0: bool = False,
-                 edge_eps: float = 1e-12, eta: float = 0.0, default_solver: str = "ancestral") -> None:
+                 edge_eps: float = 1e-12, default_solver: str = "ancestral") -> None:
         super().__init__(num_timesteps=num_timesteps, schedule="linear", beta_start=beta_start,
-                         beta_end=beta_end, variance="fixedsmall", eta=eta,
+                         beta_end=beta_end, variance="fixedsmall",
                          clip_x0=clip_x0, loss_reduction=loss_reduction, default_solver=default_solver)
         for name, value, allowed in (("transition", transition, TRANSITIONS),
                                      ("train_transition", train_transition, TRANSITIONS + (None,)),

@@ -51,7 +51,6 @@ class GaussianProcess(DiffusionProcess):
         basis: orthonormal basis with ``forward``/``inverse`` (``None`` = pixels).
         variance: ancestral-step variance — ``fixedsmall`` (posterior variance β̃) or ``fixedlarge``
             (σ²_ts, = β_t on the full grid); DDPM §3.2.
-        eta: DDIM stochasticity (0 = deterministic DDIM, 1 = ancestral-like; Song et al. Eq. 16).
         clip_x0: clip the predicted clean image to ``x0_range`` inside reverse steps.
         loss_reduction: ``mean`` over all elements, or ``sum`` over pixels then mean over batch.
     """
@@ -66,15 +65,14 @@ class GaussianProcess(DiffusionProcess):
     #: dtype of the reverse-step algebra (None = the state's); EPDM uses float64 as its official code
     work_dtype: torch.dtype | None = None
 
-    def __init__(self, basis: Basis | None = None, variance: Variance = "fixedsmall", eta: float = 0.0,
-                 clip_x0: bool = True, loss_reduction: Literal["mean", "sum"] = "mean") -> None:
+    def __init__(self, basis: Basis | None = None, variance: Variance = "fixedsmall", clip_x0: bool = True,
+                 loss_reduction: Literal["mean", "sum"] = "mean") -> None:
         if variance not in ("fixedsmall", "fixedlarge"):
             raise ValueError(f"variance must be 'fixedsmall' or 'fixedlarge', got {variance!r}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.basis = basis
         self.variance = variance
-        self.eta = float(eta)
         self.clip_x0 = clip_x0
         self.loss_reduction = loss_reduction
 
@@ -171,9 +169,10 @@ class GaussianProcess(DiffusionProcess):
         return c_t * u_t + c_0 * u0, bcast(var_ts * s_s**2 * inv, u_t), bcast(var_ts, u_t)
 
     def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, ddim_eta: float = 0.0) -> Tensor:
         """Ancestral (posterior) or DDIM(η) step from ``t`` to ``t_next`` on any sub-grid (algebra in
-        ``work_dtype``; the result in ``z_t``'s dtype)."""
+        ``work_dtype``; the result in ``z_t``'s dtype). ``ddim_eta``: DDIM's stochasticity η (0 = deterministic DDIM,
+        1 = the ancestral step; Song et al. Eq. 16), a sampling option (:class:`~diffproc.samplers.SamplingSpec`)."""
         solver = solver or self.default_solver
         if solver in MULTISTEP_SOLVERS:
             raise ValueError(f"{solver!r} is a multistep solver (each step uses the previous step's prediction): "
@@ -201,10 +200,10 @@ class GaussianProcess(DiffusionProcess):
             out = a_s * u0
             if not final:
                 _, var_small, _ = self.posterior(u_t, u0, tb, sb)
-                c1 = self.eta * var_small.sqrt()
+                c1 = float(ddim_eta) * var_small.sqrt()
                 c2 = (s_s**2 - c1**2).clamp_min(0.0).sqrt()
                 out = out + c2 * eps
-                if self.eta > 0:
+                if ddim_eta > 0:
                     out = out + c1 * noise()
         return self.from_basis(out).to(z_t.dtype)
 

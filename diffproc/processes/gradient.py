@@ -123,7 +123,7 @@ class GradientDomainProcess(DDPMProcess):
         clip_image: reconstruct x̂0 as an image, clip it to [−1, 1] and map it back (DDPM's ``clip_x0``
             seen through ``T``; it also removes the non-integrable part of x̂0). Needs the DC inside the
             state (``dc_mode="aux"`` or ``domain="hybrid"``). [ours]
-        num_timesteps, schedule, beta_start, beta_end, variance, eta, spacing, loss_reduction, default_solver: as
+        num_timesteps, schedule, beta_start, beta_end, variance, spacing, loss_reduction, default_solver: as
             :class:`DDPMProcess` (project defaults: T=1000, linear β).
     """
 
@@ -136,12 +136,12 @@ class GradientDomainProcess(DDPMProcess):
                  hybrid_mu: float | None = None, dataset_mean: Sequence[float] | Tensor | None = None,
                  project_every_step: bool = False, num_timesteps: int = 1000, schedule: Schedule = "linear",
                  beta_start: float = 1e-4, beta_end: float = 0.02, variance: Variance = "fixedsmall",
-                 eta: float = 0.0, spacing: Spacing = "uniform", clip_x0: bool = False,
+                 spacing: Spacing = "uniform", clip_x0: bool = False,
                  loss_reduction: Literal["mean", "sum"] = "mean", default_solver: str = "ancestral",
                  objective: Objective = "head", clip_image: bool = False,
                  time_sampling: Literal["uniform", "quad"] = "uniform", noise_cap: float | None = None) -> None:
         super().__init__(num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start,
-                         beta_end=beta_end, variance=variance, eta=eta, spacing=spacing, clip_x0=clip_x0,
+                         beta_end=beta_end, variance=variance, spacing=spacing, clip_x0=clip_x0,
                          loss_reduction=loss_reduction, default_solver=default_solver)
         check_options(domain, noise_kind, dc_mode, objective, clip_image, time_sampling, noise_cap)
         self.domain, self.noise_kind, self.dc_mode = domain, noise_kind, dc_mode

@@ -94,14 +94,14 @@ class InterpolationProcess(GaussianProcess):
             the RK orders); the final sample is clipped by the caller (``DiffusionModule.sample``).
         max_beta: clipping of β* (``beta_star`` only; 0.999 as in improved DDPM).
         beta_start, beta_end: the ``linear`` schedule (DDPM: 1e-4, 0.02).
-        variance, eta: ancestral variance and DDIM η of the core's ``ancestral``/``ddim`` solvers.
+        variance: ancestral variance of the core's ``ancestral`` solver (DDIM's η is the sampling option ``ddim_eta``).
         default_solver: solver when none is named. Default ``euler``: eq. 13 is the only update the
             paper writes out, and with 1 NFE per step "steps" and NFE coincide (§5.3 ambiguity).
         basis: orthonormal basis (None = pixels, as in the paper).
 
     Solvers: ``euler``, ``heun``, ``midpoint``, ``rk4`` (probability-flow ODE, run by
     :func:`diffproc.samplers.sample_loop`), ``ddim_dual`` (x' = cos η' x̂0 + sin η' ε̂, 1 NFE),
-    and the core's ``ddim`` (η from ``eta``) and ``ancestral``.
+    and the core's ``ddim`` (η from the sampling spec's ``ddim_eta``) and ``ancestral``.
     """
 
     solvers = ODE_SOLVERS + ("ddim_dual", "ddim", "ancestral", *MULTISTEP_SOLVERS)
@@ -109,12 +109,13 @@ class InterpolationProcess(GaussianProcess):
     heads = ("dual", "eps", "x0", "v")
     default_head = "dual"
 
-    def __init__(self, num_timesteps: int = 1000, schedule: Schedule = "sin", gamma: float = 1.0, gradient_wrt: GradientWrt = "eta", loss_norm: LossNorm = "l2",
+    def __init__(self, num_timesteps: int = 1000, schedule: Schedule = "sin", gamma: float = 1.0,
+                 gradient_wrt: GradientWrt = "eta", loss_norm: LossNorm = "l2",
                  loss_reduction: Literal["mean", "sum"] = "mean",
                  time_sampling: TimeSampling = "continuous", spacing: Spacing = "linspace",
                  clip_x0: bool = False, max_beta: float = 0.999,
                  beta_start: float = 1e-4, beta_end: float = 0.02, variance: Variance = "fixedsmall",
-                 eta: float = 0.0, default_solver: str = "euler", basis: Basis | None = None) -> None:
+                 default_solver: str = "euler", basis: Basis | None = None) -> None:
         checks = {"schedule": (schedule, ("sin", "beta_star", "linear")),
                   "gradient_wrt": (gradient_wrt, ("eta", "t")), "loss_norm": (loss_norm, ("l2", "l1")),
                   "time_sampling": (time_sampling, ("continuous", "discrete")),
@@ -126,8 +127,7 @@ class InterpolationProcess(GaussianProcess):
             raise ValueError(f"default_solver must be one of {list(self.solvers)}, got {default_solver!r}")
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
-        super().__init__(basis=basis, variance=variance,
-                         eta=eta, clip_x0=clip_x0, loss_reduction=loss_reduction)
+        super().__init__(basis=basis, variance=variance, clip_x0=clip_x0, loss_reduction=loss_reduction)
         self.num_timesteps = int(num_timesteps)
         self.schedule, self.gamma = schedule, float(gamma)
         self.gradient_wrt, self.loss_norm = gradient_wrt, loss_norm
@@ -255,7 +255,7 @@ class InterpolationProcess(GaussianProcess):
         return gaussian_pf_velocity(self, denoiser, z, t)
 
     def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, ddim_eta: float = 0.0) -> Tensor:
         """``ddim_dual`` (x' = cos η' x̂0 + sin η' ε̂), else the core's ``ancestral``/``ddim``.
         ODE solvers are not single reverse steps: run them with :func:`diffproc.samplers.sample_loop`."""
         solver = solver or self.default_solver
@@ -267,5 +267,5 @@ class InterpolationProcess(GaussianProcess):
         if solver in ODE_SOLVERS:
             raise ValueError(f"{solver!r} integrates the probability-flow ODE over a whole grid, not one reverse step: "
                              "run it with diffproc.samplers.sample_loop (or ode_step for a single step).")
-        return super().reverse_step(denoiser, z_t, tb, sb, solver=solver, generator=generator)
+        return super().reverse_step(denoiser, z_t, tb, sb, solver=solver, generator=generator, ddim_eta=ddim_eta)
 

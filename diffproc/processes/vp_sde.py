@@ -45,7 +45,7 @@ class VPSDEProcess(GaussianProcess):
         default_steps: steps of the grid when a sampler names no ``num_steps`` (999: N = 1000 points).
         time_scale: the backbone sees ``time_scale · t`` (999: score_sde's continuous-time VP labels).
         default_solver: ``euler_maruyama`` (reverse SDE), an ODE solver, ``ancestral`` or ``ddim``.
-        variance, eta, clip_x0, loss_reduction, basis: see :class:`GaussianProcess`. With an
+        variance, clip_x0, loss_reduction, basis: see :class:`GaussianProcess`. With an
             exact analytic denoiser on unbounded data pass ``clip_x0=False``.
 
     ``prior`` draws ``N(0, I)``, the usual approximation of ``p_1``; the exact ``p_1`` of data with
@@ -57,10 +57,10 @@ class VPSDEProcess(GaussianProcess):
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, eps: float = 1e-3,
                  default_steps: int = 999, time_scale: float = 999.0,
-                 variance: Variance = "fixedsmall", eta: float = 0.0, clip_x0: bool = True,
+                 variance: Variance = "fixedsmall", clip_x0: bool = True,
                  loss_reduction: Literal["mean", "sum"] = "mean", basis: Basis | None = None,
                  default_solver: str = "euler_maruyama") -> None:
-        super().__init__(basis=basis, variance=variance, eta=eta,
+        super().__init__(basis=basis, variance=variance,
                          clip_x0=clip_x0, loss_reduction=loss_reduction)
         if default_solver not in self.solvers:
             raise ValueError(f"default_solver must be one of {self.solvers}, got {default_solver!r}")
@@ -135,7 +135,7 @@ class VPSDEProcess(GaussianProcess):
         return gaussian_reverse_sde_step(self, denoiser, z_t, tb, sb, noise)
 
     def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, ddim_eta: float = 0.0) -> Tensor:
         """``euler_maruyama`` (:meth:`reverse_sde_step`, noise from ``generator`` through
         :meth:`noise_like`), else the core's ``ancestral``/``ddim`` on the continuous grid. ODE solvers are
         not single reverse steps: run them with :func:`diffproc.samplers.sample_loop`."""
@@ -150,4 +150,4 @@ class VPSDEProcess(GaussianProcess):
         B, dev = z_t.shape[0], z_t.device
         return super().reverse_step(denoiser, z_t, batch_times(torch.as_tensor(t, dtype=torch.float64), B, dev),
                                     batch_times(torch.as_tensor(t_next, dtype=torch.float64), B, dev),
-                                    solver=solver, generator=generator)
+                                    solver=solver, generator=generator, ddim_eta=ddim_eta)
