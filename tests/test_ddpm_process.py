@@ -154,3 +154,17 @@ def test_cosine_schedule():
     assert ab[0] == 1 and torch.all(ab[1:] < ab[:-1]) and ab[-1] < 1e-6
     with pytest.raises(ValueError, match="unknown beta schedule"):
         DDPMProcess(schedule="quadratic")
+
+
+def test_final_step_is_decided_from_the_grid_on_the_host():
+    """A step ends at σ = 0 (no noise added) exactly when its grid value says so; the samplers pass the grid's Python
+    numbers, which are read on the host (no accelerator sync per step)."""
+    from diffproc.processes.interpolation import InterpolationProcess
+    from diffproc.processes.vp_sde import VPSDEProcess
+
+    ddpm, sie, vp = DDPMProcess(num_timesteps=20), InterpolationProcess(), VPSDEProcess()
+    assert ddpm.final_step(0) and not ddpm.final_step(1) and ddpm.final_step(torch.zeros(3, dtype=torch.long))
+    assert sie.final_step(0.0) and not sie.final_step(0.05)
+    assert not vp.final_step(vp.timesteps(10)[-1])  # the VP grid stops at t = eps > 0: noise is still added
+    grid = ddpm.timesteps(5)
+    assert [ddpm.final_step(t) for t in grid[1:]] == [False] * (len(grid) - 2) + [True]

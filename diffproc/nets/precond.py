@@ -129,7 +129,20 @@ def _store_args(head: Head, **kwargs: Any) -> None:
     head._init_args = kwargs
 
 
-class EpsHead(Head):
+class CoefficientHead(Head):
+    """A head whose ``(û0, ε̂)`` is, coordinate by coordinate of the process basis, a function of the state ``u_t``,
+    the output ``o`` and ``(α_t, σ_t)`` (:meth:`convert`)."""
+
+    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        u_t = process.to_basis(z_t)
+        a, s = process.coefficients(t, u_t)
+        return self.convert(u_t, process.to_basis(out), a, s)
+
+    def convert(self, u_t: Tensor, o: Tensor, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class EpsHead(CoefficientHead):
     """ε prediction (DDPM). Args: min_alpha: lower bound on α in ``û0 = (u − σ ε̂)/α`` (SIE's single ε head on a
     grid that reaches α = 0, spec §5.3: 1e-4); 0 = none."""
 
@@ -140,10 +153,7 @@ class EpsHead(Head):
         _store_args(self, min_alpha=min_alpha)
         self.min_alpha = float(min_alpha)
 
-    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        u_t = process.to_basis(z_t)
-        a, s = process.coefficients(t, u_t)
-        o = process.to_basis(out)
+    def convert(self, u_t: Tensor, o: Tensor, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         if self.min_alpha > 0:
             a = a.clamp_min(self.min_alpha)
         return (u_t - s * o) / a, o
@@ -152,36 +162,24 @@ class EpsHead(Head):
         return noise
 
 
-class X0Head(Head):
+class X0Head(CoefficientHead):
     """Clean-state prediction."""
 
     name = "x0"
 
-    def __init__(self) -> None:
-        super().__init__()
-
-    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        u_t = process.to_basis(z_t)
-        a, s = process.coefficients(t, u_t)
-        o = process.to_basis(out)
+    def convert(self, u_t: Tensor, o: Tensor, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         return o, (u_t - a * o) / s
 
     def target(self, process: Any, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         return z0
 
 
-class VHead(Head):
+class VHead(CoefficientHead):
     """v prediction, ``v = α ε − σ u0`` (Salimans & Ho 2022)."""
 
     name = "v"
 
-    def __init__(self) -> None:
-        super().__init__()
-
-    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        u_t = process.to_basis(z_t)
-        a, s = process.coefficients(t, u_t)
-        o = process.to_basis(out)
+    def convert(self, u_t: Tensor, o: Tensor, a: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
         norm = a * a + s * s
         return (a * u_t - s * o) / norm, (s * u_t + a * o) / norm
 
@@ -195,9 +193,6 @@ class SigmaEpsHead(Head):
     û0 needs only α; ε̂ divides by σ_t at the (clipped) estimate x̂0."""
 
     name = "sigma_eps"
-
-    def __init__(self) -> None:
-        super().__init__()
 
     def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         u_t = process.to_basis(z_t)
@@ -217,9 +212,6 @@ class DualHead(Head):
     objective is the sum of both heads' squared errors; SIE's Eq. 12 adds its derivative term on top."""
 
     name = "dual"
-
-    def __init__(self) -> None:
-        super().__init__()
 
     def output_channels(self, process: DiffusionProcess, channels: int) -> int:
         return 2 * process.domain_channels(channels)

@@ -168,6 +168,13 @@ class GaussianProcess(DiffusionProcess):
         c_0 = bcast(a_s * var_ts * inv, u_t)
         return c_t * u_t + c_0 * u0, bcast(var_ts * s_s**2 * inv, u_t), bcast(var_ts, u_t)
 
+    def final_step(self, t_next) -> bool:
+        """Whether a step to ``t_next`` ends at σ = 0 (then no noise is added), decided from the grid value on the
+        host: the samplers pass the grid's Python numbers, so no accelerator is synchronised (a time given as a
+        device tensor is read back once)."""
+        t = torch.as_tensor(t_next, dtype=torch.float64 if isinstance(t_next, float) else None)
+        return bool((self.alpha_sigma(t.reshape(-1)[:1].cpu())[1] == 0).all())
+
     def reverse_step(self, denoiser: Denoiser, z_t: Tensor, t, t_next, solver: str | None = None,
                      generator: torch.Generator | None = None, ddim_eta: float = 0.0) -> Tensor:
         """Ancestral (posterior) or DDIM(η) step from ``t`` to ``t_next`` on any sub-grid (algebra in
@@ -185,7 +192,7 @@ class GaussianProcess(DiffusionProcess):
         wd = self.work_dtype or z_t.dtype
         u_t = self.to_basis(z_t.to(wd))
         u0, eps = self.predict(denoiser, z_t, tb)
-        final = bool((self.alpha_sigma(sb[:1])[1] == 0).all())
+        final = self.final_step(t_next)
 
         def noise() -> Tensor:  # drawn in the state's dtype: the same stream whatever work_dtype is
             return self.to_basis(self.noise_like(z_t, generator).to(wd))
