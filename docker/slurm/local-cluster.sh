@@ -4,7 +4,7 @@
 #   sudo docker/slurm/local-cluster.sh          # install (first time), configure, start; idempotent
 #   sudo docker/slurm/local-cluster.sh stop     # stop both slurmd, slurmctld and munged
 #
-# It is what `pytest -m slurm` (tests/test_slurm.py) and the CI's slurm step run against: two nodes
+# It is what `pytest -m slurm` (tests/e2e/test_slurm.py) and the CI's slurm step run against: two nodes
 # dpnode0 and dpnode1, each a `slurmd -N <node>` on this host with NodeAddr=127.0.0.1 and its own Port
 # (6831, 6832), its own spool dir, pid file and log (`%n` in slurm.conf); the names resolve to 127.0.0.1
 # through /etc/hosts, so everything stays on loopback. Each node declares all $(nproc) CPUs (the two

@@ -72,7 +72,7 @@ CASES = [
      "written with the process diffproc.processes.ddpm.DDPMProcess"),
     ("checkpoint of another method", "test", ["--config", "configs/gddm_shapes.yaml", *TINY, "--ckpt_path", _ckpt("last")],
      "written by diffproc.methods.base.DiffusionModule"),
-    ("a 0.1 checkpoint", "test", ["--ckpt_path", str(Path(__file__).parent / "data/v0_1/ddpm_step3.ckpt")],
+    ("a 0.1 checkpoint", "test", ["--ckpt_path", str(Path(__file__).parents[1] / "data/v0_1/ddpm_step3.ckpt")],
      "python -m diffproc.convert"),
     ("a 0.1 option", "fit", ["--model.init_args.sampling_steps", "3"], "sampling_steps"),
     ("checkpoint of another network", "test",
