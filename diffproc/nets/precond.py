@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional
 import torch
 from torch import Tensor, nn
 
+from diffproc.errors import ConfigError
 from diffproc.ops import dct2, idct2
 from diffproc.processes.base import DiffusionProcess, NetFn
 
@@ -377,7 +378,7 @@ class ModeEDM(Head):
         if self.sigma_data_mode == "uniform":
             return self.sigma_data
         if self.needs_statistics:
-            raise ValueError(f"sigma_data_mode={self.sigma_data_mode!r} has no spectrum yet: it is estimated from "
+            raise ConfigError(f"sigma_data_mode={self.sigma_data_mode!r} has no spectrum yet: it is estimated from "
                              "the training images when a fit starts (or call model.precond.estimate(images)).")
         if tuple(self.spectrum.shape[-2:]) != (h, w):
             raise ValueError(f"the σ_data spectrum is {tuple(self.spectrum.shape)}, the images are {h}x{w}")
