@@ -24,8 +24,9 @@ core's ``eps`` target in pixels, which equals the DCT-domain ε since the basis 
 
 Sampling: ``ancestral`` is the paper's ``denoise`` step: its σ²_denoise = (1/σ_s² + α_ts²/σ²_ts)⁻¹ = σ²_ts σ_s²/σ_t²
 and its mean coefficients are the core's fixed-small posterior; the paper walks ``t = 1, 1 − 1/T, …, 0`` and
-returns the state at ``t = 0`` (no extra denoising step), as :meth:`timesteps` does. Its δ = 1e-8 guards divide
-by quantities that never vanish here (σ_t ≥ σ_0 > 0 and σ²_ts > 0 for s < t). ``ddim``, the PF-ODE solvers
+returns the state at ``t = 0`` (no extra denoising step), as :meth:`timesteps` does. Its δ = 1e-8 guards are left
+out: they guard divisions by quantities that never vanish here (σ_t ≥ σ_0 > 0, σ²_ts > 0 for s < t) and move a
+step by < 2e-3 (last steps, where σ²_ts ~ 1e-5; tests/test_blurring.py). ``ddim``, the PF-ODE solvers
 (euler/heun/midpoint/rk4, through :meth:`alpha_sigma_dot`) and the DPM-Solver++ family run on the same grids
 (extensions, not in the paper).
 """
