@@ -48,7 +48,7 @@ class BlurringDiffusionProcess(GaussianProcess):
     given to :meth:`set_geometry` (``DiffusionModule`` passes its data's).
 
     Args:
-        sigma_blur_max: σ_B,max, the largest blur std in pixels (paper: 20, its best value on CIFAR-10 32x32).
+        sigma_blur_max: σ_B,max, the largest blur std in pixels (20, the value used with the paper's 32x32 pseudo-code).
         min_scale: d_min, the floor of the frequency scaling (paper: 0.001), so that α_t > 0 for every frequency.
         logsnr_min, logsnr_max: clipping of the cosine schedule's log-SNR (paper: −10, 10).
         time_scale: the backbone sees ``time_scale · t`` (1000; ours: diffusers' sinusoidal embedding needs a
