@@ -351,4 +351,4 @@ def test_configs_parse_and_build(capsys):
         dual = (process["class_path"].endswith(".InterpolationProcess")
                 and model["init_args"].get("precond", {"class_path": ".DualHead"})["class_path"].endswith(".DualHead"))
         assert m.unet.config.out_channels == (6 if dual else 3), config
-        assert m.solver in m.process.solvers
+        assert m.sampling.solver in m.process.solvers

@@ -174,6 +174,12 @@ def batch_times(t, batch: int, device) -> Tensor:
     return t
 
 
+def continuous_time(t):
+    """A time of a continuous-time process as the core's reverse step takes it: a Python number as a float (float64
+    there, and read on the host: no accelerator sync), a tensor as it is."""
+    return float(t) if isinstance(t, (int, float)) else t
+
+
 def build_process(config: dict[str, Any]) -> DiffusionProcess:
     """The process of a ``{"class_path": ..., "init_args": ...}`` config (:attr:`DiffusionProcess.config`). Only
     ``diffproc``'s own modules are imported on demand; a process class elsewhere must be imported first."""

@@ -187,8 +187,9 @@ class GaussianProcess(DiffusionProcess):
                              "diffproc.processes.gaussian.dpmpp_step and a MultistepState")
         if solver not in ("ancestral", "ddim"):
             raise ValueError(f"unknown solver {solver!r} for {type(self).__name__}; choose one of {self.solvers}")
-        tb = batch_times(t, z_t.shape[0], z_t.device)
-        sb = batch_times(t_next, z_t.shape[0], z_t.device)
+        # continuous times in float64 (a Python float would become float32); discrete ones stay integers
+        tb, sb = (batch_times(torch.as_tensor(x, dtype=torch.float64) if isinstance(x, float) else x, z_t.shape[0],
+                              z_t.device) for x in (t, t_next))
         wd = self.work_dtype or z_t.dtype
         u_t = self.to_basis(z_t.to(wd))
         u0, eps = self.predict(denoiser, z_t, tb)

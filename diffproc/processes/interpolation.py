@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times, bcast
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times, bcast, continuous_time
 from diffproc.processes.ddpm import ddim_timesteps, make_betas
 from diffproc.processes.gaussian import Basis, GaussianProcess, Variance, ddim_dual_step, gaussian_pf_velocity
 from diffproc.processes.rng import randn_like
@@ -267,5 +267,6 @@ class InterpolationProcess(GaussianProcess):
         if solver in ODE_SOLVERS:
             raise ValueError(f"{solver!r} integrates the probability-flow ODE over a whole grid, not one reverse step: "
                              "run it with diffproc.samplers.sample_loop (or ode_step for a single step).")
-        return super().reverse_step(denoiser, z_t, tb, sb, solver=solver, generator=generator, ddim_eta=ddim_eta)
+        return super().reverse_step(denoiser, z_t, continuous_time(t), continuous_time(t_next), solver=solver,
+                                    generator=generator, ddim_eta=ddim_eta)
 

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times
+from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, Denoiser, batch_times, continuous_time
 from diffproc.processes.gaussian import (Basis, GaussianProcess, Variance,
                                          gaussian_reverse_sde_step)
 from diffproc.processes.rng import rand
@@ -147,7 +147,5 @@ class VPSDEProcess(GaussianProcess):
                              "diffproc.samplers.sample_loop (or ode_sample), not reverse_step")
         if solver not in self.solvers:
             raise ValueError(f"unknown solver {solver!r} for {type(self).__name__}; choose one of {self.solvers}")
-        B, dev = z_t.shape[0], z_t.device
-        return super().reverse_step(denoiser, z_t, batch_times(torch.as_tensor(t, dtype=torch.float64), B, dev),
-                                    batch_times(torch.as_tensor(t_next, dtype=torch.float64), B, dev),
-                                    solver=solver, generator=generator, ddim_eta=ddim_eta)
+        return super().reverse_step(denoiser, z_t, continuous_time(t), continuous_time(t_next), solver=solver,
+                                    generator=generator, ddim_eta=ddim_eta)
