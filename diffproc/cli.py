@@ -168,6 +168,8 @@ class DiffprocCLI(LightningCLI):
         except (ValueError, TypeError, MisconfigurationException) as err:
             # a constructor (model, process, data, trainer, callback) refused a value: the user's to fix
             raise ConfigError(f"invalid configuration: {err}") from err
+        if not self.trainer.loggers:  # --trainer.logger false: the LR monitor has nowhere to log (Lightning raises)
+            self.trainer.callbacks[:] = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         if self.subcommand is not None:
             ckpt = self.config[self.subcommand].get("ckpt_path")
             if ckpt and ckpt not in _SPECIAL_CKPT and "://" not in str(ckpt):

@@ -51,6 +51,13 @@ def test_fit_resume_predict(tmp_path):
     assert (out3 / "000000.png").read_bytes() != (out / "000000.png").read_bytes()
 
 
+def test_fit_without_a_logger(tmp_path):
+    """``--trainer.logger false`` fits (the LR monitor, which needs a logger, is left out) and still checkpoints."""
+    run_cli("fit", "--config", "configs/quickstart.yaml", *TINY, "--trainer.logger", "false", "--trainer.max_steps",
+            "2", "--trainer.default_root_dir", str(tmp_path), "--sample_grid.every_n_steps", "0")
+    assert [_ckpt_step(p) for p in tmp_path.rglob("last.ckpt")] == [2]
+
+
 def test_bad_inputs_give_one_clear_error(tmp_path):
     base = ["--config", "configs/quickstart.yaml", *TINY, "--trainer.logger.init_args.save_dir", str(tmp_path),
             "--trainer.max_steps", "1"]
