@@ -62,11 +62,13 @@ class Head(nn.Module):
     def output_channels(self, process: DiffusionProcess, channels: int) -> int:
         return process.domain_channels(channels)
 
-    def net_input(self, process: DiffusionProcess, z_t: Tensor, t: Tensor) -> Tensor:
-        """What the backbone sees for state ``z_t`` (default: the state)."""
-        return z_t
+    def run(self, process: DiffusionProcess, net_fn: NetFn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Any]:
+        """The network's output at state ``z_t`` and what the head computed to build its input (``ctx``, handed back
+        to :meth:`split` and :meth:`residual` so that nothing is computed twice). Default: the network sees the
+        state itself; no ``ctx``."""
+        return net_fn(z_t, t), None
 
-    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, ctx: Any = None) -> tuple[Tensor, Tensor]:
         """Network output ``out`` (work dtype) at state ``z_t`` → ``(û0, ε̂)`` in basis coefficients."""
         raise NotImplementedError
 
@@ -74,7 +76,8 @@ class Head(nn.Module):
         """What the output regresses in training (process domain, training coefficients)."""
         raise NotImplementedError
 
-    def residual(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, z0: Tensor, noise: Tensor) -> Tensor:
+    def residual(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, z0: Tensor, noise: Tensor,
+                 ctx: Any = None) -> Tensor:
         """Per-element training residual of output ``out`` (``out − target``); the head's objective is its mean
         square (:meth:`Denoiser.error`)."""
         return out - self.target(process, z0, noise, t)
@@ -107,19 +110,26 @@ class Denoiser:
 
     def __init__(self, head: Head, process: DiffusionProcess, net_fn: NetFn) -> None:
         self.head, self.process, self.net_fn = head, process, net_fn
-        self.kind = head.name
+
+    @property
+    def kind(self) -> str:
+        """The head's name (SIE's loss asks whether there are two heads)."""
+        return self.head.name
 
     def raw(self, z_t: Tensor, t: Tensor) -> Tensor:
-        return self.net_fn(self.head.net_input(self.process, z_t, t), t)
+        """The network's output at ``z_t`` as the head feeds it."""
+        return self.head.run(self.process, self.net_fn, z_t, t)[0]
 
     def __call__(self, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         p = self.process
         wd = getattr(p, "work_dtype", None) or z_t.dtype
-        return self.head.split(p, self.raw(z_t, t).to(wd), z_t.to(wd), t)
+        out, ctx = self.head.run(p, self.net_fn, z_t, t)
+        return self.head.split(p, out.to(wd), z_t.to(wd), t, ctx)
 
     def residual(self, z_t: Tensor, t: Tensor, z0: Tensor, noise: Tensor) -> Tensor:
         """The head's training residual at ``z_t`` (:meth:`Head.residual`)."""
-        return self.head.residual(self.process, self.raw(z_t, t), z_t, t, z0, noise)
+        out, ctx = self.head.run(self.process, self.net_fn, z_t, t)
+        return self.head.residual(self.process, out, z_t, t, z0, noise, ctx)
 
     def error(self, z_t: Tensor, t: Tensor, z0: Tensor, noise: Tensor) -> Tensor:
         """The head's per-element training error: the residual squared."""
@@ -134,7 +144,7 @@ class CoefficientHead(Head):
     """A head whose ``(û0, ε̂)`` is, coordinate by coordinate of the process basis, a function of the state ``u_t``,
     the output ``o`` and ``(α_t, σ_t)`` (:meth:`convert`)."""
 
-    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, ctx: Any = None) -> tuple[Tensor, Tensor]:
         u_t = process.to_basis(z_t)
         a, s = process.coefficients(t, u_t)
         return self.convert(u_t, process.to_basis(out), a, s)
@@ -195,7 +205,7 @@ class SigmaEpsHead(Head):
 
     name = "sigma_eps"
 
-    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, ctx: Any = None) -> tuple[Tensor, Tensor]:
         u_t = process.to_basis(z_t)
         a, _ = process.coefficients(t, u_t)
         o = process.to_basis(out)
@@ -217,7 +227,7 @@ class DualHead(Head):
     def output_channels(self, process: DiffusionProcess, channels: int) -> int:
         return 2 * process.domain_channels(channels)
 
-    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, ctx: Any = None) -> tuple[Tensor, Tensor]:
         c = z_t.shape[1]
         if out.shape[1] != 2 * c:
             raise ValueError(f"the dual head needs a network with 2C = {2 * c} output channels ([x̂0 | ε̂]); got "
@@ -409,43 +419,46 @@ class ModeEDM(Head):
             return var.rsqrt(), (1.0 / a).expand_as(sk), -sk / a, a
         return var.rsqrt(), a * sd * sd / var, sk * sd * var.rsqrt(), a
 
-    def net_input(self, process: Any, z_t: Tensor, t: Tensor) -> Tensor:
-        c_in, _, _, _ = self.coefficients(process, t, z_t)
-        return idct2(c_in * dct2(self._rotate(process.image_part(z_t).double()))).to(z_t.dtype)
-
-    def clean_state(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
-        """ẑ0 = to_domain(x̂0) for network output F at ``z_t``."""
-        _, c_skip, c_out, _ = self.coefficients(process, t, z_t)
+    def run(self, process: Any, net_fn: NetFn, z_t: Tensor, t: Tensor) -> tuple[Tensor, Any]:
+        """The network sees ``IDCT(c_in ⊙ x̃)``, ``x̃ = DCT(image_part(z_t))`` (in the colour basis); ``ctx`` keeps x̃ and
+        ``c_skip``, ``c_out`` for :meth:`split` and :meth:`residual` (one Poisson solve per evaluation)."""
+        c_in, c_skip, c_out, _ = self.coefficients(process, t, z_t)
         u = dct2(self._rotate(process.image_part(z_t).double()))
+        return net_fn(idct2(c_in * u).to(z_t.dtype), t), (u, c_skip, c_out)
+
+    def clean_state(self, process: Any, out: Tensor, z_t: Tensor, ctx: Any) -> Tensor:
+        """ẑ0 = to_domain(x̂0) for network output F at ``z_t`` (``ctx`` from :meth:`run`)."""
+        u, c_skip, c_out = ctx
         x0 = self._rotate(idct2(c_skip * u + c_out * dct2(out.double())), inverse=True)
         return process.to_domain(x0).to(z_t.dtype)
 
-    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        z0 = self.clean_state(process, out, z_t, t)
+    def split(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, ctx: Any = None) -> tuple[Tensor, Tensor]:
+        z0 = self.clean_state(process, out, z_t, ctx)
         a, s = process.coefficients(t, z_t)
         return z0, (z_t - a * z0) / s
 
     def target(self, process: Any, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError("ModeEDM's training error is per DCT mode of the image: see ModeEDM.error")
 
-    def loss_scale(self, process: Any, t: Tensor, ref: Tensor) -> Tensor:
-        """(B, 1, H, W) float64 divisor of the x̂0 error per mode (weight = its −2 power): ``c_out`` (``edm``) or
-        ``σ_k/α`` (``snr``)."""
-        _, _, c_out, a = self.coefficients(process, t, ref)
+    def loss_scale(self, process: Any, t: Tensor, ref: Tensor, c_out: Optional[Tensor] = None) -> Tensor:
+        """(B, 1, H, W) float64 divisor of the x̂0 error per mode (weight = its −2 power): ``c_out`` (``edm``; given,
+        or computed) or ``σ_k/α`` (``snr``)."""
         if self.weighting == "snr":
-            _, sig = process.alpha_sigma(t)
-            return sig.to(torch.float64).view(-1, 1, 1, 1) * process.mode_noise_scale(*ref.shape[-2:], ref.device) / a
-        return c_out
+            a, sig = (v.to(torch.float64).view(-1, 1, 1, 1) for v in process.alpha_sigma(t))
+            return sig * process.mode_noise_scale(*ref.shape[-2:], ref.device) / a
+        return c_out if c_out is not None else self.coefficients(process, t, ref)[2]
 
-    def mode_error(self, process: Any, z0_hat: Tensor, z0: Tensor, t: Tensor) -> Tensor:
+    def mode_error(self, process: Any, z0_hat: Tensor, z0: Tensor, t: Tensor,
+                   c_out: Optional[Tensor] = None) -> Tensor:
         """``DCT(x̂0 − x0) / loss_scale`` per image mode (colour components with ``spectrum_colour``) of a clean-state
         estimate ``z0_hat``: for ``edm`` the error of F against its target, whose square is EDM's Eq. 8 weighting."""
         d = process.image_part(z0_hat - z0).double()
-        return (dct2(self._rotate(d)) / self.loss_scale(process, t, z0)).to(z0.dtype)
+        return (dct2(self._rotate(d)) / self.loss_scale(process, t, z0, c_out)).to(z0.dtype)
 
-    def residual(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, z0: Tensor, noise: Tensor) -> Tensor:
+    def residual(self, process: Any, out: Tensor, z_t: Tensor, t: Tensor, z0: Tensor, noise: Tensor,
+                 ctx: Any = None) -> Tensor:
         """:meth:`mode_error` of the output's ẑ0. The data-free part of ε̂ is exact, so nothing else is trained."""
-        return self.mode_error(process, self.clean_state(process, out, z_t, t), z0, t)
+        return self.mode_error(process, self.clean_state(process, out, z_t, ctx), z0, t, ctx[2])
 
     def train_time(self, process: Any, batch: int, generator: Optional[torch.Generator],
                    device: Any) -> Optional[Tensor]:
