@@ -216,3 +216,36 @@ def test_atomic_save_survives_crash_mid_write(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="weights_only=True"):
         io.load_checkpoint(tmp_path / "pickled.ckpt")
     assert AtomicCheckpointIO(weights_only=False).load_checkpoint(tmp_path / "pickled.ckpt")["obj"] == Path("x")
+
+
+def test_overhead_benchmark_runs_both_setups_and_profiles():
+    """``benchmarks/overhead.py`` (issue 29): both setups give one paired ratio per run, the profile lists the
+    module's per-step reseed and logging; tiny sizes, so the numbers themselves mean nothing here."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    tiny = ["--image-size", "8", "--batch-size", "4", "--widths", "8", "16", "--steps", "4", "--warmup", "1"]
+    for extra in (["--setup", "core", "--repeats", "2"], ["--setup", "cli", "--repeats", "2"],
+                  ["--setup", "cli", "--profile"]):
+        out = subprocess.run([sys.executable, "benchmarks/overhead.py", *tiny, *extra], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        if "--profile" in extra:
+            assert "DiffusionModule.on_train_batch_start" in out.stdout and "DiffusionModule.log" in out.stdout
+            assert "ThroughputMonitor" in out.stdout  # the cli setup's callbacks are there
+        else:
+            ratios = [float(line.split("ratio ")[1].split()[0]) for line in out.stdout.splitlines()
+                      if line.startswith("repeat")]
+            assert len(ratios) == 2 and all(0.2 < r < 5 for r in ratios), out.stdout
+
+
+def test_per_batch_reseed_draws_what_torch_manual_seed_draws():
+    """``seed_global_rng`` (the per-batch reseed) gives the global CPU stream ``torch.manual_seed`` gives, so
+    runs and checkpoints from before it was introduced resume on the same random numbers."""
+    from diffproc.processes.rng import seed_global_rng, train_batch_seed
+
+    seed = train_batch_seed(7, 1, 12345)
+    torch.manual_seed(seed)
+    expected = (torch.randn(5), torch.rand(3), torch.randint(0, 1000, (4,)))
+    torch.manual_seed(0)
+    seed_global_rng(seed, torch.device("cpu"))
+    got = (torch.randn(5), torch.rand(3), torch.randint(0, 1000, (4,)))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))

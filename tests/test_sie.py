@@ -268,6 +268,31 @@ def test_sie_module_sample_and_loss():
     assert res.images.abs().max() <= 1
 
 
+def test_loss_terms_are_logged_at_every_logger_step(tmp_path):
+    """The loss's parts (eq. 12: x̂0, ε̂ and γ·v terms) are logged only on the steps the logger writes, and those
+    rows hold the same step's values: they add up to that step's ``train/loss``."""
+    import csv
+
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from diffproc.methods.base import DiffusionModule
+    from diffproc.nets.precond import DualHead
+
+    torch.manual_seed(0)
+    m = DiffusionModule(process=InterpolationProcess(gamma=1.0), precond=DualHead(), image_size=8,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, ema_decay=0.0)
+    trainer = L.Trainer(max_steps=9, log_every_n_steps=3, logger=L.pytorch.loggers.CSVLogger(tmp_path),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0)
+    trainer.fit(m, DataLoader(TensorDataset(torch.rand(40, 3, 8, 8) * 2 - 1), batch_size=4))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    assert [int(r["step"]) for r in rows] == [2, 5, 8]
+    for r in rows:
+        parts = float(r["train/loss_x0"]) + float(r["train/loss_eps"]) + float(r["train/loss_v"])
+        assert parts == pytest.approx(float(r["train/loss"]), rel=1e-5)
+
+
 def _run(args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env,

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -26,7 +27,8 @@ class ImageThroughputMonitor(ThroughputMonitor):
 
     Throughput is logged every ``trainer.log_every_n_steps`` by rank 0: ``train/samples_per_sec``
     (images/s of all ranks together), ``train/device/samples_per_sec``, ``train/batches_per_sec``,
-    averaged over the last ``window_size`` batches.
+    averaged over the last ``window_size`` batches (rounded up to whole log intervals). Only the logging steps
+    are timed, so on CUDA there is no host-device sync on the steps between them.
 
     Args:
         window_size: batches in the moving window of the rate.
@@ -41,6 +43,22 @@ class ImageThroughputMonitor(ThroughputMonitor):
         super().setup(trainer, pl_module, stage)
         if not hasattr(pl_module, "flops_per_batch"):
             self._module_has_flops = False  # images/s only; no FLOP warning
+        if RunningStage.TRAINING in self._throughputs:  # timed on logging steps only: window in those steps
+            every = max(1, trainer.log_every_n_steps)
+            self._throughputs[RunningStage.TRAINING] = Throughput(
+                available_flops=self.available_flops, world_size=trainer.world_size,
+                **{**self.kwargs, "window_size": -(-self.kwargs["window_size"] // every) + 1})
+
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, iter_num: int) -> None:
+        """Lightning's monitor takes the time after every training step, which on CUDA means a host-device sync
+        per step; here a step that does not log only counts its images, and the rate is timed from one logging
+        step to the next (averaged over the last ``window_size`` batches, rounded up to whole log intervals)."""
+        stage = trainer.state.stage
+        if stage == RunningStage.TRAINING and not lightning_api.should_update_logs(trainer):
+            self._samples[stage] += self.batch_size_fn(batch)
+            self._batches[stage] += 1
+            return
+        super()._update(trainer, pl_module, batch, iter_num)
 
     #: per-process running totals of Lightning's monitor: they restart at 0 after every resume (the step
     #: axis already counts batches), so they are not logged — one continuous curve per run (issue 16)
