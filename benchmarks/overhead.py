@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import lightning as L
@@ -47,6 +48,9 @@ from diffproc.cli import DiffprocCLI
 from diffproc.data.shapes import generate_shapes
 from diffproc.methods.base import DiffusionModule, images_of
 from diffproc.processes.ddpm import DDPMProcess
+from sizes import add_size_args
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def _sync(device: str) -> None:
@@ -96,7 +100,7 @@ def core_loader(args: argparse.Namespace) -> DataLoader:
 
 def build_cli(args: argparse.Namespace, log_dir: str) -> DiffprocCLI:
     """``cli.py fit --config configs/quickstart.yaml`` with this benchmark's size, steps and device."""
-    argv = ["--config", "configs/quickstart.yaml", "--trainer.max_steps", str(args.warmup + args.steps + 1),
+    argv = ["--config", str(QUICKSTART), "--trainer.max_steps", str(args.warmup + args.steps + 1),
             "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
             "--trainer.logger.init_args.save_dir", log_dir, "--checkpoint.dirpath", f"{log_dir}/ckpt",
             "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.precision",
@@ -256,12 +260,7 @@ def profile(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setup", choices=("core", "cli"), default="core")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 64])
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--attention", type=int, nargs="*", default=[])
+    add_size_args(p)
     p.add_argument("--precision", default="32-true")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffproc.cli import DiffprocCLI
 from diffproc.data.shapes import generate_shapes
 from diffproc.samplers import SamplingSpec
+from sizes import add_size_args
 
 DEFAULT_CONFIGS = ["configs/ddpm_shapes.yaml", "configs/gddm_shapes.yaml", "configs/lddm_shapes.yaml",
                    "configs/epdm_shapes.yaml", "configs/blur_shapes.yaml", "configs/sie_shapes.yaml"]
@@ -92,12 +93,7 @@ def train_flops(model, x: torch.Tensor) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 64])
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--attention", type=int, nargs="*", default=[])
+    add_size_args(p)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per repeat")
     p.add_argument("--sample-steps", type=int, default=10, help="sampling steps timed per repeat")

@@ -54,6 +54,7 @@ import torch
 from diffproc.cli import DiffprocCLI
 from diffproc.data.shapes import generate_shapes
 from diffproc.samplers import SamplingSpec
+from sizes import add_size_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_time import sync, train_flops, train_step_fn  # noqa: E402  (shared with step_time.py)
@@ -160,12 +161,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 64], help="default: the quickstart UNet")
-    p.add_argument("--layers", type=int, default=1)
-    p.add_argument("--attention", type=int, nargs="*", default=[])
+    add_size_args(p)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile-train", default=None, help="compile_train of the compile variants "
                    "(default: 'default')")
