@@ -213,6 +213,8 @@ def throughput(args: argparse.Namespace, steps: list[float]) -> tuple[float, flo
 
 
 def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.3f} (one run: no spread; use --repeats >= 7)"
     q = statistics.quantiles(values, n=4)
     return (f"median {statistics.median(values):.3f}  IQR [{q[0]:.3f}, {q[2]:.3f}]  "
             f"range [{min(values):.3f}, {max(values):.3f}]")
