@@ -1,4 +1,8 @@
-"""DDPM/DDIM process: closed-form marginals and samplers driven by the exact (oracle) denoiser.
+"""Room ``processes/gaussian.py`` (with ``processes/base.py`` and ``processes/rng.py``): the diagonal-Gaussian core
+that DDPM, DDIM, blur, blurring, SIE, EPDM and GDDM share. DDPM/DDIM is its reference instance here: closed-form
+marginals, the loss, the posterior and the ancestral/DDIM steps driven by the exact (oracle) denoiser; a generic
+per-coordinate process in a rotated basis checks the posterior step itself; per-sample noise streams (``rng.py``).
+The method-specific processes are tested in their own files (test_blur.py, test_epdm.py, ...).
 
 Expected numbers come from methods_blur_sie_baselines.md §9.2-9.3 (exact linear recursion, float64).
 """
@@ -9,6 +13,7 @@ import pytest
 import torch
 
 from diffproc.processes.ddpm import DDPMProcess, ddim_timesteps
+from diffproc.processes.rng import PerSampleGenerator, randn, sample_seed
 from diffproc.samplers import sample_loop
 from diffproc.nets.precond import denoiser_for, make_head
 
@@ -168,3 +173,14 @@ def test_final_step_is_decided_from_the_grid_on_the_host():
     assert not vp.final_step(vp.timesteps(10)[-1])  # the VP grid stops at t = eps > 0: noise is still added
     grid = ddpm.timesteps(5)
     assert [ddpm.final_step(t) for t in grid[1:]] == [False] * (len(grid) - 2) + [True]
+
+
+def test_per_sample_generator_rows_do_not_depend_on_the_batch():
+    whole = randn((5, 3, 4, 4), PerSampleGenerator(7, range(5)))
+    parts = torch.cat([randn((2, 3, 4, 4), PerSampleGenerator(7, [0, 1])),
+                       randn((3, 3, 4, 4), PerSampleGenerator(7, [2, 3, 4]))])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole[0], whole[1])
+    assert sample_seed(0, 1) != sample_seed(1, 0) and sample_seed(3, 4) == sample_seed(3, 4)
+    with pytest.raises(ValueError, match="first dimension"):
+        randn((4, 3), PerSampleGenerator(7, range(5)))
