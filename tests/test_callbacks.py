@@ -17,13 +17,18 @@ import time
 import types
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
+from torch.utils.data import DataLoader
 
 from clitools import REPO, TINY, run_cli
 from diffproc.callbacks import lightning_api
 from diffproc.callbacks.atomic_io import AtomicCheckpointIO
+from diffproc.callbacks.checkpoint import Checkpoint
 from diffproc.callbacks.nonfinite import NonFiniteGuard
 from diffproc.callbacks.sample_grid import SampleGrid
 from diffproc.methods.base import DiffusionModule
@@ -140,6 +145,37 @@ def test_sample_grid_is_sized_to_the_cpu_budget(monkeypatch):
     monkeypatch.setattr(type(b), "seconds_per_evaluation", lambda self, n: 0.01 * n)
     num, small = SampleGrid(num_images=16, cpu_budget_seconds=1).size(b)
     assert (num, small.solver) == (4, "ancestral") and small.num_steps == 25 and b.planned_nfe(small) == 25
+
+
+def test_sample_grids_and_last_checkpoint_of_a_fit(tmp_path):
+    """What a user finds in the run directory after ``fit``: a sample grid every ``every_n_steps`` and one at the end
+    of fit, as ``samples/step_XXXXXXX.png`` (8-pixel images upscaled to ``min_tile``) and as the TensorBoard image
+    ``samples`` at the same steps; ``checkpoints/last.ckpt`` holding the final state (raw and EMA weights) although
+    ``max_steps`` is not a multiple of ``every_n_train_steps`` (Lightning's ModelCheckpoint alone leaves step 4's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    m = DiffusionModule(process=DDPMProcess(num_timesteps=20), image_size=8, channels=3, ema_decay=0.9,
+                        warmup_steps=0, unet={"block_out_channels": [8, 16], "layers_per_block": 1},
+                        sampling=SamplingSpec(solver="ddim", num_steps=2))
+    callbacks = [SampleGrid(every_n_steps=2, num_images=4, min_tile=32, cpu_budget_seconds=0, progress=False),
+                 Checkpoint(every_n_train_steps=2, save_last=True, save_top_k=0)]
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp_path, "run", 0),
+                        callbacks=callbacks, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
+                        enable_model_summary=False)
+    images = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    trainer.fit(m, DataLoader(images, batch_size=4))
+    run = tmp_path / "run" / "version_0"
+    assert sorted(q.name for q in (run / "samples").iterdir()) == [f"step_{k:07d}.png" for k in (2, 4, 5)]
+    assert Image.open(run / "samples" / "step_0000005.png").size == (2 * 33 + 1,) * 2  # 2 x 2 tiles of 32 px
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("samples")] == [2, 4, 5]
+    assert sorted(q.name for q in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 5
+    final = m.state_dict()
+    assert last["state_dict"].keys() == final.keys() and any(k.startswith("ema_unet.") for k in final)
+    assert all(torch.equal(v, final[k]) for k, v in last["state_dict"].items())
 
 
 # --- metric callbacks under the Trainer (diffproc/callbacks/metrics.py) ----------------------------------------

@@ -27,7 +27,8 @@ from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.processes.rng import PerSampleGenerator, randn
 from diffproc.processes.vp_sde import VPSDEProcess
 from diffproc.nets.precond import denoiser_for
-from diffproc.samplers import NFE_PER_STEP, SamplingSpec, _median_log_snr, sample_loop, time_grid
+from diffproc.samplers import (DEFAULT_STRENGTH, NFE_PER_STEP, SamplingSpec, _median_log_snr, sample_loop,
+                               time_grid)
 from modules import PerModeVP
 
 F64 = torch.float64
@@ -387,3 +388,40 @@ def test_one_sampling_spec_resolves_the_same_on_every_surface(tmp_path):
         DiffusionModule(process=InterpolationProcess(num_timesteps=20), image_size=8, sampling=SamplingSpec(strength=2))
     with pytest.raises(ValueError, match=r"pipeline call\.solver"):
         pipe(batch_size=1, solver="nope")
+
+
+def test_sampling_spec_inherits_field_by_field_resolves_and_refuses():
+    """The spec's algebra that every surface relies on: ``over`` keeps the fields an override sets (a falsy 0 too) and
+    takes the unset (None) ones from its base, through a chain of overrides; ``of`` reads a dict (hyperparameters, a
+    scheduler config) and refuses an unknown field or another type; ``resolve`` completes a spec from the process (its
+    ``default_solver``, the ``process`` grid, η 0, seed 0, a strength only for SDEdit) and refuses, naming
+    ``<where>.<field>``, more steps than the process's chain has and a NaN η; ``nfe`` is steps × evaluations per
+    step."""
+    base = SamplingSpec(solver="ddim", num_steps=10, time_grid="uniform_t", ddim_eta=0.5, seed=3)
+    override = SamplingSpec(num_steps=4, seed=7)
+    assert override.over(base) == SamplingSpec(solver="ddim", num_steps=4, time_grid="uniform_t", ddim_eta=0.5, seed=7)
+    assert SamplingSpec(solver="ancestral").over(override.over(base)) == SamplingSpec(
+        solver="ancestral", num_steps=4, time_grid="uniform_t", ddim_eta=0.5, seed=7)
+    assert SamplingSpec().over(base) == base == base.over(None) == base.over(SamplingSpec())
+    assert SamplingSpec(ddim_eta=0.0, seed=0).over(base) == SamplingSpec(solver="ddim", num_steps=10,
+                                                                          time_grid="uniform_t", ddim_eta=0.0, seed=0)
+    assert SamplingSpec.of(base.to_dict()) == base and SamplingSpec.of(None) == SamplingSpec()
+    with pytest.raises(ValueError, match=r"unknown sampling option\(s\) \['steps'\]"):
+        SamplingSpec.of({"steps": 4})
+    with pytest.raises(TypeError, match="a SamplingSpec or a dict, got int"):
+        SamplingSpec.of(4)
+
+    p, sie = DDPMProcess(num_timesteps=20), InterpolationProcess(num_timesteps=20)
+    full = SamplingSpec().resolve(p)
+    assert full == SamplingSpec(solver="ancestral", num_steps=None, time_grid="process", ddim_eta=0.0, seed=0)
+    assert full.nfe(p) == 20 and SamplingSpec(solver="ddim", num_steps=5).resolve(p).nfe(p) == 5
+    assert SamplingSpec().resolve(p, sdedit=True).strength == DEFAULT_STRENGTH and full.strength is None
+    assert SamplingSpec(solver="rk4", num_steps=5).resolve(sie).nfe(sie) == 5 * NFE_PER_STEP["rk4"] == 20
+    # (the refusals of an unknown solver or grid, η < 0, num_steps < 1 and a strength outside [0, 1], named by each
+    # surface's option group: test_one_sampling_spec_resolves_the_same_on_every_surface)
+    with pytest.raises(ValueError, match=r"here\.num_steps: num_steps=21 is more than DDPMProcess can take: its grid "
+                                         r"has 20 steps at most .* Ask for 20 or fewer"):
+        SamplingSpec(num_steps=21).resolve(p, "here")
+    assert SamplingSpec(num_steps=20).resolve(p).nfe(p) == 20
+    with pytest.raises(ValueError, match=r"here\.ddim_eta must be >= 0 .*got nan"):
+        SamplingSpec(ddim_eta=float("nan")).resolve(p, "here")
