@@ -33,8 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffproc.ops import dct2, idct2
-from diffproc.ops.finite_diff import neumann_eigenvalues
+from diffproc.ops import idct2
 from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.gaussian import MultistepState, dpmpp_step

@@ -50,7 +50,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffproc.processes.base import MULTISTEP_SOLVERS, ODE_SOLVERS, DiffusionProcess, Denoiser, batch_times
-from diffproc.processes.gaussian import MultistepState, ddim_dual_step, dpmpp_step, gaussian_pf_velocity
+from diffproc.processes.gaussian import MultistepState, dpmpp_step, gaussian_pf_velocity
 from diffproc.processes.rng import randn_like
 
 # ODE_SOLVERS (defined with the process API, processes/base.py): the probability-flow ODE solvers run by

@@ -1,17 +1,22 @@
 """Building modules in tests: a process given to a :class:`DiffusionModule` (or :class:`GDDM` for the gradient-domain
 process), with one keyword list split between the two by the process's constructor signature (the fields of
-:class:`~diffproc.samplers.SamplingSpec` go to the module's ``sampling``)."""
+:class:`~diffproc.samplers.SamplingSpec` go to the module's ``sampling``); and :class:`PerModeVP`, a generic diagonal
+Gaussian process with per-coordinate schedules (the Gaussian core's and the samplers' tests)."""
 
 from __future__ import annotations
 
 import inspect
 from typing import Any, Optional
 
+import torch
+
 from diffproc.methods.base import DiffusionModule
 from diffproc.methods.gddm import GDDM
 from diffproc.nets.precond import ModeEDM
 from diffproc.processes.base import DiffusionProcess
+from diffproc.processes.gaussian import Basis, GaussianProcess
 from diffproc.processes.gradient import GradientDomainProcess
+from diffproc.processes.vp_sde import VPSDEProcess
 from diffproc.samplers import SamplingSpec
 
 SPEC_FIELDS = ("solver", "num_steps", "time_grid", "ddim_eta", "seed", "strength")
@@ -50,3 +55,23 @@ def gddm(**kw: Any) -> GDDM:
     if "precond" not in args:
         args["precond"] = ModeEDM(**head)
     return build(GradientDomainProcess, GDDM, **args)
+
+
+class PerModeVP(GaussianProcess):
+    """A continuous-time VP process with per-coordinate schedules ``α_k = exp(−c_k B(t))`` on a 2x2 grid of
+    modes (the shape of blur's per-DCT-mode grids, but smooth in t), in ``basis`` (default: pixels)."""
+
+    def __init__(self, basis: Optional[Basis] = None) -> None:
+        super().__init__(basis=basis, clip_x0=False)
+        self.vp = VPSDEProcess()
+        self.rate = torch.tensor([[0.5, 1.0], [2.0, 4.0]], dtype=torch.float64)
+
+    def alpha_sigma(self, t):
+        b = self.vp.integrated_beta(t.to(torch.float64)).view(-1, 1, 1) * self.rate
+        return torch.exp(-b), torch.sqrt(-torch.expm1(-2.0 * b))
+
+    def sample_time(self, batch, generator=None, device=None):
+        return self.vp.sample_time(batch, generator, device)
+
+    def timesteps(self, num_steps=None):
+        return self.vp.timesteps(num_steps)

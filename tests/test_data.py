@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -14,7 +14,7 @@ from scipy import ndimage
 from diffproc.data.strokes import StrokesDataModule, kmeans_colors
 from diffproc.methods.sdedit import sdedit
 from diffproc.processes.ddpm import DDPMProcess
-from diffproc.processes.edge import TRANSITIONS, EdgePreservingProcess
+from diffproc.processes.edge import EdgePreservingProcess
 from diffproc.nets.precond import SigmaEpsHead, denoiser_for
 from diffproc.samplers import SamplingSpec, hijack_grid, sample_loop, sdedit_loop
 

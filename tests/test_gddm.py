@@ -23,7 +23,7 @@ from diffproc.errors import ConfigError
 from diffproc.methods.gddm import GDDM
 from diffproc.nets.precond import EpsHead, ModeEDM, denoiser_for, sigma_data_spectrum
 from modules import build, gddm
-from diffproc.ops import curl, grad, laplacian
+from diffproc.ops import grad
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.gradient_stats import (image_snr_crossing, integrability, mode_snr_crossing, signal_energy,

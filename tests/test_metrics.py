@@ -1,12 +1,10 @@
-"""Tests of diffproc.metrics and diffproc.callbacks.metrics (issue 5)."""
+"""Tests of diffproc.metrics (issue 5): closed forms, extractors, reference statistics, DDP sharding, and
+``benchmarks/compare.py``'s seed blocks. The metric callbacks (``diffproc.callbacks.metrics``) are tested in
+``tests/test_callbacks.py``."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +24,6 @@ from diffproc.metrics.fid import (
 )
 from diffproc.metrics.reference import ReferenceStats, compute_reference, load_or_compute_reference
 from diffproc.metrics.suite import MetricSuite
-
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
 
 
 def scipy_fd(x: np.ndarray, y: np.ndarray) -> float:
@@ -189,6 +184,40 @@ def test_shapes_extractor_metrics_train_vs_test_vs_noise():
     assert run(big)["shapes_fid"] < fake["shapes_fid"] / 5
 
 
+def test_inception_extractor_plumbing_with_random_weights(tmp_path, monkeypatch):
+    """No real weights offline: check shapes, the sFID hook (mixed_6/conv = Mixed_6d.branch1x1, first 7
+    channels, NHWC flatten) and unprefixed keys on a randomly initialised network."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from diffproc.metrics.features import InceptionExtractor
+    from diffproc.metrics.suite import InceptionSpatialDim
+
+    fake = tmp_path / INCEPTION_FILE
+    fake.write_bytes(b"x")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: {})
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    ex = InceptionExtractor(fake)
+    monkeypatch.undo()
+    grabbed = {}
+    ex.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: grabbed.setdefault("o", o))
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = ex(images)
+    assert out["pool"].shape == (3, 2048) and out["logits"].shape == (3, 1008)
+    assert out["spatial"].shape == (3, InceptionSpatialDim) and grabbed["o"].shape == (3, 192, 17, 17)
+    torch.testing.assert_close(out["spatial"], grabbed["o"][:, :7].permute(0, 2, 3, 1).reshape(3, -1))
+    # logits are the unbiased ones (pool @ W^T, no bias), as in the original IS code
+    torch.testing.assert_close(out["logits"], out["pool"] @ ex.net.fc.weight.T, rtol=1e-4, atol=1e-4)
+    ref = ReferenceStats(*mean_cov(out["pool"]), features=out["pool"].numpy(),
+                         spatial_mu=out["spatial"].double().mean(0).numpy(),
+                         spatial_sigma=np.cov(out["spatial"].double().numpy(), rowvar=False))
+    ref.mu, ref.sigma = ref.mu.numpy(), ref.sigma.numpy()
+    suite = MetricSuite(ex, ["fid", "sfid", "is"])
+    suite.set_reference(ref)
+    suite.update_features(out)
+    res = suite.compute()
+    assert set(res) == {"fid", "sfid", "is_mean", "is_std"} and abs(res["fid"]) < 1e-4 and abs(res["sfid"]) < 1e-4
+
+
 # ------------------------------------------------------------------------------------------------
 # reference statistics
 # ------------------------------------------------------------------------------------------------
@@ -265,221 +294,6 @@ def test_ddp_two_ranks_equal_one_rank(tmp_path):
     assert set(two) == set(one)
     for k in one:
         assert two[k] == pytest.approx(one[k], rel=1e-9, abs=1e-12), k
-
-
-# ------------------------------------------------------------------------------------------------
-# callbacks under the Trainer
-# ------------------------------------------------------------------------------------------------
-_DUMMY = '''
-import json, sys
-import lightning as L
-import torch
-from diffproc.data.shapes import ShapesDataModule
-from diffproc.callbacks.metrics import TestMetricsCallback
-
-class Dummy(L.LightningModule):
-    """sample(): real train images blended with generator noise (deterministic per generator)."""
-    def __init__(self, fail=False):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.fail = fail
-
-    def sampling_spec(self, spec=None, where="sampling"):
-        from diffproc.samplers import SamplingSpec
-        return (spec or SamplingSpec()).over(SamplingSpec(solver="ddim", num_steps=7, seed=0))
-
-    def sample(self, num, spec=None, generator=None, progress=True, indices=None):
-        from diffproc.processes.rng import PerSampleGenerator, rand
-        from diffproc.samplers import SampleResult
-        assert not self.fail, "sampling started before the metric set-up failed"
-        g = PerSampleGenerator(spec.seed or 0, indices)
-        pool = self.trainer.datamodule.dataset("train").images[:64].float() / 127.5 - 1
-        idx = (rand((num,), g) * 64).long()
-        noise = rand((num, 3, 16, 16), g) * 2 - 1
-        x = (0.8 * pool[idx] + 0.2 * noise).clamp(-1, 1)
-        return SampleResult(sample=x, nfe=7, images=x)
-
-    def test_step(self, batch, batch_idx):
-        self.log("test/loss", self.w.sum() + 1.0)
-
-def run(devices, out, extractor, seeds, output="metrics.json"):
-    cb = TestMetricsCallback(num_samples=90, batch_size=16, extractor=extractor, cache_dir=out + "/cache",
-                             num_reference_features=80, progress=False, seeds=seeds, output=output)
-    dm = ShapesDataModule(image_size=16, num_train=160, num_val=8, num_test=16, batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", callbacks=[cb],
-                        default_root_dir=out, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.test(Dummy(fail=extractor == "inception"), datamodule=dm)
-
-if __name__ == "__main__":
-    devices, out, extractor = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    seeds = sys.argv[4] if len(sys.argv) > 4 else None
-    run(devices, out, extractor, seeds)
-    if devices == 1 and seeds is not None:  # the same samples as one block each: single-block runs
-        for s in seeds.split(","):
-            run(devices, out, extractor, None if s == "0" else s, output=f"metrics_single{s}.json")
-'''
-
-
-def _run_dummy(tmp_path: Path, devices: int, extractor: str = "shapes", seeds: str | None = None) -> subprocess.CompletedProcess:
-    script = tmp_path / "dummy_test.py"
-    script.write_text(_DUMMY)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TORCH_HOME=str(tmp_path / "torch_home"))
-    out = tmp_path / f"run{devices}"
-    return subprocess.run([PY, str(script), str(devices), str(out), extractor, *([seeds] if seeds else [])], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-
-
-SHAPES_KEYS = {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean", "shapes_is_std", "shapes_precision",
-               "shapes_recall"}
-
-
-def test_test_callback_ddp_matches_single_process_with_seed_blocks(tmp_path):
-    """``cli.py test``'s callback on 2 gloo CPU ranks gives the metrics of 1 rank, for every seed block (2 blocks
-    of 90 samples at seeds 0 and 100, batches of 16 dealt to the ranks round-robin); each block equals a
-    single-block run at that seed; metrics.json carries the blocks, mean, std (ddof=1) and min. ~30 s."""
-    rows = {}
-    for devices in (1, 2):
-        proc = _run_dummy(tmp_path, devices, seeds="0,100")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        rows[devices] = json.loads((tmp_path / f"run{devices}" / "metrics.json").read_text())
-        assert (tmp_path / f"run{devices}" / "samples.png").is_file()
-    one, two = rows[1], rows[2]
-    assert [b["seed"] for b in one["blocks"]] == [b["seed"] for b in two["blocks"]] == [0, 100]
-    worst = {"fid": 0.0, "others": 0.0}
-    for b1, b2 in zip(one["blocks"], two["blocks"]):
-        assert set(b1["metrics"]) == SHAPES_KEYS
-        for k, v in b1["metrics"].items():
-            # features are bitwise equal (KID/IS/PR exactly equal); FID differs only by the float64 summation order
-            w = "fid" if k == "shapes_fid" else "others"
-            worst[w] = max(worst[w], abs(b2["metrics"][k] - v) / max(abs(v), 1e-12))
-            assert b2["metrics"][k] == pytest.approx(v, rel=1e-9 if k == "shapes_fid" else 1e-12, abs=1e-12), k
-    print(f"2 ranks vs 1 rank: max relative difference FID {worst['fid']:.2e} (tolerance 1e-9), "
-          f"others {worst['others']:.2e} (tolerance 1e-12)")
-    a, b = (blk["metrics"] for blk in one["blocks"])
-    assert a != b, "two seed blocks are different samples"
-    for k in SHAPES_KEYS:
-        assert one["metrics"][k] == pytest.approx((a[k] + b[k]) / 2, rel=1e-12)
-        assert one["std"][k] == pytest.approx(abs(a[k] - b[k]) / 2 ** 0.5, rel=1e-9, abs=1e-15)
-        assert one["min"][k] == min(a[k], b[k])
-    for s, blk in zip((0, 100), one["blocks"]):  # block s == a single-block run of the samples s..s+89
-        single = json.loads((tmp_path / "run1" / f"metrics_single{s}.json").read_text())
-        assert single["metrics"] == pytest.approx(blk["metrics"], rel=1e-12)
-        assert "std" not in single and [x["seed"] for x in single["blocks"]] == [s]
-    p = one["protocol"]
-    assert (p["extractor"], p["num_samples"], p["solver"], p["steps"], p["nfe"], p["seed"], p["seeds"]) == (
-        "shapes", 90, "ddim", 7, 7, 0, [0, 100])
-    assert p["reference"].startswith("shapes_train_16px_shapes-") and p["headline_protocol"] is False
-    assert two["protocol"]["world_size"] == 2
-
-
-def test_seed_blocks_parse_and_must_not_overlap():
-    from types import SimpleNamespace
-
-    from diffproc.callbacks.metrics import TestMetricsCallback, aggregate_blocks
-
-    assert TestMetricsCallback(seeds="0,50000 100000").block_seeds == [0, 50000, 100000]
-    assert TestMetricsCallback(seeds=[5]).block_seeds == [5] and TestMetricsCallback().block_seeds == [0]
-    for bad in ([], [0, 0], [-1], "a,b"):
-        with pytest.raises(ValueError, match="seeds"):
-            TestMetricsCallback(seeds=bad)
-    cb = TestMetricsCallback(num_samples=100, seeds=[0, 50], extractor="shapes")
-    cb._build = lambda trainer: setattr(cb, "suite", SimpleNamespace(extractor=SimpleNamespace(name="shapes")))
-    with pytest.raises(ValueError, match="overlap"):
-        cb.setup(SimpleNamespace(), None, "test")
-    agg = aggregate_blocks([{"fid": 1.0}, {"fid": 3.0}, {"fid": 2.0}])
-    assert agg == {"metrics": {"fid": 2.0}, "std": {"fid": 1.0}, "min": {"fid": 1.0}}
-    assert aggregate_blocks([{"fid": 1.5}]) == {"metrics": {"fid": 1.5}}
-
-
-@pytest.mark.slow
-def test_test_callback_fails_before_sampling_without_inception_weights(tmp_path):
-    proc = _run_dummy(tmp_path, 1, extractor="inception")
-    assert proc.returncode != 0
-    assert INCEPTION_FILE in proc.stderr and "feature_extractor_weights_path" in proc.stderr
-    assert "sampling started" not in proc.stderr
-
-
-def test_callback_setup_fails_fast_offline(tmp_path, monkeypatch):
-    """The callback builds the extractor in ``setup`` (before any sample): offline -> one message."""
-    from types import SimpleNamespace
-
-    from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(name="celeba64_ddim", image_size=64))
-    for cb, stage in ((TestMetricsCallback(), "test"), (FIDCallback(every_n_epochs=1), "fit")):
-        with pytest.raises(FileNotFoundError, match=INCEPTION_FILE.replace(".", r"\.")):
-            cb.setup(trainer, None, stage)
-    TestMetricsCallback().setup(trainer, None, "fit")  # other stages: nothing built, nothing fails
-    with pytest.raises(ValueError, match="Unknown metrics"):
-        TestMetricsCallback(metrics=["fid", "lpips"])
-
-
-@pytest.mark.slow
-def test_cli_fit_with_fid_then_test_writes_metrics_json(tmp_path):
-    """``cli.py fit`` with the in-training FID, then ``cli.py test`` on the checkpoint (2 seed blocks) -> metrics.json."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from clitools import TINY, run_cli
-
-    cache = tmp_path / "cache"
-    common = ["--config", "configs/quickstart.yaml", *TINY, "--trainer.logger.init_args.save_dir", str(tmp_path)]
-    run_cli("fit", *common, "--trainer.max_steps", "2", "--sample_grid.every_n_steps", "0",
-            "--fid.every_n_train_steps", "2", "--fid.num_samples", "24", "--fid.batch_size", "12",
-            "--fid.metrics", "[fid, kid]", "--fid.cache_dir", str(cache))
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    run0 = tmp_path / "quickstart" / "version_0"
-    tags = EventAccumulator(str(run0)).Reload().Tags()["scalars"]
-    assert "gen/shapes_fid" in tags and "gen/shapes_kid_mean" in tags, tags
-    ckpt = run0 / "checkpoints" / "last.ckpt"
-    run_cli("test", *common, "--ckpt_path", str(ckpt), "--metrics.num_samples", "40",
-            "--metrics.batch_size", "16", "--metrics.cache_dir", str(cache), "--metrics.progress", "false",
-            "--model.init_args.sampling.num_steps", "2", "--metrics.seeds", "0,40")
-    files = list((tmp_path / "quickstart").glob("version_*/metrics.json"))
-    assert len(files) == 1, files
-    row = json.loads(files[0].read_text())
-    assert set(row["metrics"]) == {"shapes_fid", "shapes_kid_mean", "shapes_kid_std", "shapes_is_mean",
-                                   "shapes_is_std", "shapes_precision", "shapes_recall"}
-    assert all(np.isfinite(v) for v in row["metrics"].values())
-    assert [b["seed"] for b in row["blocks"]] == [0, 40] and set(row["std"]) == set(row["min"]) == set(row["metrics"])
-    p = row["protocol"]
-    assert p["num_samples"] == 40 and p["steps"] == 2 and p["solver"] == "ddim" and p["ema"] is True
-    assert p["checkpoint"] == str(ckpt) and p["dataset"] == "shapes" and p["image_size"] == 16
-    assert (files[0].parent / "samples.png").is_file()
-
-
-def test_inception_extractor_plumbing_with_random_weights(tmp_path, monkeypatch):
-    """No real weights offline: check shapes, the sFID hook (mixed_6/conv = Mixed_6d.branch1x1, first 7
-    channels, NHWC flatten) and unprefixed keys on a randomly initialised network."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    from diffproc.metrics.features import InceptionExtractor
-    from diffproc.metrics.suite import InceptionSpatialDim
-
-    fake = tmp_path / INCEPTION_FILE
-    fake.write_bytes(b"x")
-    monkeypatch.setattr(torch, "load", lambda *a, **k: {})
-    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
-    ex = InceptionExtractor(fake)
-    monkeypatch.undo()
-    grabbed = {}
-    ex.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: grabbed.setdefault("o", o))
-    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    out = ex(images)
-    assert out["pool"].shape == (3, 2048) and out["logits"].shape == (3, 1008)
-    assert out["spatial"].shape == (3, InceptionSpatialDim) and grabbed["o"].shape == (3, 192, 17, 17)
-    torch.testing.assert_close(out["spatial"], grabbed["o"][:, :7].permute(0, 2, 3, 1).reshape(3, -1))
-    # logits are the unbiased ones (pool @ W^T, no bias), as in the original IS code
-    torch.testing.assert_close(out["logits"], out["pool"] @ ex.net.fc.weight.T, rtol=1e-4, atol=1e-4)
-    ref = ReferenceStats(*mean_cov(out["pool"]), features=out["pool"].numpy(),
-                         spatial_mu=out["spatial"].double().mean(0).numpy(),
-                         spatial_sigma=np.cov(out["spatial"].double().numpy(), rowvar=False))
-    ref.mu, ref.sigma = ref.mu.numpy(), ref.sigma.numpy()
-    suite = MetricSuite(ex, ["fid", "sfid", "is"])
-    suite.set_reference(ref)
-    suite.update_features(out)
-    res = suite.compute()
-    assert set(res) == {"fid", "sfid", "is_mean", "is_std"} and abs(res["fid"]) < 1e-4 and abs(res["sfid"]) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Scale-out and fault tolerance (issue 10): CPU DDP (gloo), kill -9 + resume, NaN stop, atomic saves.
+"""Scale-out and fault tolerance (issue 10): CPU DDP (gloo), kill -9 + resume, NaN stop. (Atomic saves and the NaN
+guard on checkpoints, as units: tests/test_callbacks.py.)
 
 Everything runs ``cli.py`` as a user would (subprocesses, tiny shapes runs, one thread per process).
 """
@@ -10,15 +11,12 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from clitools import REPO, TINY, run_cli
-from diffproc.callbacks.atomic_io import AtomicCheckpointIO, atomic_torch_save
-from diffproc.callbacks.nonfinite import NonFiniteGuard
 
 
 def _ckpt(path: Path) -> dict:
@@ -151,7 +149,7 @@ def test_nan_stops_with_one_message_and_keeps_good_checkpoint(tmp_path):
     assert good["global_step"] == 2
     blowup = ["--model.init_args.lr", "1e30", "--model.init_args.warmup_steps", "0"]
 
-    # (1) loss check: a new run whose update explodes stops at the next step with one error line
+    # the loss check: a new run whose update explodes stops at the next step with one error line
     p = run_cli("fit", *common, *blowup, "--trainer.max_steps", "50", "--trainer.log_every_n_steps", "1",
                 "--checkpoint.every_n_train_steps", "1000", check=False)
     assert p.returncode == 1, p.stderr[-3000:]
@@ -159,63 +157,10 @@ def test_nan_stops_with_one_message_and_keeps_good_checkpoint(tmp_path):
     assert "Traceback" not in p.stderr
     assert _ckpt(ckdir / "last.ckpt")["global_step"] == 2  # never overwritten
 
-    # (2) weight check (on a GPU the loss is checked only every log interval): a checkpoint due while
-    # the weights are NaN is refused with one message, before anything is written
-    guard = NonFiniteGuard()
-    trainer = types.SimpleNamespace(global_step=3)
-    finite = {"state_dict": {"unet.w": torch.ones(3), "ema_unet.w": torch.ones(3)}}
-    guard.on_save_checkpoint(trainer, None, finite)  # finite weights pass
-    bad = {"state_dict": {"unet.w": torch.ones(3), "ema_unet.w": torch.tensor([1.0, float("nan"), 0.0])}}
-    with pytest.raises(FloatingPointError, match="the weights became NaN/inf by global step 3"):
-        guard.on_save_checkpoint(trainer, None, bad)
+    # (the weight check, NonFiniteGuard, for a checkpoint due while the weights are NaN: tests/test_callbacks.py)
     kept = _ckpt(ckdir / "last.ckpt")
     assert kept["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
-
-
-def test_atomic_save_survives_crash_mid_write(tmp_path, monkeypatch):
-    io = AtomicCheckpointIO()
-    path = tmp_path / "checkpoints" / "last.ckpt"
-    good = {"global_step": 1, "state_dict": {"w": torch.arange(1000.0)}}
-    io.save_checkpoint(good, path)
-
-    def crash(obj, f, *a, **k):  # half a file written, then the process "dies"
-        f.write(b"PK\x03\x04 half a zip archive")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"global_step": 2, "state_dict": {"w": torch.zeros(1000)}}, path)
-    monkeypatch.undo()
-    back = io.load_checkpoint(path)
-    assert back["global_step"] == 1 and torch.equal(back["state_dict"]["w"], good["state_dict"]["w"])
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # temp file removed
-
-    # a real SIGKILL in the middle of writing big checkpoints, repeatedly
-    script = ("import sys, torch\nfrom diffproc.callbacks.atomic_io import atomic_torch_save\n"
-              "i = 0\nwhile True:\n    i += 1\n"
-              "    atomic_torch_save({'i': i, 'w': torch.full((2_000_000,), float(i))}, sys.argv[1])\n"
-              "    print(i, flush=True)\n")
-    target = tmp_path / "big.ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "1"  # one complete save, then kill during later ones
-        time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    ck = torch.load(target, weights_only=True)
-    assert ck["i"] >= 1 and torch.all(ck["w"] == float(ck["i"]))
-
-    # weights_only loading: plain checkpoints load, pickled objects are refused with advice
-    torch.save({"state_dict": {}, "obj": Path("x")}, tmp_path / "pickled.ckpt")
-    with pytest.raises(RuntimeError, match="weights_only=True"):
-        io.load_checkpoint(tmp_path / "pickled.ckpt")
-    assert AtomicCheckpointIO(weights_only=False).load_checkpoint(tmp_path / "pickled.ckpt")["obj"] == Path("x")
 
 
 def test_overhead_benchmark_runs_both_setups_and_profiles():
@@ -236,16 +181,3 @@ def test_overhead_benchmark_runs_both_setups_and_profiles():
                       if line.startswith("repeat")]
             assert len(ratios) == 2 and all(0.2 < r < 5 for r in ratios), out.stdout
 
-
-def test_per_batch_reseed_draws_what_torch_manual_seed_draws():
-    """``seed_global_rng`` (the per-batch reseed) gives the global CPU stream ``torch.manual_seed`` gives, so
-    runs and checkpoints from before it was introduced resume on the same random numbers."""
-    from diffproc.processes.rng import seed_global_rng, train_batch_seed
-
-    seed = train_batch_seed(7, 1, 12345)
-    torch.manual_seed(seed)
-    expected = (torch.randn(5), torch.rand(3), torch.randint(0, 1000, (4,)))
-    torch.manual_seed(0)
-    seed_global_rng(seed, torch.device("cpu"))
-    got = (torch.randn(5), torch.rand(3), torch.randint(0, 1000, (4,)))
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))

@@ -4,7 +4,7 @@ diffproc needs a few things Lightning does not expose publicly: the logger conne
 evaluation loop's batch counter, the cluster environment, ``ModelCheckpoint``'s own "save last.ckpt now",
 TensorBoard's event writer and LightningCLI's checkpoint-hyper-parameter hook. Each is reached through one
 function here, and :data:`PRIVATE` lists them with who needs them, so that
-``tests/test_lightning_api.py`` names the first one an upgrade removes, and what to adapt.
+``tests/test_callbacks.py`` names the first one an upgrade removes, and what to adapt.
 
 Tested with the Lightning range stated in ``pyproject.toml``.
 """

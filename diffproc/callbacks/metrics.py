@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -40,7 +39,7 @@ from tqdm.auto import tqdm
 
 from diffproc.callbacks.sample_grid import check_sampling
 from diffproc.metrics.features import build_extractor
-from diffproc.metrics.reference import ReferenceStats, load_or_compute_reference
+from diffproc.metrics.reference import load_or_compute_reference
 from diffproc.metrics.suite import METRICS, MetricSuite
 from diffproc.samplers import SamplingSpec
 

@@ -330,7 +330,7 @@ def dpmpp_step(process, denoiser: Denoiser, z: Tensor, t, t_next, solver: str, s
     ``α' ∫_0^h e^{−(h−τ)} x̂0(λ + τ) dτ``: ``d1 ≈ h x̂0'``, ``d2 ≈ h² x̂0''`` and ``∫ e^{−(h−τ)} τ²/2 dτ = −h² φ3``.
     The multistep third-order update of the DPM-Solver code and of diffusers (``solver_order=3``) takes
     ``d2 = (e0 − e1)/(r0 + r1) ≈ h² x̂0''/2``, half that weight; with the exact denoiser of a Gaussian law on a
-    log-SNR-uniform grid it measures order 2.0 here, this form 3.0 (``tests/test_dpm_solver.py``,
+    log-SNR-uniform grid it measures order 2.0 here, this form 3.0 (``tests/test_samplers.py``,
     ``test_convergence_order``).
 
     The order rises with the history (first step 1st order, second step 2nd, ...) and is capped by

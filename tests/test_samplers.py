@@ -1,6 +1,9 @@
-"""DPM-Solver++(2M) and its SDE variant on the Gaussian core (processes/gaussian.py ``dpmpp_step``), driven by
-the exact denoiser of Gaussian data N(0, diag λ) (benchmarks/gaussian_w2.py): first-order step = DDIM, the
-final step to σ = 0, convergence orders, exact NFE, per-sample noise, exact W2 against DDIM, EPDM's refusal."""
+"""Room ``samplers.py``: the sampling spec (:class:`SamplingSpec`: one default on the module, overrides that inherit
+it, resolved and checked against a process on every surface), the time grids, NFE counting and the loops over a
+process, here DPM-Solver++(2M), its SDE variant and 3M (``dpmpp_step``, the Gaussian core's step that ``sample_loop``
+drives), run with the exact denoiser of Gaussian data N(0, diag λ) (benchmarks/gaussian_w2.py): first-order step =
+DDIM, the final step to σ = 0, convergence orders, exact NFE, per-sample noise, exact W2 against DDIM, EPDM's refusal.
+The ODE solvers are tested with SIE (test_sie.py), SDEdit's loop with EPDM (test_epdm.py)."""
 
 from __future__ import annotations
 
@@ -13,39 +16,22 @@ import torch
 from benchmarks.gaussian_w2 import (EIGENVALUES, deterministic_gain, exact_denoiser, load_eigenvalues,
                                     multistep_sde_variance, paper_process, solver_processes, solver_w2,
                                     start_variance)
+from diffproc.methods.base import DiffusionModule
 from diffproc.processes.base import MULTISTEP_SOLVERS
 from diffproc.processes.blur import BlurProcess
 from diffproc.processes.ddpm import DDPMProcess
 from diffproc.processes.edge import EdgePreservingProcess
-from diffproc.processes.gaussian import GaussianProcess, MultistepState, dpmpp_step
+from diffproc.processes.gaussian import MultistepState, dpmpp_step
 from diffproc.processes.gradient import GradientDomainProcess
 from diffproc.processes.interpolation import InterpolationProcess
 from diffproc.processes.rng import PerSampleGenerator, randn
 from diffproc.processes.vp_sde import VPSDEProcess
 from diffproc.nets.precond import denoiser_for
-from diffproc.samplers import NFE_PER_STEP, SamplingSpec, _median_log_snr, sample_loop, time_grid
+from diffproc.samplers import (DEFAULT_STRENGTH, NFE_PER_STEP, SamplingSpec, _median_log_snr, sample_loop,
+                               time_grid)
+from modules import PerModeVP
 
 F64 = torch.float64
-
-
-class PerModeVP(GaussianProcess):
-    """A continuous-time VP process with per-coordinate schedules ``α_k = exp(−c_k B(t))`` on a 2x2 grid of
-    modes (the shape of blur's per-DCT-mode grids, but smooth in t): for the convergence order."""
-
-    def __init__(self) -> None:
-        super().__init__(clip_x0=False)
-        self.vp = VPSDEProcess()
-        self.rate = torch.tensor([[0.5, 1.0], [2.0, 4.0]], dtype=F64)
-
-    def alpha_sigma(self, t):
-        b = self.vp.integrated_beta(t.to(F64)).view(-1, 1, 1) * self.rate
-        return torch.exp(-b), torch.sqrt(-torch.expm1(-2.0 * b))
-
-    def sample_time(self, batch, generator=None, device=None):
-        return self.vp.sample_time(batch, generator, device)
-
-    def timesteps(self, num_steps=None):
-        return self.vp.timesteps(num_steps)
 
 
 def _blur() -> BlurProcess:
@@ -277,7 +263,6 @@ def test_module_sample_through_diffusion_module(solver):
     """``DiffusionModule.sample`` runs them (the path of ``cli.py predict/test --model.init_args.sampling.solver``): exact
     NFE, and the same images whatever the batch split (per-sample noise of the SDE variant)."""
     from diffproc.errors import ConfigError
-    from diffproc.methods.base import DiffusionModule
 
     torch.manual_seed(0)
     m = DiffusionModule(process=DDPMProcess(num_timesteps=50), image_size=8, channels=3, ema_decay=0,
@@ -296,9 +281,147 @@ def test_module_sample_through_diffusion_module(solver):
 
 def test_epdm_module_refuses_at_config_time():
     from diffproc.errors import ConfigError
-    from diffproc.methods.base import DiffusionModule
 
     with pytest.raises(ConfigError, match="depends on the clean image x0"):
         DiffusionModule(process=EdgePreservingProcess(), image_size=8, channels=1, ema_decay=0,
                         unet={"block_out_channels": [8, 16], "layers_per_block": 1},
                         sampling=SamplingSpec(solver="dpmpp_2m"))
+
+
+def test_one_sampling_spec_resolves_the_same_on_every_surface(tmp_path):
+    """One spec (solver, num_steps, time_grid, ddim_eta, seed): the module holds the default; a callback's override
+    of one field inherits the rest; ``cli.py predict`` with ``--model.init_args.sampling.num_steps`` over the
+    checkpoint's spec, SDEdit's predict path and the exported pipeline's call give the images ``sample()`` gives for
+    that same spec; a spec the process cannot run is refused at set-up, naming the option."""
+    import json
+
+    import yaml
+    from PIL import Image
+
+    from diffproc.callbacks.gddm_diagnostics import GDDMDiagnostics
+    from diffproc.callbacks.metrics import FIDCallback, TestMetricsCallback
+    from diffproc.callbacks.sample_grid import SampleGrid
+    from diffproc.cli import main as cli_main
+    from diffproc.errors import ConfigError
+    from diffproc.interop.export import export_module
+    from diffproc.interop.pipelines import DiffprocPipeline
+    from diffproc.methods.sdedit import sdedit
+
+    torch.manual_seed(0)
+    default = SamplingSpec(solver="ddim", num_steps=5, time_grid="uniform_t", ddim_eta=0.5, seed=3)
+    m = DiffusionModule(process=InterpolationProcess(num_timesteps=20), image_size=8, channels=3, ema_decay=0,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1}, sampling=default)
+    with torch.no_grad():  # a non-trivial network
+        for p in m.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert m.sampling == SamplingSpec(solver="ddim", num_steps=5, time_grid="uniform_t", ddim_eta=0.5, seed=3)
+
+    # the module's default = the loop run with exactly those values (per-sample noise from (seed, i), η, grid)
+    ref = sample_loop(m.process, m.denoiser(m.sampling_net), (2, 3, 8, 8), 5, "ddim", PerSampleGenerator(3, [0, 1]),
+                      grid="uniform_t", ddim_eta=0.5).sample.clamp(-1, 1)
+    base = m.sample(2, progress=False)
+    assert torch.equal(base.images, ref) and base.nfe == 5 and base.solver == "ddim"
+    assert not torch.equal(m.sample(2, SamplingSpec(ddim_eta=0.0), progress=False).images, ref)  # η is used
+
+    # every callback: an override of one field inherits the rest of the module's spec
+    four = SamplingSpec(solver="ddim", num_steps=4, time_grid="uniform_t", ddim_eta=0.5, seed=3)
+    assert SampleGrid(sampling=SamplingSpec(num_steps=4), cpu_budget_seconds=0).size(m) == (16, four)
+    for cb, group in ((TestMetricsCallback(sampling=SamplingSpec(num_steps=4)), "metrics"),
+                      (FIDCallback(sampling=SamplingSpec(num_steps=4)), "fid"),
+                      (GDDMDiagnostics(sampling=SamplingSpec(num_steps=4)), "gddm_diagnostics")):
+        assert m.check_sampling(cb.sampling, f"--{group}.sampling") == four
+    assert m.sampling_spec(GDDMDiagnostics().sampling).num_steps == 20  # its own default: 20 steps, the rest inherited
+    four_images = m.sample(2, SamplingSpec(num_steps=4), progress=False).images
+    assert m.sample(2, four, progress=False).images.equal(four_images)
+
+    # cli.py predict: the command line's spec field over the checkpoint's, the rest inherited
+    hp = json.loads(json.dumps(dict(m.hparams), default=list))
+    hp["_class_path"] = "diffproc.methods.base.DiffusionModule"
+    import lightning as L
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": hp, "global_step": 1, "epoch": 0,
+                "pytorch-lightning_version": L.__version__}, tmp_path / "m.ckpt")
+    cfg = {"trainer": {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+                       "accelerator": "cpu", "devices": 1, "default_root_dir": str(tmp_path)},
+           "model": {"class_path": "diffproc.methods.base.DiffusionModule",
+                     "init_args": {k: v for k, v in hp.items() if k not in ("_class_path", "image_size", "channels")}},
+           "data": {"class_path": "diffproc.data.shapes.ShapesDataModule",
+                    "init_args": {"image_size": 8, "num_train": 8, "num_val": 8, "num_test": 8}}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cli_main(["predict", "--config", str(tmp_path / "cfg.yaml"), "--ckpt_path", str(tmp_path / "m.ckpt"),
+              "--model.init_args.sampling.num_steps", "4", "--model.init_args.predict_num_samples", "2",
+              "--model.init_args.predict_dir", str(tmp_path / "pred")])
+    png = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "pred" / f"{i:06d}.png").convert("RGB"),
+                                                   dtype=np.float32)).permute(2, 0, 1) / 255 for i in range(2)])
+    assert float((png - (four_images + 1) / 2).abs().max()) <= 0.5 / 255 + 1e-4
+
+    # SDEdit's predict path: the module's spec (strength, seed, ...) as sdedit() resolves it
+    guides = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    m.hparams.predict_dir = str(tmp_path / "sdedit")
+    m.predict_step({"image": guides, "name": ["a", "b"], "index": torch.tensor([0, 1])}, 0)
+    got = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "sdedit" / f"{n}_result.png").convert("RGB"),
+                                                   dtype=np.float32)).permute(2, 0, 1) / 255 for n in "ab"])
+    want = sdedit(m, guides, SamplingSpec(seed=3, strength=0.5))
+    assert want.timesteps[0] == 0.5 and want.nfe == 3  # default strength 0.5 of t_max = 1, then uniform_t 0.4, 0.2, 0
+    assert float((got - (want.images + 1) / 2).abs().max()) <= 0.5 / 255 + 1e-4
+
+    # the pipeline: the scheduler config holds the module's spec; the call's arguments override it
+    out = export_module(m, tmp_path / "export")
+    pipe = DiffprocPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.sampling == m.hparams["sampling"]
+    tol = 1e-5
+    assert float(((pipe(batch_size=2, output_type="pt").images) - (ref + 1) / 2).abs().max()) <= tol
+    assert float((pipe(batch_size=2, num_inference_steps=4, output_type="pt").images
+                  - (four_images + 1) / 2).abs().max()) <= tol
+    eta0 = m.sample(2, SamplingSpec(ddim_eta=0.0, seed=7), progress=False).images
+    assert float((pipe(batch_size=2, ddim_eta=0.0, seed=7, output_type="pt").images - (eta0 + 1) / 2).abs().max()) <= tol
+
+    # a spec the process cannot run is refused at set-up, naming the option
+    with pytest.raises(ConfigError, match=r"--sample_grid\.sampling\.solver: .*no solver 'official'"):
+        SampleGrid(sampling=SamplingSpec(solver="official")).setup(None, m, "fit")
+    with pytest.raises(ConfigError, match=r"--metrics\.sampling\.time_grid"):
+        TestMetricsCallback(sampling=SamplingSpec(time_grid="log-snr")).setup(None, m, "test")
+    with pytest.raises(ConfigError, match=r"--fid\.sampling\.ddim_eta must be >= 0"):
+        FIDCallback(every_n_train_steps=1, sampling=SamplingSpec(ddim_eta=-0.1)).setup(None, m, "fit")
+    with pytest.raises(ConfigError, match=r"model\.init_args\.sampling\.num_steps must be >= 1"):
+        DiffusionModule(process=InterpolationProcess(num_timesteps=20), image_size=8, sampling=SamplingSpec(num_steps=0))
+    with pytest.raises(ConfigError, match=r"model\.init_args\.sampling\.strength"):
+        DiffusionModule(process=InterpolationProcess(num_timesteps=20), image_size=8, sampling=SamplingSpec(strength=2))
+    with pytest.raises(ValueError, match=r"pipeline call\.solver"):
+        pipe(batch_size=1, solver="nope")
+
+
+def test_sampling_spec_inherits_field_by_field_resolves_and_refuses():
+    """The spec's algebra that every surface relies on: ``over`` keeps the fields an override sets (a falsy 0 too) and
+    takes the unset (None) ones from its base, through a chain of overrides; ``of`` reads a dict (hyperparameters, a
+    scheduler config) and refuses an unknown field or another type; ``resolve`` completes a spec from the process (its
+    ``default_solver``, the ``process`` grid, η 0, seed 0, a strength only for SDEdit) and refuses, naming
+    ``<where>.<field>``, more steps than the process's chain has and a NaN η; ``nfe`` is steps × evaluations per
+    step."""
+    base = SamplingSpec(solver="ddim", num_steps=10, time_grid="uniform_t", ddim_eta=0.5, seed=3)
+    override = SamplingSpec(num_steps=4, seed=7)
+    assert override.over(base) == SamplingSpec(solver="ddim", num_steps=4, time_grid="uniform_t", ddim_eta=0.5, seed=7)
+    assert SamplingSpec(solver="ancestral").over(override.over(base)) == SamplingSpec(
+        solver="ancestral", num_steps=4, time_grid="uniform_t", ddim_eta=0.5, seed=7)
+    assert SamplingSpec().over(base) == base == base.over(None) == base.over(SamplingSpec())
+    assert SamplingSpec(ddim_eta=0.0, seed=0).over(base) == SamplingSpec(solver="ddim", num_steps=10,
+                                                                          time_grid="uniform_t", ddim_eta=0.0, seed=0)
+    assert SamplingSpec.of(base.to_dict()) == base and SamplingSpec.of(None) == SamplingSpec()
+    with pytest.raises(ValueError, match=r"unknown sampling option\(s\) \['steps'\]"):
+        SamplingSpec.of({"steps": 4})
+    with pytest.raises(TypeError, match="a SamplingSpec or a dict, got int"):
+        SamplingSpec.of(4)
+
+    p, sie = DDPMProcess(num_timesteps=20), InterpolationProcess(num_timesteps=20)
+    full = SamplingSpec().resolve(p)
+    assert full == SamplingSpec(solver="ancestral", num_steps=None, time_grid="process", ddim_eta=0.0, seed=0)
+    assert full.nfe(p) == 20 and SamplingSpec(solver="ddim", num_steps=5).resolve(p).nfe(p) == 5
+    assert SamplingSpec().resolve(p, sdedit=True).strength == DEFAULT_STRENGTH and full.strength is None
+    assert SamplingSpec(solver="rk4", num_steps=5).resolve(sie).nfe(sie) == 5 * NFE_PER_STEP["rk4"] == 20
+    # (the refusals of an unknown solver or grid, η < 0, num_steps < 1 and a strength outside [0, 1], named by each
+    # surface's option group: test_one_sampling_spec_resolves_the_same_on_every_surface)
+    with pytest.raises(ValueError, match=r"here\.num_steps: num_steps=21 is more than DDPMProcess can take: its grid "
+                                         r"has 20 steps at most .* Ask for 20 or fewer"):
+        SamplingSpec(num_steps=21).resolve(p, "here")
+    assert SamplingSpec(num_steps=20).resolve(p).nfe(p) == 20
+    with pytest.raises(ValueError, match=r"here\.ddim_eta must be >= 0 .*got nan"):
+        SamplingSpec(ddim_eta=float("nan")).resolve(p, "here")
