@@ -7,6 +7,7 @@ e2e/test_resume.py."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -18,10 +19,11 @@ import types
 from pathlib import Path
 
 import lightning as L
+import lightning.pytorch.callbacks.throughput_monitor as tm
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -31,6 +33,7 @@ from diffproc.callbacks.atomic_io import AtomicCheckpointIO
 from diffproc.callbacks.checkpoint import Checkpoint
 from diffproc.callbacks.nonfinite import NonFiniteGuard
 from diffproc.callbacks.sample_grid import SampleGrid
+from diffproc.callbacks.throughput import ImageThroughputMonitor
 from diffproc.methods.base import DiffusionModule
 from diffproc.metrics.features import INCEPTION_FILE
 from diffproc.processes.blur import BlurProcess
@@ -176,6 +179,25 @@ def test_sample_grids_and_last_checkpoint_of_a_fit(tmp_path):
     final = m.state_dict()
     assert last["state_dict"].keys() == final.keys() and any(k.startswith("ema_unet.") for k in final)
     assert all(torch.equal(v, final[k]) for k, v in last["state_dict"].items())
+
+
+def test_throughput_monitor_times_only_the_logging_steps(tmp_path, monkeypatch):
+    """ImageThroughputMonitor reads the clock (on CUDA: syncs host and device) only on the steps that log, and
+    its rate spans the last ``window_size`` batches: with a clock that advances 1 s per reading, a log every 3
+    steps gives exactly 3 batches/s (timing every step, as Lightning's monitor does, would give 1)."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    torch.manual_seed(0)
+    m = DiffusionModule(process=DDPMProcess(num_timesteps=20), image_size=8, ema_decay=0.0,
+                        unet={"block_out_channels": [8, 16], "layers_per_block": 1})
+    trainer = L.Trainer(max_steps=15, log_every_n_steps=3, logger=CSVLogger(tmp_path),
+                        callbacks=[ImageThroughputMonitor(window_size=6)], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(m, DataLoader(torch.rand(64, 3, 8, 8) * 2 - 1, batch_size=4))
+    rows = [r for r in csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))) if r["train/device/batches_per_sec"]]
+    assert [int(r["step"]) for r in rows] == [8, 11, 14]  # the window (6 batches = 3 readings) is full from step 8
+    assert all(float(r["train/device/batches_per_sec"]) == 3.0 for r in rows)
+    assert all(float(r["train/device/samples_per_sec"]) == 12.0 for r in rows)  # 4 images per batch
 
 
 # --- metric callbacks under the Trainer (diffproc/callbacks/metrics.py) ----------------------------------------
