@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import statistics
 import sys
 import tempfile
@@ -106,7 +107,8 @@ def build_cli(args: argparse.Namespace, log_dir: str) -> DiffprocCLI:
             "--trainer.accelerator", "gpu" if args.device == "cuda" else "cpu", "--trainer.precision",
             args.precision, "--data.init_args.image_size", str(args.image_size), "--data.init_args.batch_size",
             str(args.batch_size), "--data.init_args.num_train", str(args.batch_size * 8),
-            "--model.init_args.unet.block_out_channels", str(args.widths)]
+            "--model.init_args.unet", json.dumps({"block_out_channels": args.widths, "layers_per_block": args.layers,
+                                                  "attention_resolutions": args.attention})]
     argv0, sys.argv = sys.argv, sys.argv[:1]  # this script's own options are not the CLI's
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -138,7 +140,6 @@ def setup(args: argparse.Namespace, log_dir: str) -> tuple[DiffusionModule, Any,
         trainer = cli.trainer
         trainer.callbacks.extend(callbacks)
         if profiler is not None:
-            profiler._stage = None
             trainer.profiler = profiler
         with contextlib.redirect_stderr(io.StringIO()):  # the progress bar runs, unseen
             trainer.fit(cli.model, datamodule=cli.datamodule)
