@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "± std (ddof=1) over them. Default: one fit with --seed, run named <method>")
     ap.add_argument("--reference-split", default="train", choices=["train", "test"],
                     help="real split of the reference statistics (train: the published protocol; test: held-out images)")
+    ap.add_argument("--fit-only", action="store_true",
+                    help="train (or resume) every run and stop: evaluate later, e.g. in parallel lanes")
     ap.add_argument("--floor", action="store_true",
                     help="add the floor row: --num-samples real train images against the reference (with "
                          "--reference-split test), measured exactly like a method's samples")
@@ -598,6 +600,9 @@ def main(argv=None) -> dict:
         info = train(cfg, name, args, seed)
         sps, src = seconds_per_train_step(run_dir(args.out, name), info)
         train_info[name] = {**info, "sec_per_step": sps, "sec_per_step_source": src}
+    if args.fit_only:
+        log(f"--fit-only: {len(names)} runs trained under {args.out / 'runs'}; nothing evaluated")
+        return {"settings": settings, "train": train_info}
 
     rows, keep = evaluate(args, names, cache)
 

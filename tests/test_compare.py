@@ -125,7 +125,10 @@ def _compare(out: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_compare_end_to_end_and_resume(tmp_path):
     out = tmp_path / "cmp"
+    p0 = _compare(out, "--fit-only")  # train only; the next call evaluates what it left
+    assert "nothing evaluated" in p0.stdout and "sampling" not in p0.stdout and not (out / "results.json").exists()
     p1 = _compare(out)
+    assert p1.stdout.count("not training again") == 2
     for f in ["results.md", "results.json", "fid_vs_nfe.png", "loss_vs_step.png", "freq_bands.md", "freq_bands.png",
               "grids/ddpm_shapes.png", "grids/sie_shapes.png"]:
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
