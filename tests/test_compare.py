@@ -160,3 +160,19 @@ def test_compare_end_to_end_and_resume(tmp_path):
     assert "sampling 12 images" not in p2.stdout  # every row came from results.json
     res2 = json.loads((out / "results.json").read_text())
     assert [r.get("fid") for r in res2["rows"]] == [r.get("fid") for r in res["rows"]]
+
+    # the labelled panel of the same runs: the first images of compare.py's rows (samples 0.. of seed 0)
+    from benchmarks.sample_panel import main as panel
+
+    png = tmp_path / "panel.png"
+    panel(["--nfe", "4", "--num-images", "4", "--out", str(png), "--run", "DDPM", str(out / "runs" / "ddpm_shapes"),
+           "ddim", "process", "--run", "SIE", str(out / "runs" / "sie_shapes" / "version_0"), "heun", "uniform_t"])
+    assert png.is_file() and png.stat().st_size > 0
+
+
+
+def test_sample_panel_names_a_missing_run(tmp_path, capsys):
+    from benchmarks.sample_panel import main as panel
+
+    with pytest.raises(SystemExit, match="holds no config.yaml"):
+        panel(["--nfe", "4", "--out", str(tmp_path / "p.png"), "--run", "X", str(tmp_path / "nope"), "ddim", "process"])
