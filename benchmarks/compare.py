@@ -517,13 +517,20 @@ def plot_loss(curves: dict[str, list[tuple[int, float, float]]], path: Path) -> 
     plt.close(fig)
 
 
-def save_grid(images: torch.Tensor, path: Path, n: int) -> None:
-    from torchvision.utils import make_grid, save_image
+def tile(images: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` images in [-1, 1] as one square grid in [0, 1]; small images nearest-upsampled to >= 64 px."""
+    from torchvision.utils import make_grid
 
-    x = images[:n].float()
-    scale = max(1, math.ceil(64 / x.shape[-1]))  # small images: nearest upsampling to >= 64 px
+    x = images[:n].float().clamp(-1, 1)
+    scale = max(1, math.ceil(64 / x.shape[-1]))
     x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
-    save_image(make_grid((x + 1) / 2, nrow=int(math.ceil(math.sqrt(x.shape[0]))), padding=2, pad_value=1.0), path)
+    return make_grid((x + 1) / 2, nrow=math.ceil(math.sqrt(x.shape[0])), padding=2, pad_value=1.0)
+
+
+def save_grid(images: torch.Tensor, path: Path, n: int) -> None:
+    from torchvision.utils import save_image
+
+    save_image(tile(images, n), path)
 
 
 def frequency_outputs(args: argparse.Namespace, keep: dict) -> dict:

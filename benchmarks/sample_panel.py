@@ -13,6 +13,7 @@ A run folder is what ``cli.py fit`` / ``compare.py`` leave: ``<run>/version_0/{c
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -44,14 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    import math
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
 
+    from benchmarks.compare import tile
     from benchmarks.nfe_sweep import load
     from diffproc.samplers import NFE_PER_STEP, SamplingSpec
 
@@ -68,11 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             res = model.sample(args.num_images, SamplingSpec(solver=solver, num_steps=steps, seed=args.seed),
                                progress=False, use_ema=True, indices=range(args.num_images))
-        x = res.images.float().clamp(-1, 1)
-        scale = max(1, math.ceil(64 / x.shape[-1]))
-        x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest") if scale > 1 else x
-        g = make_grid((x + 1) / 2, nrow=int(math.ceil(math.sqrt(x.shape[0]))), padding=2, pad_value=1.0)
-        ax.imshow(g.permute(1, 2, 0).numpy(), cmap="gray" if g.shape[0] == 1 else None)
+        ax.imshow(tile(res.images, args.num_images).permute(1, 2, 0).numpy())
         ax.set_title(f"{label}: {solver}, {grid} grid, {res.nfe} NFE", fontsize=13)
         print(f"{label}: {solver} {steps} steps on the {grid} grid, {res.nfe} NFE", flush=True)
     fig.tight_layout()
