@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.compare import tile
+    from benchmarks.compare import plan, tile
     from benchmarks.nfe_sweep import load
-    from diffproc.samplers import NFE_PER_STEP, SamplingSpec
+    from diffproc.samplers import SamplingSpec
 
     rows = math.ceil(len(args.run) / args.cols)
     fig, axes = plt.subplots(rows, args.cols, figsize=(5 * args.cols, 5.3 * rows), squeeze=False)
@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         model, _ = load(str(cfg), str(ckpt), [])
         model = model.eval()
         model.sampling = replace(model.sampling, time_grid=grid)
-        steps = max(1, args.nfe // NFE_PER_STEP.get(solver, 1))
+        combo = plan(model.process, [args.nfe], [solver])  # compare.py's steps for this NFE, and its refusals
+        if not combo or combo[0]["skip"]:
+            raise SystemExit(f"error: {label}: {solver} at {args.nfe} NFE "
+                             + (f"is skipped: {combo[0]['skip']}" if combo else
+                                f"is not a solver of this process (it has {', '.join(model.process.solvers)})"))
+        steps = combo[0]["steps"]
         with torch.no_grad():
             res = model.sample(args.num_images, SamplingSpec(solver=solver, num_steps=steps, seed=args.seed),
                                progress=False, use_ema=True, indices=range(args.num_images))

@@ -170,8 +170,7 @@ def test_compare_end_to_end_and_resume(tmp_path):
     assert png.is_file() and png.stat().st_size > 0
 
 
-
-def test_sample_panel_names_a_missing_run(tmp_path, capsys):
+def test_sample_panel_names_a_missing_run(tmp_path):
     from benchmarks.sample_panel import main as panel
 
     with pytest.raises(SystemExit, match="holds no config.yaml"):
