@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.compare import plan, tile
+    from benchmarks.compare import plan, sample_all, tile
     from benchmarks.nfe_sweep import load
-    from diffproc.samplers import SamplingSpec
 
     rows = math.ceil(len(args.run) / args.cols)
     fig, axes = plt.subplots(rows, args.cols, figsize=(5 * args.cols, 5.3 * rows), squeeze=False)
@@ -69,12 +68,11 @@ def main(argv: list[str] | None = None) -> None:
                              + (f"is skipped: {combo[0]['skip']}" if combo else
                                 f"is not a solver of this process (it has {', '.join(model.process.solvers)})"))
         steps = combo[0]["steps"]
-        with torch.no_grad():
-            res = model.sample(args.num_images, SamplingSpec(solver=solver, num_steps=steps, seed=args.seed),
-                               progress=False, use_ema=True, indices=range(args.num_images))
-        ax.imshow(tile(res.images, args.num_images).permute(1, 2, 0).numpy())
-        ax.set_title(f"{label}: {solver}, {grid} grid, {res.nfe} NFE", fontsize=13)
-        print(f"{label}: {solver} {steps} steps on the {grid} grid, {res.nfe} NFE", flush=True)
+        # compare.py's own sampling call: samples 0 .. n-1 of --seed, EMA weights
+        images, _, nfe = sample_all(model, solver, steps, args.num_images, args.num_images, args.seed, torch.device("cpu"))
+        ax.imshow(tile(images, args.num_images).permute(1, 2, 0).numpy())
+        ax.set_title(f"{label}: {solver}, {grid} grid, {nfe} NFE", fontsize=13)
+        print(f"{label}: {solver} {steps} steps on the {grid} grid, {nfe} NFE", flush=True)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=80)
